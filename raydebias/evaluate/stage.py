@@ -1,0 +1,100 @@
+"""The ``evaluate`` stage: every trained method on val and test → ``metrics.json`` (one row per method)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.debias.train import load_classifier, load_split, predict
+from raydebias.evaluate import metrics as M
+
+
+def headline_metric(num_groups: int) -> str:
+    """WGA with few groups; unbiased accuracy (AGA on a group-balanced test) with many (METHODS.md)."""
+    return "wga" if num_groups <= 8 else "aga"
+
+
+def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
+    """All metrics of one method on one split."""
+    C, B = info["num_classes"], info["num_bias"]
+    pred = probs.argmax(1)
+    if B is None:
+        return {"accuracy": float((pred == y).mean()) if len(y) else None}
+    train_counts = np.asarray(info["group_counts"]["train"])
+    row = M.group_metrics(y, pred, a, C, B, train_group_counts=train_counts)
+    aligned_bias = train_counts.argmax(1)  # the majority bias value of each class in train
+    kls = []
+    for c in range(C):
+        sel = y == c
+        prot = (a[sel] == aligned_bias[c]).astype(int)
+        if 0 < prot.sum() < len(prot):
+            kls.append(M.score_kl(probs[sel, c], prot))
+    clean = lambda v: None if v is None or not np.isfinite(v) else float(v)  # noqa: E731
+    row.update(
+        bias=clean(M.multiclass_bias(y, pred, a, C)),
+        tpr=clean(M.multiclass_tpr(y, pred, C)),
+        ba=clean(M.multiclass_ba(y, pred, a, C, form="zhao")),
+        kl=clean(float(np.mean(kls)) if kls else None),
+    )
+    return row
+
+
+def run_evaluate(ctx):
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    info = ctx.data_info
+    data_dir = ctx.run_dir / "stages" / "data"
+    out = ctx.stage_dir("evaluate")
+    torch.set_num_threads(max(1, (cfg.ray.num_cpus or 2)))
+    splits = {s: load_split(data_dir / f"{s}.parquet", info["image_size"]) for s in ("val", "test")}
+    num_groups = info["num_classes"] * (info["num_bias"] or 1)
+    headline = headline_metric(num_groups) if info["num_bias"] else "accuracy"
+    rows, outputs = [], []
+    for method in cfg.methods:
+        model, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)
+        row: dict[str, Any] = {"method": method, "split": "test"}
+        for split, d in splits.items():
+            probs = predict(model, d["x"], batch_size=cfg.evaluate.batch_size)
+            r = method_row(d["y"], d["a"], probs, info) if len(d["y"]) else {}
+            if split == "test":
+                row.update(r)
+                pred_path = out / f"predictions_{method}.parquet"
+                tbl = pa.table({"id": d["id"].tolist(), "label": d["y"], "bias": d["a"], "pred": probs.argmax(1),
+                                "probs": [p.tolist() for p in probs.astype(np.float32)]})
+                with atomic_path(pred_path) as tmp:
+                    pq.write_table(tbl, tmp)
+                outputs.append(ctx.rel(pred_path))
+            else:
+                row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
+        row["selected_epoch"] = meta["best_epoch"]
+        rows.append(row)
+        ctx.log(f"[evaluate] {method:>10}: test acc {row.get('accuracy')}  wga {row.get('wga')}  aga {row.get('aga')}")
+    # BPC of every method against ERM (GAMMA-FACE eq. 13); ERM itself is 0 by definition.
+    base = next((r for r in rows if r["method"] == "erm"), None)
+    for r in rows:
+        if base and r.get("bias") is not None and base.get("bias") and base.get("tpr"):
+            r["bpc_vs_erm"] = M.bpc(base["bias"], r["bias"], base["tpr"], r["tpr"])
+    report = {
+        "run_id": ctx.run_dir.name,
+        "headline": headline,
+        "headline_description": {
+            "wga": "worst-group accuracy on test",
+            "aga": "unbiased accuracy: unweighted mean of per-group test accuracies (group-balanced test)",
+            "accuracy": "overall test accuracy (no bias labels)",
+        }[headline],
+        "adjusted_avg_description": "per-group test accuracy weighted by TRAINING group proportions (WILDS convention)",
+        "ba_form": "Zhao et al. 2017: positive = predictions amplify the train-set correlation",
+        "bias_form": "mean over classes (one-vs-rest) of the frequency-weighted mean |TPR_i - TPR_j| over bias values",
+        "dataset": {k: info[k] for k in ("num_classes", "num_bias", "class_names", "bias_names", "counts", "quarantined")},
+        "rows": rows,
+    }
+    atomic_write_json(ctx.run_dir / "metrics.json", report)
+    outputs.append("metrics.json")
+    return StageResult(outputs, {"headline": headline,
+                                 "table": {r["method"]: {k: r.get(k) for k in ("wga", "aga", "accuracy")} for r in rows}})

@@ -1,0 +1,92 @@
+"""Classifier backbones: a registry of small ResNets built from config (``create_classifier(cfg, C)``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from raydebias.config import ClassifierModelConfig
+
+_REGISTRY: dict[str, Callable[[ClassifierModelConfig, int], nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class Classifier(nn.Module):
+    """``encoder`` (image → feature vector) + linear ``head``; the split is what last-layer retraining needs."""
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feat_dim, num_classes)
+        self.feat_dim = feat_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+@register("resnet_small")
+def resnet_small(cfg: ClassifierModelConfig, num_classes: int) -> Classifier:
+    """CIFAR-style ResNet: stem + three stages (w, 2w, 4w), one BasicBlock each."""
+    w = cfg.width
+    enc = nn.Sequential(
+        nn.Conv2d(3, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        BasicBlock(w, w, 1),
+        BasicBlock(w, 2 * w, 2),
+        BasicBlock(2 * w, 4 * w, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return Classifier(enc, 4 * w, num_classes)
+
+
+@register("resnet18")
+def resnet18(cfg: ClassifierModelConfig, num_classes: int) -> Classifier:
+    """torchvision ResNet-18 (random init; no hub weights), head split off."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    feat = net.fc.in_features
+    net.fc = nn.Identity()
+    return Classifier(net, feat, num_classes)
+
+
+def create_classifier(cfg: ClassifierModelConfig, num_classes: int) -> Classifier:
+    if cfg.arch not in _REGISTRY:
+        raise ValueError(f"unknown classifier arch {cfg.arch!r}; available: {available()}")
+    return _REGISTRY[cfg.arch](cfg, num_classes)

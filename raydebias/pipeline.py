@@ -1,0 +1,198 @@
+"""Stage graph, run directory, manifest and resume.
+
+A run is a list of nodes (``data``, ``train/<method>``, ``evaluate``, ``report``). Each node's *key* hashes the
+config block it reads, the content hashes of its upstream nodes' outputs and the package version. A node whose
+manifest entry is ``completed`` with the same key and intact outputs is skipped, so re-running a finished run
+does no work, and changing one block reruns only what depends on it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from raydebias import __version__
+from raydebias._internal.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from raydebias.config import RunConfig, dump_config
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: output paths (relative to the run dir) and a small JSON summary."""
+
+    outputs: list[str]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Node:
+    name: str
+    deps: list[str]
+    config_key: Callable[[RunConfig], Any]
+    run: Callable[["RunContext"], StageResult]
+
+
+class RunContext:
+    """Everything a stage needs: the config, the run directory, logging and a lazily started Ray."""
+
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).expanduser().resolve()
+        self.log = log
+        self._ray_started = False
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.run_dir / "stages" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.run_dir))
+
+    def ensure_ray(self) -> None:
+        if not self._ray_started:
+            from raydebias._internal.ray_utils import init_ray
+
+            init_ray(self.cfg.ray, log=self.log)
+            self._ray_started = True
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "stages" / "data" / "info.json").read_text())
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "raydebias": __version__}
+    for pkg in ("ray", "torch", "torchvision", "diffusers", "peft", "open_clip_torch", "faiss-cpu", "pyarrow",
+                "pydantic", "scikit-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def build_graph(cfg: RunConfig) -> list[Node]:
+    """The nodes this config asks for, in dependency order."""
+    from raydebias.data.stage import run_data, data_key
+    from raydebias.debias.train import run_train
+    from raydebias.evaluate.report import run_report
+    from raydebias.evaluate.stage import run_evaluate
+
+    nodes: list[Node] = []
+    trains = [f"train/{m}" for m in cfg.methods]
+    if "data" in cfg.stages:
+        nodes.append(Node("data", [], data_key, run_data))
+    if "train" in cfg.stages:
+        for m in cfg.methods:
+            nodes.append(Node(
+                f"train/{m}", ["data"],
+                lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),
+                                "method": m, "seed": c.seed},
+                lambda ctx, m=m: run_train(ctx, m),
+            ))
+    if "evaluate" in cfg.stages:
+        nodes.append(Node("evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate))
+    if "report" in cfg.stages:
+        nodes.append(Node("report", ["data", "evaluate"], lambda c: c.report.model_dump(), run_report))
+    return nodes
+
+
+class Manifest:
+    """``manifest.json``: per node status, key, input hashes, output hashes, timings; written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = {"stages": {}}
+        if path.exists():
+            self.data = json.loads(path.read_text())
+            self.data.setdefault("stages", {})
+
+    def entry(self, name: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(name)
+
+    def set(self, name: str, **fields: Any) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def _hash_outputs(run_dir: Path, outputs: list[str]) -> dict[str, str]:
+    hashes = {}
+    for rel in outputs:
+        p = run_dir / rel
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            hashes[str(f.relative_to(run_dir))] = sha256_file(f)
+    return hashes
+
+
+def _intact(run_dir: Path, hashes: dict[str, str]) -> bool:
+    for rel, h in hashes.items():
+        p = run_dir / rel
+        if not p.is_file() or sha256_file(p) != h:
+            return False
+    return True
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunContext:
+    """Run (or resume) every node of ``cfg``; returns the context (run dir, config)."""
+    ctx = RunContext(cfg, log=log)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ctx.run_dir / "config.yaml", dump_config(cfg))
+    manifest = Manifest(ctx.run_dir / "manifest.json")
+    manifest.data.update(
+        run_id=manifest.data.get("run_id") or f"{ctx.run_dir.name}-{_dt.datetime.now():%Y%m%d-%H%M%S}",
+        versions=library_versions(),
+        command=" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+    )
+    manifest.save()
+    t_run = time.time()
+    for node in build_graph(cfg):
+        inputs = {}
+        for dep in node.deps:
+            e = manifest.entry(dep)
+            if e is None or e.get("status") != "completed":
+                raise PipelineError(f"stage {node.name!r} needs {dep!r}, which has not completed; "
+                                    f"add it to `stages` (have {cfg.stages})")
+            inputs[dep] = sha256_json(e["outputs"])
+        key = sha256_json({"config": node.config_key(cfg), "inputs": inputs, "version": __version__})
+        prev = manifest.entry(node.name)
+        if prev and prev.get("status") == "completed" and prev.get("key") == key and _intact(ctx.run_dir, prev["outputs"]):
+            log(f"[pipeline] skip {node.name}: completed {prev.get('finished')}, inputs unchanged")
+            manifest.set(node.name, last_action="skipped", skipped_at=_now())
+            continue
+        log(f"[pipeline] run  {node.name}")
+        t0 = time.time()
+        manifest.set(node.name, status="running", key=key, inputs=inputs, started=_now(), last_action="ran")
+        try:
+            result = node.run(ctx)
+        except BaseException as e:
+            manifest.set(node.name, status="failed", error=f"{type(e).__name__}: {e}", finished=_now(),
+                         seconds=round(time.time() - t0, 2))
+            raise
+        manifest.set(node.name, status="completed", outputs=_hash_outputs(ctx.run_dir, result.outputs),
+                     summary=result.summary, finished=_now(), seconds=round(time.time() - t0, 2), error=None)
+        log(f"[pipeline] done {node.name} in {time.time() - t0:.1f}s")
+    manifest.data["last_run_seconds"] = round(time.time() - t_run, 2)
+    manifest.save()
+    return ctx
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

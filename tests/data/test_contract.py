@@ -1,0 +1,159 @@
+"""The dataset contract: good rows land per split, bad rows are quarantined with a reason, fatal problems fail fast."""
+
+import io
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raydebias.config import DataConfig
+from raydebias.data.contract import ContractError, ingest
+from raydebias.debias.train import load_split
+
+
+def png(color=(255, 0, 0), size=(12, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def good_rows(n=12, splits=("train", "val", "test")):
+    return {
+        "id": [f"r{i}" for i in range(n)],
+        "image": [png((20 * i, 0, 0)) for i in range(n)],
+        "label": [i % 2 for i in range(n)],
+        "bias": [(i // 2) % 2 for i in range(n)],
+        "split": [splits[i % len(splits)] for i in range(n)],
+    }
+
+
+def write(tmp_path, data, name="d.parquet", schema=None):
+    p = tmp_path / name
+    pq.write_table(pa.table(data, schema=schema), p)
+    return str(p)
+
+
+def run_ingest(tmp_path, uri, **cfg):
+    cfg.setdefault("class_names", ["a", "b"])
+    cfg.setdefault("bias_names", ["x", "y"])
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    q = tmp_path / "quarantine.parquet"
+    res = ingest(DataConfig(uri=uri, image_size=8, **cfg), uri, out, q, log=lambda m: None)
+    return res, out, q
+
+
+def test_good_rows_are_decoded_and_split(ray_cluster, tmp_path):
+    data = good_rows()
+    res, out, q = run_ingest(tmp_path, write(tmp_path, data))
+    assert res.counts == {"train": 4, "val": 4, "test": 4}
+    assert res.quarantined == 0 and not q.exists()
+    tr = load_split(out / "train.parquet", 8)
+    assert tr["x"].shape == (4, 8, 8, 3) and tr["x"].dtype == np.uint8
+    assert sorted(tr["id"]) == ["r0", "r3", "r6", "r9"]
+    # pixels survive the round trip: row r3 was a solid (60, 0, 0) image
+    k = list(tr["id"]).index("r3")
+    assert (tr["x"][k] == np.array([60, 0, 0], np.uint8)).all()
+    assert np.array(res.group_counts["train"]).sum() == 4
+
+
+def test_bad_rows_go_to_quarantine_with_reasons(ray_cluster, tmp_path):
+    d = good_rows(12)
+    d["image"][0] = b"not an image at all"
+    d["image"][1] = b""
+    d["label"][2] = None
+    d["label"][3] = 7  # out of range for 2 classes
+    d["bias"][4] = -1
+    d["image"][5] = png(size=(300, 300))  # over the pixel limit set below
+    d["image"][6] = png()[:40]  # truncated PNG
+    data = {**d, "label": pa.array(d["label"], pa.float64())}
+    data["label"] = pa.array([None if v is None else float(v) for v in d["label"]][:7] + [2.5] + d["label"][8:],
+                             pa.float64())
+    res, out, q = run_ingest(tmp_path, write(tmp_path, data), max_image_pixels=10_000)
+    assert q.exists()
+    quarantine = pq.read_table(q).to_pylist()
+    reasons = {r["id"]: r["reason"] for r in quarantine}
+    assert set(reasons) == {"r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"}
+    assert "undecodable" in reasons["r0"]
+    assert "empty image" in reasons["r1"]
+    assert "missing label" in reasons["r2"]
+    assert "label 7 out of range" in reasons["r3"]
+    assert "bias -1 out of range" in reasons["r4"]
+    assert "too large" in reasons["r5"]
+    assert "undecodable" in reasons["r6"]
+    assert "non-integer" in reasons["r7"]
+    # nothing is lost: the raw bytes of rejected rows are kept
+    assert next(r for r in quarantine if r["id"] == "r0")["image"] == b"not an image at all"
+    assert res.quarantined == 8 and sum(res.counts.values()) == 4
+
+
+def test_wrong_dtype_column_is_quarantined_per_row(ray_cluster, tmp_path):
+    d = good_rows(6)
+    d["label"] = ["0", "1", "0", "1", "0", "1"]
+    with pytest.raises(ContractError, match="train split is empty"):
+        run_ingest(tmp_path, write(tmp_path, d))
+    reasons = pq.read_table(tmp_path / "quarantine.parquet").column("reason").to_pylist()
+    assert len(reasons) == 6 and all("wrong dtype for label" in r for r in reasons)
+
+
+def test_missing_columns_fail_fast(ray_cluster, tmp_path):
+    d = good_rows(4)
+    del d["label"]
+    with pytest.raises(ContractError, match=r"missing required column\(s\): label"):
+        run_ingest(tmp_path, write(tmp_path, d))
+    d = good_rows(4)
+    del d["image"]
+    with pytest.raises(ContractError, match="image \\(or path\\)"):
+        run_ingest(tmp_path, write(tmp_path, d, "e.parquet"))
+
+
+def test_empty_train_split_fails_fast(ray_cluster, tmp_path):
+    d = good_rows(6, splits=("val", "test"))
+    with pytest.raises(ContractError, match="train split is empty"):
+        run_ingest(tmp_path, write(tmp_path, d))
+
+
+def test_paths_relative_to_dataset_root_and_missing_val(ray_cluster, tmp_path):
+    root = tmp_path / "ds"
+    (root / "imgs").mkdir(parents=True)
+    n = 40
+    for i in range(n):
+        (root / "imgs" / f"{i}.png").write_bytes(png((i, i, i)))
+    data = {"path": [f"imgs/{i}.png" for i in range(n - 1)] + ["imgs/missing.png"],
+            "label": [i % 2 for i in range(n)]}
+    pq.write_table(pa.table(data), root / "part-0.parquet")
+    res, out, q = run_ingest(tmp_path, str(root), bias_names=None)
+    assert res.num_bias is None
+    assert res.quarantined == 1
+    assert "cannot read path" in pq.read_table(q).column("reason")[0].as_py()
+    # no split column: val and test are held out of train, disjoint, deterministic
+    assert res.counts["val"] > 0 and res.counts["test"] > 0
+    assert sum(res.counts.values()) == n - 1
+    ids = [set(load_split(out / f"{s}.parquet", 8)["id"]) for s in ("train", "val", "test")]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_memory_filesystem_and_split_uris(ray_cluster, tmp_path):
+    fs = fsspec.filesystem("memory")
+    for split in ("train", "val", "test"):
+        d = good_rows(6)
+        del d["split"]
+        d["id"] = [f"{split}{i}" for i in range(6)]
+        with fs.open(f"/contract/{split}.parquet", "wb") as f:
+            pq.write_table(pa.table(d), f)
+    splits = {s: f"memory://contract/{s}.parquet" for s in ("train", "val", "test")}
+    out = tmp_path / "out"
+    out.mkdir()
+    res = ingest(DataConfig(splits=splits, image_size=8), None, out, tmp_path / "q.parquet", log=lambda m: None)
+    assert res.counts == {"train": 6, "val": 6, "test": 6}
+    assert res.num_classes == 2 and res.num_bias == 2  # inferred without names
+    assert set(load_split(out / "val.parquet", 8)["id"]) == {f"val{i}" for i in range(6)}
+
+
+def test_missing_dataset_is_clear(ray_cluster, tmp_path):
+    with pytest.raises(ContractError, match="dataset not found"):
+        run_ingest(tmp_path, str(tmp_path / "nope.parquet"))

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydebias.cli import main
+from raydebias.config import ConfigError, RunConfig, apply_overrides, dump_config, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "raydebias" / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert {p.stem for p in CONFIGS} >= {"demo"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    # Round trip: the resolved YAML written to the run dir loads back to the same config.
+    again = RunConfig.model_validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
+
+
+def test_defaults_are_complete():
+    cfg = load_config(None)
+    assert cfg.stages == ["data", "train", "evaluate", "report"]
+    assert cfg.methods == ["erm", "groupdro"]
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epoch: 3\nmodels:\n  classifer: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "train.epoch: unknown key" in msg
+    assert "models.classifer: unknown key" in msg
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(None, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(None, ["stages=[data, trian]"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_config(None, ["method=magic"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="5000"):
+        load_config(None, ["data.builtin.n_train=4900"])
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=0.01", "data.uri=s3://b/x.parquet",
+                             "data.class_names=[a, b]", "ray.address=auto", "stages=[evaluate, data]"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.data.uri == "s3://b/x.parquet" and cfg.data.class_names == ["a", "b"]
+    assert cfg.ray.address == "auto"
+    assert cfg.stages == ["data", "evaluate"]  # put in dependency order
+    assert apply_overrides({}, ["a.b.c=null"]) == {"a": {"b": {"c": None}}}
+
+
+def test_validate_cli(tmp_path, capsys):
+    assert main(["validate", str(CONFIGS[0])]) == 0
+    out = capsys.readouterr().out
+    assert "run_dir:" in out and "train:" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense_key: 1\n")
+    assert main(["validate", str(bad)]) == 2
+    assert "nonsense_key: unknown key" in capsys.readouterr().err
