@@ -45,6 +45,7 @@ class RayConfig(_Block):
     num_gpus: int | None = Field(None, ge=0, description="local cluster only; default: auto-detect")
     object_store_memory: int | None = Field(200_000_000, ge=75_000_000)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    include_dashboard: bool = Field(True, description="local cluster only; bound to 127.0.0.1 (Train's state API needs it)")
 
 
 class ColoredMNISTConfig(_Block):

@@ -64,11 +64,18 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
 
 
 def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
-    """This rank's sample order for one epoch: a permutation, or weighted draws with replacement."""
+    """This rank's sample order for one epoch: a permutation, or weighted draws with replacement.
+
+    ``rng`` must be seeded identically on every rank: all ranks draw the same order and take disjoint strided
+    shards of it. The order is padded cyclically to a multiple of ``world`` so that every rank gets the same
+    number of samples (DDP needs the same number of steps on every rank, or its all-reduces hang).
+    """
     if weights is None:
         idx = rng.permutation(n)
     else:
         idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    if n and n % world:
+        idx = np.resize(idx, -(-n // world) * world)
     return idx[rank::world]
 
 
@@ -114,7 +121,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     bs = config["batch_size"]
     for epoch in range(start, config["epochs"]):
         model.train()
-        rng = np.random.default_rng([config["seed"], epoch, rank])
+        rng = np.random.default_rng([config["seed"], epoch])  # same on every rank: epoch_indices shards it
         idx = epoch_indices(len(train["y"]), weights, rng, rank, world)
         total, seen = 0.0, 0
         for i in range(0, len(idx), bs):

@@ -1,0 +1,112 @@
+"""End-to-end tiny runs: every stage, metrics.json/report.html, resume, quarantine, an unseen contract dataset."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydebias.cli import main
+from raydebias.config import ColoredMNISTConfig, load_config
+from raydebias.data.builtin.colored_mnist import build_colored_mnist
+from raydebias.pipeline import PipelineError, run_pipeline
+
+TINY = ["data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=40", "data.builtin.aligned=0.9",
+        "train.epochs=1", "train.batch_size=64", "models.classifier.width=8", "method=groupdro", "baselines=[erm]"]
+
+
+def manifest(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_cluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [*TINY, f"run_dir={run_dir}"])
+    run_pipeline(cfg, log=lambda m: None)
+    return run_dir
+
+
+def test_end_to_end_outputs(tiny_run):
+    report = json.loads((tiny_run / "metrics.json").read_text())
+    assert report["headline"] == "aga"  # 100 groups → unbiased accuracy
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"groupdro", "erm"}
+    for r in rows.values():
+        assert 0 <= r["wga"] <= r["aga"] <= 1
+        assert len(r["per_group"]) == 100 and set(r["per_group"]) == set(r["group_counts"])
+        assert r["adjusted_avg"] is not None and r["val"]["aga"] is not None
+    html = (tiny_run / "report.html").read_text()
+    assert "Per-group test accuracy" in html and "data:image/png;base64," in html and "groupdro" in html
+    m = manifest(tiny_run)
+    assert {s: e["status"] for s, e in m["stages"].items()} == {
+        "data": "completed", "train/groupdro": "completed", "train/erm": "completed", "evaluate": "completed",
+        "report": "completed"}
+    assert all(e["last_action"] == "ran" for e in m["stages"].values())
+    assert "ray" in m["versions"] and "torch" in m["versions"]
+    assert (tiny_run / "config.yaml").exists()
+    assert (tiny_run / "stages" / "train" / "erm" / "model.safetensors").exists()
+
+
+def test_rerun_skips_everything(tiny_run):
+    model = tiny_run / "stages" / "train" / "erm" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    logs = []
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=logs.append)
+    assert all(e["last_action"] == "skipped" for e in manifest(tiny_run)["stages"].values())
+    assert sum("skip" in line for line in logs) == 5
+    assert model.stat().st_mtime_ns == before
+
+
+def test_changed_block_reruns_only_dependents(tiny_run):
+    # a new report setting reruns only the report
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}", "report.samples_per_group=2"]), log=lambda m: None)
+    actions = {s: e["last_action"] for s, e in manifest(tiny_run)["stages"].items()}
+    assert actions == {"data": "skipped", "train/groupdro": "skipped", "train/erm": "skipped",
+                       "evaluate": "skipped", "report": "ran"}
+    # a damaged output is detected and its stage redone; downstream reruns only if the new output differs
+    model = tiny_run / "stages" / "train" / "erm" / "model.safetensors"
+    good = model.read_bytes()
+    model.write_bytes(b"garbage")
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}", "report.samples_per_group=2"]), log=lambda m: None)
+    actions = {s: e["last_action"] for s, e in manifest(tiny_run)["stages"].items()}
+    assert actions["train/erm"] == "ran" and actions["train/groupdro"] == "skipped"
+    assert actions["data"] == "skipped"
+    assert actions["evaluate"] == ("skipped" if model.read_bytes() == good else "ran")
+
+
+def test_missing_upstream_is_a_clear_error(ray_cluster, tmp_path):
+    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "stages=[evaluate]"])
+    with pytest.raises(PipelineError, match="needs 'data'"):
+        run_pipeline(cfg, log=lambda m: None)
+
+
+def test_run_cli_on_an_unseen_contract_dataset_with_corrupt_rows(ray_cluster, tmp_path):
+    """A user dataset: 2 classes, 3 bias values, names from the config, three corrupt rows."""
+    t = build_colored_mnist(ColoredMNISTConfig(n_train=300, n_val=10, n_test=10, aligned=0.9)).to_pydict()
+    keep = [i for i, (y, a) in enumerate(zip(t["label"], t["bias"])) if y in (3, 8) and a in (3, 8, 0)]
+    data = {k: [t[k][i] for i in keep] for k in ("id", "image", "split")}
+    data["label"] = [{3: 0, 8: 1}[t["label"][i]] for i in keep]
+    data["bias"] = [{3: 0, 8: 1, 0: 2}[t["bias"][i]] for i in keep]
+    data["image"][0] = b"\x89PNG broken"
+    data["label"][1] = 5
+    data["bias"][2] = 9
+    import pyarrow as pa
+
+    uri = tmp_path / "users.parquet"
+    pq.write_table(pa.table(data), uri)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("method: groupdro\nbaselines: [erm]\ntrain: {epochs: 1, batch_size: 32}\n"
+                        "models: {classifier: {width: 8}}\n")
+    run_dir = tmp_path / "run"
+    rc = main(["run", str(cfg_path), "--run-dir", str(run_dir), "--set", f"data.uri={uri}",
+               "--set", "data.class_names=[three, eight]", "--set", "data.bias_names=[blue, lime, red]"])
+    assert rc == 0
+    q = pq.read_table(run_dir / "quarantine.parquet").to_pylist()
+    assert [r["id"] for r in q] == data["id"][:3]
+    assert "label 5 out of range" in q[1]["reason"] and "bias 9 out of range" in q[2]["reason"]
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["dataset"]["class_names"] == ["three", "eight"] and report["dataset"]["quarantined"] == 3
+    assert report["headline"] == "wga"  # 6 groups → worst-group accuracy
+    assert {r["method"] for r in report["rows"]} == {"groupdro", "erm"}
+    assert all(len(r["per_group"]) == 6 for r in report["rows"])
