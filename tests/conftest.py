@@ -5,13 +5,24 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One small local Ray cluster shared by every test that needs Ray (``ray.init`` costs seconds)."""
+def _init_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, num_gpus=0, object_store_memory=200_000_000, include_dashboard=False,
                  logging_level="warning")
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture
+def ray_cluster():
+    """A small local Ray cluster shared across tests (``ray.init`` costs seconds, so it is started once and
+    kept; a test that needs Ray stopped — the job-submit test — shuts it down and the next user restarts it)."""
+    yield _init_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -123,13 +123,19 @@ def fingerprint_uri(uri: str, content_limit: int = 2 << 30) -> str:
     files = sorted(fs.find(root, detail=True).items()) if fs.isdir(root) else [(root, fs.info(root))]
     total = sum(int(info.get("size") or 0) for _, info in files)
     h = hashlib.sha256()
+    def field(data: bytes) -> None:  # length-prefixed, so that name/content boundaries cannot collide
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
     for name, info in files:
-        h.update(os.path.relpath(name, root).encode() if name != root else b".")
+        field(os.path.relpath(name, root).encode() if name != root else b".")
         if total <= content_limit:
+            inner = hashlib.sha256()
             with fs.open(name, "rb") as f:
                 while block := f.read(1 << 20):
-                    h.update(block)
+                    inner.update(block)
+            field(inner.digest())
         else:
             meta = {k: str(info.get(k)) for k in ("size", "ETag", "etag", "mtime", "LastModified", "md5")}
-            h.update(json.dumps(meta, sort_keys=True).encode())
+            field(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()

@@ -1,7 +1,8 @@
 """``raydebias datasets import-folder``: an ImageFolder tree (+ optional bias CSV) → the Parquet contract.
 
 Layouts: ``root/<split>/<class>/<image>`` (split ∈ train/val/test) or ``root/<class>/<image>``. The bias CSV has
-columns ``path`` (relative to ``root``) and ``bias`` (int, or a name; names are numbered in sorted order).
+columns ``path`` (relative to ``root``) and ``bias`` (ints kept as they are; otherwise every value is a name,
+numbered in sorted order).
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def import_folder(root: str | os.PathLike, bias_csv: str | None = None, embed: b
                 raise ValueError(f"{bias_csv}: needs columns 'path' and 'bias', found {reader.fieldnames}")
             for row in reader:
                 bias_of[Path(row["path"]).as_posix()] = row["bias"]
-    bias_values = sorted(set(bias_of.values()), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
-    bias_index = {v: (int(v) if v.lstrip("-").isdigit() else i) for i, v in enumerate(bias_values)}
+    values = set(bias_of.values())
+    if all(v.strip().lstrip("-").isdigit() for v in values):  # integer bias ids are kept as they are
+        bias_values = sorted(values, key=lambda v: int(v))
+        bias_index = {v: int(v) for v in values}
+    else:  # names (or a mix) are numbered in sorted order
+        bias_values = sorted(values)
+        bias_index = {v: i for i, v in enumerate(bias_values)}
     cols: dict[str, list] = {"id": [], "label": [], "split": [], "path": [], "image": [], "bias": []}
     missing_bias = []
     for split, c, f in entries:

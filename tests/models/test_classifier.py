@@ -1,0 +1,90 @@
+"""Classifier registry: every backbone builds and runs, unknown archs fail clearly, safetensors round trip."""
+
+import json
+import typing
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raydebias.config import ClassifierModelConfig
+from raydebias.debias.train import load_classifier
+from raydebias.models.classifier import Classifier, available, create_classifier
+
+C = 5
+
+
+def cfg(arch: str) -> ClassifierModelConfig:
+    return ClassifierModelConfig(arch=arch, width=4)
+
+
+def test_registry_matches_the_config_choices():
+    """Every registered backbone must be selectable from a config, and every choice must be registered."""
+    choices = set(typing.get_args(ClassifierModelConfig.model_fields["arch"].annotation))
+    assert set(available()) == choices
+    assert available() == sorted(available())
+    assert {"resnet_small", "resnet18"} <= set(available())
+
+
+@pytest.mark.parametrize("arch", available())
+def test_forward_and_features_shapes(arch):
+    torch.manual_seed(0)
+    model = create_classifier(cfg(arch), C)
+    assert isinstance(model, Classifier)
+    model.eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.features(x)
+    assert logits.shape == (2, C)
+    assert feats.shape == (2, model.feat_dim)
+    assert torch.isfinite(logits).all()
+    # forward is exactly head ∘ features (what last-layer retraining relies on)
+    torch.testing.assert_close(model.head(feats), logits)
+    assert model.head.in_features == model.feat_dim and model.head.out_features == C
+
+
+def test_resnet_small_trains_on_a_batch_of_two():
+    """Train mode works on the smallest batch the train loop allows (BatchNorm) and gradients reach the stem."""
+    torch.manual_seed(0)
+    model = create_classifier(cfg("resnet_small"), C).train()
+    model(torch.rand(2, 3, 32, 32) * 2 - 1).sum().backward()
+    first = next(p for p in model.encoder.parameters())
+    assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_resnet_small_width_sets_the_feature_dim():
+    assert create_classifier(ClassifierModelConfig(arch="resnet_small", width=4), 2).feat_dim == 16
+    assert create_classifier(ClassifierModelConfig(arch="resnet_small", width=8), 2).feat_dim == 32
+
+
+def test_unknown_arch_names_the_available_ones():
+    bad = ClassifierModelConfig.model_construct(arch="vit_huge", width=4)  # bypasses the Literal check
+    with pytest.raises(ValueError, match="vit_huge") as exc:
+        create_classifier(bad, 2)
+    for name in available():
+        assert name in str(exc.value)
+
+
+@pytest.mark.parametrize("arch", available())
+def test_safetensors_round_trip_gives_identical_outputs(arch, tmp_path):
+    torch.manual_seed(1)
+    model = create_classifier(cfg(arch), C)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))  # move the BatchNorm running stats away from their init
+    model.eval()
+    # save the way the train stage does (contiguous CPU tensors + meta.json)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "meta.json").write_text(json.dumps({"classifier": cfg(arch).model_dump(), "num_classes": C}))
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(2)  # the fresh model built by load_classifier starts from a different init
+    loaded, meta = load_classifier(tmp_path)
+    assert not loaded.training
+    assert meta["num_classes"] == C
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
