@@ -40,6 +40,32 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from ray import serve
+
+    from raydebias._internal.ray_utils import init_ray
+    from raydebias.config import RayConfig
+    from raydebias.serve.app import build
+
+    run_dir = args.run_dir.resolve()
+    method = args.method or None
+    if not (run_dir / "stages" / "train").is_dir():
+        print(f"error: {run_dir} has no trained model (run `raydebias run` first)", file=sys.stderr)
+        return 2
+    init_ray(RayConfig(address=args.address))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build({"run_dir": str(run_dir), "method": method}), name="raydebias", route_prefix="/")
+    print(f"serving {run_dir} on http://{args.host}:{args.port}  (POST /v1/predict, GET /v1/model, /docs)")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="raydebias", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -58,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a config without running it; prints the resolved config")
     v.add_argument("config", type=Path)
     add_set(v)
+    sv = sub.add_parser("serve", help="serve a trained classifier over HTTP (Ray Serve, FastAPI)")
+    sv.add_argument("run_dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--method", default=None, help="which trained method (default: the run's `method`)")
+    sv.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
     rep = sub.add_parser("report", help="re-render report.html of a finished run")
     rep.add_argument("run_dir", type=Path)
 
@@ -84,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(dump_config(cfg))
             print(f"# OK: {args.config} is valid", file=sys.stderr)
             return 0
+        if args.cmd == "serve":
+            return _serve(args)
         if args.cmd == "report":
             from raydebias.evaluate.report import render_report
             from raydebias._internal.io import atomic_write_text

@@ -56,11 +56,11 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (reflect-free zero padding + crop), per batch."""
+    """Random translation of each image by up to ``pad`` pixels (zero/background padding + crop)."""
     n, _, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    return xp[:, :, dy : dy + h, dx : dx + w]
+    shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+    return torch.stack([xp[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)])
 
 
 def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:

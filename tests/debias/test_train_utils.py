@@ -131,36 +131,43 @@ def find_shift(x, out, pad, refs=None):
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 8, 8), (2, 1, 6, 9)])
-def test_augment_is_a_pure_translation_with_black_fill(shape):
+def test_augment_is_a_per_sample_pure_translation_with_black_fill(shape):
     gen_x = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=gen_x) * 1.8 - 0.9  # never exactly -1, all distinct
     x0 = x.clone()
     refs = all_shifts(x, 2)
     gen = torch.Generator().manual_seed(123)
-    seen = set()
+    seen, differing = set(), 0
     for _ in range(200):
         out = _augment(x, gen)
         assert out.shape == x.shape and out.dtype == x.dtype
-        hits = find_shift(x, out, 2, refs)
-        assert len(hits) == 1, hits  # exactly one shift in [-2, 2]² explains the whole batch
-        seen.add(hits[0])
+        shifts = []
+        for i in range(shape[0]):  # each image is exactly one shift in [-2, 2]² of itself
+            hits = [s for s, ref in refs.items() if torch.equal(out[i], ref[i])]
+            assert len(hits) == 1, hits
+            shifts.append(hits[0])
+        seen.update(shifts)
+        differing += len(set(shifts)) > 1
     assert len(seen) == 25  # every shift in [-2, 2]² is drawn
+    assert differing > 100  # images of one batch are shifted independently
     assert torch.equal(x, x0)  # the input is not modified in place
 
 
 def test_augment_content_preserved_in_the_overlap():
     x = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10) / 1000 - 0.5
     out = _augment(x, torch.Generator().manual_seed(4), pad=3)
-    (sy, sx), = find_shift(x, out, pad=3)
+    refs = all_shifts(x, 3)
     h = w = 10
-    # the overlapping window carries the input's pixels unchanged; the uncovered border is -1 (black)
-    torch.testing.assert_close(
-        out[:, :, max(0, -sy): h - max(0, sy), max(0, -sx): w - max(0, sx)],
-        x[:, :, max(0, sy): h + min(0, sy), max(0, sx): w + min(0, sx)],
-        rtol=0, atol=0,
-    )
-    n_fill = (out == -1.0).sum().item()
-    assert n_fill == 2 * 3 * (h * w - (h - abs(sy)) * (w - abs(sx)))
+    for i in range(2):
+        (sy, sx), = [s for s, ref in refs.items() if torch.equal(out[i], ref[i])]
+        # the overlapping window carries the input's pixels unchanged; the uncovered border is -1 (black)
+        torch.testing.assert_close(
+            out[i, :, max(0, -sy): h - max(0, sy), max(0, -sx): w - max(0, sx)],
+            x[i, :, max(0, sy): h + min(0, sy), max(0, sx): w + min(0, sx)],
+            rtol=0, atol=0,
+        )
+        n_fill = (out[i] == -1.0).sum().item()
+        assert n_fill == 3 * (h * w - (h - abs(sy)) * (w - abs(sx)))
 
 
 def test_augment_is_deterministic_given_the_generator_and_identity_without_padding():
