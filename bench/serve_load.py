@@ -77,8 +77,17 @@ def main() -> None:
     payloads = [encode_png(x) for x in pixels_from_column(t.column("pixels").to_pylist(), 32)]
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200_000_000)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    serve.run(build({"run_dir": a.run_dir}), name="raydebias", route_prefix="/")
-    print(json.dumps(run_load(f"http://127.0.0.1:{a.port}/v1/predict", payloads, a.requests, a.concurrency)))
+    results = {}
+    # Baseline in the same run: the same app with batching off (max_batch_size=1).
+    for name, batch in (("unbatched (max_batch_size=1)", 1), ("batched (max_batch_size=32)", 32)):
+        serve.run(build({"run_dir": a.run_dir, "max_batch_size": batch}), name="raydebias", route_prefix="/")
+        run_load(f"http://127.0.0.1:{a.port}/v1/predict", payloads, 100, a.concurrency)  # warm-up
+        results[name] = run_load(f"http://127.0.0.1:{a.port}/v1/predict", payloads, a.requests, a.concurrency)
+        serve.delete("raydebias")
+        print(name, json.dumps(results[name]), flush=True)
+    base, new = results["unbatched (max_batch_size=1)"], results["batched (max_batch_size=32)"]
+    print(json.dumps({"throughput_ratio_batched_vs_unbatched": round(new["throughput_rps"] / base["throughput_rps"], 2),
+                      "p99_ratio_batched_vs_unbatched": round(new["p99_ms"] / base["p99_ms"], 2)}))
     serve.shutdown()
     ray.shutdown()
 

@@ -43,7 +43,8 @@ def accuracy_bars(rows: list[dict], info: dict) -> str:
     C, B = info["num_classes"], info["num_bias"]
     train = np.asarray(info["group_counts"]["train"])
     keys = [(y, a) for y in range(C) for a in range(B)]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, 0.12 * len(keys) + 2), 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, 0.12 * len(keys) + 2), 2.6 * len(rows)), squeeze=False)
+    fig.subplots_adjust(hspace=0.55)
     for ax, r in zip(axes[:, 0], rows):
         acc = [r["per_group"].get(group_key(y, a)) for y, a in keys]
         colors = ["#4c72b0" if train[y].argmax() == a else "#dd8452" for y, a in keys]
