@@ -21,6 +21,12 @@ def ray_cluster():
     yield _init_ray()
 
 
+@pytest.fixture(scope="module")
+def ray_module():
+    """The same shared cluster, for module-scoped fixtures."""
+    yield _init_ray()
+
+
 def pytest_sessionfinish(session, exitstatus):
     import ray
 

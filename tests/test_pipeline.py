@@ -20,10 +20,7 @@ def manifest(run_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import _init_ray
-
-    _init_ray()
+def tiny_run(ray_module, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [*TINY, f"run_dir={run_dir}"])
     run_pipeline(cfg, log=lambda m: None)

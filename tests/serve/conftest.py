@@ -1,10 +1,8 @@
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from raydebias.config import ClassifierModelConfig, ColoredMNISTConfig
@@ -46,9 +44,3 @@ def served_run(tmp_path_factory):
 def sample_pngs():
     t = build_colored_mnist(ColoredMNISTConfig(n_train=10, n_val=10, n_test=10)).to_pydict()
     return t["image"][-20:]
-
-
-def png_bytes(size=(32, 32), color=(0, 0, 0), fmt="PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format=fmt)
-    return buf.getvalue()

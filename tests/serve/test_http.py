@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import png_bytes
+from serve_helpers import png_bytes
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 from bench.serve_load import run_load  # noqa: E402
@@ -20,15 +20,11 @@ URL = f"http://127.0.0.1:{PORT}"
 
 
 @pytest.fixture(scope="module")
-def server(served_run):
-    import ray
+def server(ray_module, served_run):
     from ray import serve
 
     from raydebias.serve.app import build
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, object_store_memory=200_000_000, include_dashboard=False,
-                 logging_level="warning")
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build({"run_dir": str(served_run), "max_request_bytes": 1_000_000, "max_image_pixels": 4_000_000}),
               name="raydebias", route_prefix="/")

@@ -11,7 +11,7 @@ from raydebias.data.transforms import decode_image
 from raydebias.serve.predictor import (Limits, RequestError, check_content_type, decode_images, model_card,
                                        parse_json_images, predict_images)
 
-from conftest import png_bytes  # noqa: F401  (tests/serve/conftest.py)
+from serve_helpers import png_bytes
 
 
 def test_batch_function_matches_offline_evaluation(served_run, sample_pngs):
