@@ -22,10 +22,15 @@ __all__ = [
     "METHODS",
 ]
 
-# Stage graph order. A run executes the configured subset in this order.
-STAGES = ("data", "train", "evaluate", "report")
-# Classifier recipes the ``train`` stage knows.
-METHODS = ("erm", "groupdro")
+# Stage graph order. A run executes the configured subset in this order; the generative stages only run for
+# the generative methods.
+STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "train", "evaluate",
+          "report")
+# Classifier recipes trained on real data only.
+BASELINES = ("erm", "groupdro")
+# "Harnessing diffusion" variants: generate group-balanced synthetic data, then the two-stage classifier.
+GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
+METHODS = BASELINES + GENERATIVE
 
 
 class ConfigError(ValueError):
@@ -93,13 +98,31 @@ class DataConfig(_Block):
 
 
 class DiffusionModelConfig(_Block):
+    """Text-to-image diffusion model. ``pretrained``: a diffusers folder or hub id (Stable Diffusion layout:
+    unet/, text_encoder/, tokenizer/, scheduler/, vae/). Bootstrap: a tiny text-conditioned UNet built from the
+    fields below, in pixel space (2× pixel-unshuffle instead of a VAE), trained in-run."""
+
     pretrained: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int = 32
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_width: int = 64
+    text_layers: int = 2
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
 
 
 class ClipModelConfig(_Block):
+    """CLIP for embedding/filtering. ``pretrained`` (with ``arch``) → open_clip weights (a tag or a local
+    checkpoint path); bootstrap: a tiny open_clip config with the widths below, trained in-run."""
+
     arch: str = "ViT-B-32"
     pretrained: str | None = None
+    width: int = 64
+    layers: int = 2
+    patch_size: int = 8
+    embed_dim: int = 64
 
 
 class ClassifierModelConfig(_Block):
@@ -131,6 +154,92 @@ class TrainConfig(_Block):
     max_failures: int = Field(2, ge=0)
 
 
+class ClipTrainConfig(_Block):
+    """Bootstrap CLIP: contrastive training on the train split's captions (ignored for pretrained CLIP)."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+
+
+class EmbedConfig(_Block):
+    """CLIP image embeddings of the train split (Ray Data actor pool)."""
+
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class ClusterConfig(_Block):
+    """Per-(y, a) k-means (faiss). ``k: auto`` → k_D = min(M_gs / min_per_cluster, k_max), at least 1, with M_gs
+    the smallest group that gets its own model (>= finetune.min_images)."""
+
+    k: int | Literal["auto"] = "auto"
+    k_max: int = Field(20, ge=1)
+    min_per_cluster: int = Field(20, ge=1)
+    niter: int = Field(25, ge=1)
+
+
+class DiffusionTrainConfig(_Block):
+    """Bootstrap base text-to-image model trained on the train split (ignored with a pretrained model)."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class or the bias word (each)")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
+    num_cpus: float = Field(2.0, gt=0)
+
+
+class FinetuneConfig(_Block):
+    """One DreamBooth-LoRA per cluster (clustered_dreambooth) or per group (lora, dreambooth)."""
+
+    rank: int = Field(4, ge=1)
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    identifier: str = Field("sks", description="the [V] token of DreamBooth prompts")
+    min_images: int = Field(10, ge=1, description="groups with fewer real images borrow the aligned group's model")
+    prior_preservation: bool = False
+    prior_weight: float = Field(1.0, ge=0)
+    cpus_per_task: float = Field(1.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+
+class GenerateConfig(_Block):
+    """M images per group (M / k_D per cluster), deterministic per-row seeds, resumable by row id."""
+
+    images_per_group: int = Field(40, ge=1)
+    num_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(2.0, ge=0)
+    batch_size: int = Field(100, ge=1)
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class FilterConfig(_Block):
+    """CLIP-Score = alpha·CLIP-Label + (1-alpha)·CLIP-Centroid, keep the top ``keep`` per group; drop
+    near-duplicates of real training images (memorization guard)."""
+
+    alpha: float = Field(0.5, ge=0, le=1)
+    keep: float = Field(0.75, gt=0, le=1)
+    min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
+    label_prompt: str = "a photo of a {class}"
+    dedup_threshold: float = Field(0.98, gt=0, le=1)
+
+
+class TwoStageConfig(_Block):
+    """Stage 1: beta·CE + (1-beta)·SupCon on the filtered synthetic set; stage 2: last-layer retraining on real."""
+
+    beta: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(0.07, gt=0)
+    epochs_synthetic: int = Field(10, ge=1)
+    epochs_llr: int = Field(10, ge=1)
+    llr: Literal["all", "balanced", "groupdro"] = "all"
+    lr: float = Field(2e-3, gt=0)
+    llr_lr: float = Field(1e-2, gt=0)
+
+
 class EvaluateConfig(_Block):
     batch_size: int = Field(512, ge=1)
 
@@ -152,6 +261,14 @@ class RunConfig(_Block):
     method: str = "erm"
     baselines: list[str] = Field(default_factory=lambda: ["erm", "groupdro"])
     train: TrainConfig = Field(default_factory=TrainConfig)
+    clip: ClipTrainConfig = Field(default_factory=ClipTrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    diffusion: DiffusionTrainConfig = Field(default_factory=DiffusionTrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -181,6 +298,10 @@ class RunConfig(_Block):
     def methods(self) -> list[str]:
         """The method first, then the baselines, without repeats."""
         return list(dict.fromkeys([self.method, *self.baselines]))
+
+    @property
+    def generative_methods(self) -> list[str]:
+        return [m for m in self.methods if m in GENERATIVE]
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
-MANIFESTS = {"raycluster": "raycluster.yaml", "rayjob": "rayjob-pipeline.yaml", "rayservice": "rayservice-classifier.yaml"}
+MANIFESTS = {"raycluster": "raycluster.yaml", "rayjob": "rayjob-pipeline.yaml",
+             "rayservice": "rayservice-classifier.yaml"}
 KINDS = {"raycluster": "RayCluster", "rayjob": "RayJob", "rayservice": "RayService"}
 # KubeRay: RayCluster names <= 53 chars; RayJob/RayService names get 6 characters appended for their cluster.
 MAX_NAME = {"raycluster": 53, "rayjob": 47, "rayservice": 47}

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 OUT = Path(__file__).resolve().parent / "schemas"
-KINDS = {"raycluster": "ray.io_rayclusters.yaml", "rayjob": "ray.io_rayjobs.yaml", "rayservice": "ray.io_rayservices.yaml"}
+KINDS = {"raycluster": "ray.io_rayclusters.yaml", "rayjob": "ray.io_rayjobs.yaml",
+         "rayservice": "ray.io_rayservices.yaml"}
 
 
 def v1_schema(crd_file: Path) -> dict:
