@@ -2,7 +2,8 @@
 
 from raydebias.debias.erm import ERM
 from raydebias.debias.groupdro import GroupDRO
+from raydebias.debias.two_stage import SupConCE
 
-RECIPES = {"erm": ERM, "groupdro": GroupDRO}
+RECIPES = {"erm": ERM, "groupdro": GroupDRO, "supcon_ce": SupConCE}
 
-__all__ = ["ERM", "GroupDRO", "RECIPES"]
+__all__ = ["ERM", "GroupDRO", "SupConCE", "RECIPES"]

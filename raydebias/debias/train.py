@@ -79,8 +79,21 @@ def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, 
     return idx[rank::world]
 
 
+def _sample_weights(kind: str, recipe, y: np.ndarray, groups: np.ndarray) -> np.ndarray | None:
+    from raydebias.debias.groupdro import group_balanced_weights
+
+    if kind == "recipe":
+        return recipe.sample_weights(y, groups)
+    if kind == "class_balanced":
+        return group_balanced_weights(y)
+    if kind == "group_balanced":
+        return group_balanced_weights(groups)
+    return None
+
+
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: a sequence of phases (ERM/GroupDRO = one phase; the two-stage recipe =
+    synthetic pre-training then last-layer retraining), selection on val in the phases marked ``select``."""
     import ray
     import ray.train
     import ray.train.torch
@@ -91,66 +104,95 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(config["threads"])))
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
+    data = {name: ray.get(ref) for name, ref in config["data_refs"].items()}
+    val = data["val"]
     C, B = config["num_classes"], config["num_bias"]
     has_bias = B is not None
     num_groups = C * B if has_bias else C
-    groups = train["y"] * B + train["a"] if has_bias else train["y"]
     torch.manual_seed(config["seed"])
     model = create_classifier(ClassifierModelConfig(**config["classifier"]), C)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    recipe = RECIPES[config["method"]](num_groups, eta=config["groupdro_eta"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    phases = config["phases"]
+    # (phase, epoch) pairs in order; a checkpoint stores the index of the last finished one.
+    schedule = [(p, e) for p, ph in enumerate(phases) for e in range(ph["epochs"])]
     start, best_score, best_epoch = 0, -math.inf, -1
     best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-
+    opt_state = recipe_state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a worker failure
         with ckpt.as_directory() as d:
             core.load_state_dict(load_file(f"{d}/model.safetensors"))
             best_state = load_file(f"{d}/best.safetensors")
-            opt.load_state_dict(torch.load(f"{d}/optimizer.pt", weights_only=True))
-            recipe.load_state_dict(load_file(f"{d}/recipe.safetensors") if Path(f"{d}/recipe.safetensors").exists() else {})
+            opt_state = torch.load(f"{d}/optimizer.pt", weights_only=True)
+            recipe_state = load_file(f"{d}/recipe.safetensors") if Path(f"{d}/recipe.safetensors").exists() else {}
             st = json.loads(Path(f"{d}/state.json").read_text())
-            start, best_score, best_epoch = st["epoch"] + 1, st["best_score"], st["best_epoch"]
+            start, best_score, best_epoch = st["step"] + 1, st["best_score"], st["best_epoch"]
 
-    weights = recipe.sample_weights(train["y"], groups)
     gen = torch.Generator().manual_seed(config["seed"] + rank)
     bs = config["batch_size"]
-    for epoch in range(start, config["epochs"]):
+    current_phase, opt, recipe = None, None, None
+    for step in range(start, len(schedule)):
+        p, epoch = schedule[step]
+        ph = phases[p]
+        if p != current_phase:  # enter a phase: recipe, frozen parts, optimizer
+            current_phase = p
+            recipe = RECIPES[ph["recipe"]](num_groups, eta=config["groupdro_eta"], **ph.get("recipe_args", {}))
+            if ph.get("freeze_encoder"):
+                for prm in core.encoder.parameters():
+                    prm.requires_grad_(False)
+                if epoch == 0:
+                    core.head.reset_parameters()  # last-layer retraining starts from a fresh head
+            params = [prm for prm in model.parameters() if prm.requires_grad]
+            opt = torch.optim.AdamW(params, lr=ph.get("lr", config["lr"]), weight_decay=config["weight_decay"])
+            if opt_state is not None and step == start and epoch > 0:  # resumed inside this phase
+                opt.load_state_dict(opt_state)
+                recipe.load_state_dict(recipe_state or {})
+            d = data[ph["data"]]
+            groups = d["y"] * B + d["a"] if has_bias and (d["a"] >= 0).all() else d["y"]
+            weights = _sample_weights(ph.get("sampler", "recipe"), recipe, d["y"], groups)
         model.train()
-        rng = np.random.default_rng([config["seed"], epoch])  # same on every rank: epoch_indices shards it
-        idx = epoch_indices(len(train["y"]), weights, rng, rank, world)
+        if ph.get("freeze_encoder"):
+            core.encoder.eval()  # frozen BatchNorm statistics too
+        rng = np.random.default_rng([config["seed"], step])  # the same order on every rank; ranks take shards
+        idx = epoch_indices(len(d["y"]), weights, rng, rank, world)
         total, seen = 0.0, 0
         for i in range(0, len(idx), bs):
             b = idx[i : i + bs]
             if len(b) < 2:
                 continue
-            x = to_model_input(train["x"][b])
+            x = to_model_input(d["x"][b])
             if config["augment"]:
                 x = _augment(x, gen)
-            y = torch.as_tensor(train["y"][b])
-            g = torch.as_tensor(groups[b])
-            loss = recipe(model(x.to(device)), y.to(device), g.to(device))
+            y = torch.as_tensor(d["y"][b]).to(device)
+            g = torch.as_tensor(groups[b]).to(device)
+            if getattr(recipe, "needs_features", False):
+                logits, feats = model(x.to(device), return_features=True)
+                loss = recipe(logits, y, g, features=feats)
+            else:
+                loss = recipe(model(x.to(device)), y, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(b)
             seen += len(b)
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": total / max(seen, 1)}
+        metrics: dict[str, Any] = {"step": step, "phase": p, "epoch": epoch, "train_loss": total / max(seen, 1)}
         checkpoint = None
         if rank == 0:
-            probs = predict(core, val["x"], device=device)
-            pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-            m = group_metrics(val["y"], pred, val["a"] if has_bias else None, C, B if has_bias else 1)
-            sel = config["select_by"] if has_bias else "accuracy"
-            score = m[sel] if m.get(sel) is not None else m["accuracy"]
-            metrics.update(val_accuracy=m["accuracy"], val_wga=m.get("wga"), val_aga=m.get("aga"), val_score=score)
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+            msg = ""
+            if ph.get("select"):
+                probs = predict(core, val["x"], device=device)
+                pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+                m = group_metrics(val["y"], pred, val["a"] if has_bias else None, C, B if has_bias else 1)
+                sel = config["select_by"] if has_bias else "accuracy"
+                score = m[sel] if m.get(sel) is not None else m["accuracy"]
+                metrics.update(val_accuracy=m["accuracy"], val_wga=m.get("wga"), val_aga=m.get("aga"), val_score=score)
+                if score > best_score:
+                    best_score, best_epoch = score, step
+                    best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+                msg = (f" val acc {m['accuracy']:.3f} wga {_f(m.get('wga'))} aga {_f(m.get('aga'))} "
+                       f"({config['select_by']}={score:.3f}, best step {best_epoch + 1})")
             tmp = tempfile.mkdtemp(prefix="ckpt-")
             save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, f"{tmp}/model.safetensors")
             save_file({k: v.contiguous() for k, v in best_state.items()}, f"{tmp}/best.safetensors")
@@ -159,18 +201,26 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if rs:
                 save_file(rs, f"{tmp}/recipe.safetensors")
             Path(f"{tmp}/state.json").write_text(json.dumps(
-                {"epoch": epoch, "best_score": best_score, "best_epoch": best_epoch}))
+                {"step": step, "best_score": best_score, "best_epoch": best_epoch}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            print(f"[train/{config['method']}] epoch {epoch + 1}/{config['epochs']} loss {metrics['train_loss']:.4f} "
-                  f"val acc {m['accuracy']:.3f} wga {m.get('wga')} aga {m.get('aga')} "
-                  f"({config['select_by']}={score:.3f}, best epoch {best_epoch + 1})", flush=True)
+            print(f"[train/{config['method']}] {ph['name']} epoch {epoch + 1}/{ph['epochs']} "
+                  f"loss {metrics['train_loss']:.4f}{msg}", flush=True)
         metrics["best_epoch"] = best_epoch
         ray.train.report(metrics, checkpoint=checkpoint)
     return {"best_epoch": best_epoch, "best_score": best_score}
 
 
-def run_train(ctx, method: str):
-    """Train ``method`` with ``TorchTrainer``; write the selected model and its metadata."""
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def baseline_phases(method: str, epochs: int) -> list[dict[str, Any]]:
+    return [{"name": method, "data": "train", "recipe": method, "epochs": epochs, "sampler": "recipe", "select": True}]
+
+
+def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: dict[str, dict] | None = None,
+                   summary: dict[str, Any] | None = None):
+    """Train ``phases`` with ``TorchTrainer``; write the val-selected model to ``stages/train/<method>/``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -184,20 +234,18 @@ def run_train(ctx, method: str):
     size = info["image_size"]
     train, val = load_split(data_dir / "train.parquet", size), load_split(data_dir / "val.parquet", size)
     num_bias = info["num_bias"]
-    if method == "groupdro" and num_bias is None:
-        raise ValueError("groupdro needs `bias` labels on the train split; the dataset has none")
     num_groups = info["num_classes"] * (num_bias or 1)
     select_by = resolve_select_by(cfg.train.select_by, num_groups)
     out = ctx.stage_dir(f"train/{method}")
     tc = cfg.train
     use_gpu = cfg.ray.num_gpus_per_worker > 0
+    datasets = {"train": train, "val": val, **(extra_data or {})}
     loop_config = {
-        "method": method, "seed": cfg.seed, "epochs": tc.epochs, "batch_size": tc.batch_size, "lr": tc.lr,
+        "method": method, "seed": cfg.seed, "phases": phases, "batch_size": tc.batch_size, "lr": tc.lr,
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
         "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
         "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
-        "train_ref": ray.put({k: v for k, v in train.items() if k != "id"}),
-        "val_ref": ray.put({k: v for k, v in val.items() if k != "id"}),
+        "data_refs": {k: ray.put({c: v for c, v in d.items() if c != "id"}) for k, d in datasets.items()},
     }
     resources = {"CPU": tc.cpus_per_worker}
     if use_gpu:
@@ -208,14 +256,15 @@ def run_train(ctx, method: str):
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=method,
+            name=method.replace("/", "_"),
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
-    ctx.log(f"[train/{method}] TorchTrainer: {tc.num_workers} worker(s) × {resources}, {tc.epochs} epochs, "
-            f"{len(train['y'])} train / {len(val['y'])} val rows, select by val {select_by}")
+    ctx.log(f"[train/{method}] TorchTrainer: {tc.num_workers} worker(s) × {resources}, phases "
+            + ", ".join(f"{p['name']}×{p['epochs']} on {p['data']} ({len(datasets[p['data']]['y'])} rows)" for p in phases)
+            + f"; select by val {select_by}")
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -235,13 +284,21 @@ def run_train(ctx, method: str):
         "select_by": select_by,
         "best_epoch": state["best_epoch"] + 1,
         "best_val_score": state["best_score"],
-        "epochs": tc.epochs,
+        "phases": [{k: p[k] for k in ("name", "data", "epochs")} for p in phases],
+        **(summary or {}),
     }
     atomic_write_json(out / "meta.json", meta)
-    shutil.rmtree(storage / method, ignore_errors=True)  # Ray Train's own copies; the selected model is kept
+    shutil.rmtree(storage / method.replace("/", "_"), ignore_errors=True)  # Ray Train's copies; the selected model stays
     ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
     return StageResult([ctx.rel(out / "model.safetensors"), ctx.rel(out / "meta.json")],
                        {"best_epoch": meta["best_epoch"], "best_val_score": state["best_score"], "select_by": select_by})
+
+
+def run_train(ctx, method: str):
+    """ERM / GroupDRO on the real training split."""
+    if method == "groupdro" and ctx.data_info["num_bias"] is None:
+        raise ValueError("groupdro needs `bias` labels on the train split; the dataset has none")
+    return fit_classifier(ctx, method, baseline_phases(method, ctx.cfg.train.epochs))
 
 
 def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -54,8 +54,10 @@ class Classifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        feats = self.encoder(x)
+        logits = self.head(feats)
+        return (logits, feats) if return_features else logits
 
 
 @register("resnet_small")

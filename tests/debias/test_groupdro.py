@@ -173,7 +173,9 @@ def test_erm_loss_is_torch_cross_entropy_and_ignores_groups():
 
 
 def test_recipe_registry():
-    assert RECIPES == {"erm": ERM, "groupdro": GroupDRO}
+    from raydebias.debias import SupConCE
+
+    assert RECIPES == {"erm": ERM, "groupdro": GroupDRO, "supcon_ce": SupConCE}
     assert ERM.name == "erm" and GroupDRO.name == "groupdro"
     # the train loop builds every recipe the same way
     for cls in RECIPES.values():

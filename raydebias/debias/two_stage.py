@@ -1,0 +1,48 @@
+"""Two-stage classifier of "Harnessing diffusion" (METHODS.md §1): β·CE + (1−β)·SupCon on the filtered synthetic
+set, then last-layer retraining (LLR) on the real training split with the encoder frozen."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, the L_out form) on L2-normalised ``features``.
+
+    For anchor i with positives P(i) (same label, j ≠ i):
+    ℓ_i = −1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) ); the loss is the mean of ℓ_i over
+    all anchors, where anchors without positives contribute 0 (the reference code's guard; never NaN).
+    """
+    z = F.normalize(features, dim=1)
+    n = z.shape[0]
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    per_anchor = -(log_prob.masked_fill(~pos, 0.0)).sum(1) / n_pos.clamp_min(1)
+    return torch.where(n_pos > 0, per_anchor, torch.zeros_like(per_anchor)).mean()
+
+
+class SupConCE:
+    """Stage-1 objective: β·CE(logits) + (1−β)·SupCon(features)."""
+
+    name = "supcon_ce"
+    needs_features = True
+
+    def __init__(self, num_groups: int, beta: float = 0.5, temperature: float = 0.07, **_):
+        self.beta, self.temperature = beta, temperature
+
+    def sample_weights(self, labels, groups):
+        return None
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, g: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.beta * F.cross_entropy(logits, y) + (1 - self.beta) * supcon_loss(features, y, self.temperature)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass

@@ -1,0 +1,411 @@
+"""Text-to-image diffusion models: pretrained Stable Diffusion (diffusers layout) or a tiny bootstrap UNet.
+
+Both sources give a :class:`DiffusionBundle` (UNet + CLIP text encoder + tokenizer + DDPM training scheduler +
+optional VAE) and share one loader (:func:`load_diffusion`), one loss (:func:`diffusion_loss`) and one sampler
+(:func:`sample`). The bootstrap model works in *pixel space*: ``F.pixel_unshuffle(x, 2)`` turns a 32×32×3 image
+into a lossless 16×16×12 "latent", so no VAE has to be trained (see METHODS.md, "Bootstrap calibration").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from raydebias._internal.io import atomic_path
+from raydebias.config import DiffusionModelConfig
+from raydebias.data.transforms import to_model_input
+
+MAX_TOKENS = 77
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DiffusionBundle:
+    """The components of a text-to-image latent (or pixel-space) diffusion model."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None
+    resolution: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusionBundle":
+        """Move every module (in place) and return ``self``."""
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], NCHW → latents (VAE mean × scaling factor; pixel mode: 2× pixel-unshuffle)."""
+        if self.vae is None:
+            return F.pixel_unshuffle(x, 2)
+        x = x.to(device=self.vae.device, dtype=self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`encode`: latents → images in (about) [-1, 1], NCHW."""
+        if self.vae is None:
+            return F.pixel_shuffle(z, 2)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = z.to(device=self.vae.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids (N, 77), padded to the maximum length as Stable Diffusion does."""
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts → text-encoder ``last_hidden_state`` (N, 77, width), the UNet's cross-attention context."""
+        return self.embed_ids(self.tokenize(prompts))
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write the diffusers folder layout (unet/, text_encoder/, tokenizer/, scheduler/, vae/ if any) atomically.
+
+        With a VAE the folder is a full ``StableDiffusionPipeline`` (``model_index.json`` included). The UNet must
+        carry no LoRA adapters (save those with ``finetune.dreambooth_lora.save_lora``).
+        """
+        if getattr(self.unet, "_hf_peft_config_loaded", False) and getattr(self.unet, "peft_config", None):
+            raise ValueError("the UNet has LoRA adapters attached; save them with save_lora, not with the base model")
+        out = Path(out_dir)
+        with atomic_path(out) as tmp:
+            if self.vae is not None:
+                from diffusers import StableDiffusionPipeline
+
+                StableDiffusionPipeline(
+                    vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                    scheduler=self.noise_scheduler, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False,
+                ).save_pretrained(tmp, safe_serialization=True)
+            else:
+                tmp.mkdir(parents=True)
+                self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+                self.noise_scheduler.save_pretrained(tmp / "scheduler")
+        return out
+
+
+def _norm_groups(channels: list[int]) -> int:
+    return math.gcd(32, *channels)
+
+
+def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | None = None) -> DiffusionBundle:
+    """A tiny text-conditioned pixel-space model built from ``cfg`` (random weights, trained in-run)."""
+    if tokenizer is None:
+        from raydebias.models.clip import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+    if cfg.resolution % 2:
+        raise ValueError(f"resolution must be even for the 2× pixel-unshuffle, got {cfg.resolution}")
+    channels = list(cfg.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // 2,
+        in_channels=12,
+        out_channels=12,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=_norm_groups(channels),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=cfg.text_width,
+            intermediate_size=2 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=max(1, cfg.text_width // 16),
+            vocab_size=49408,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=cfg.text_width,
+            pad_token_id=0,
+            bos_token_id=49406,
+            eos_token_id=49407,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        timestep_spacing="trailing",  # few-step DDIM then starts at t = 999 (pure noise), not 900
+    )
+    unet.eval()
+    text_encoder.eval()
+    return DiffusionBundle(unet, text_encoder, tokenizer, scheduler, None, cfg.resolution)
+
+
+def load_diffusion(path_or_id: str, dtype: str = "float32") -> DiffusionBundle:
+    """Load a diffusers-layout model: real Stable Diffusion weights (local dir or hub id) or a saved bundle.
+
+    ``vae/`` is loaded when the local folder has one (hub ids are assumed to); without it the model is a
+    pixel-space bootstrap bundle.
+    """
+    torch_dtype = _DTYPES[dtype]
+    p = str(path_or_id)
+    unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype)
+    text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", torch_dtype=torch_dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer")
+    if tokenizer.model_max_length is None or tokenizer.model_max_length > MAX_TOKENS:
+        tokenizer.model_max_length = MAX_TOKENS  # a file-built tokenizer has none: the pipeline then overflows
+    scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
+    has_vae = (Path(p) / "vae").is_dir() if os.path.isdir(p) else True
+    vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=torch_dtype) if has_vae else None
+    sample_size = unet.config.sample_size
+    sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 2
+    for m in (unet, text_encoder, vae):
+        if m is not None:
+            m.eval()
+    return DiffusionBundle(unet, text_encoder, tokenizer, scheduler, vae, int(sample_size) * factor)
+
+
+def diffusion_loss(
+    bundle: DiffusionBundle,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Denoising loss: MSE between the UNet output and the noise (ε-prediction) or velocity (v-prediction).
+
+    ``generator`` (a CPU generator) draws t and the noise reproducibly; ``weights`` (B,) gives
+    ``mean_i(w_i · mse_i)``.
+    """
+    sched = bundle.noise_scheduler
+    b = latents.shape[0]
+    device = latents.device
+    if timesteps is None:
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
+    timesteps = timesteps.to(device=device, dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+    pred = bundle.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(bundle.unet.dtype)).sample
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample)).mean()
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def sample(
+    bundle: DiffusionBundle,
+    prompts: list[str],
+    num_steps: int = 10,
+    guidance_scale: float = 2.0,
+    seeds: list[int] | None = None,
+    negative_prompt: str = "",
+    batch_size: int = 64,
+) -> np.ndarray:
+    """DDIM (η = 0) sampling with classifier-free guidance → uint8 NHWC images.
+
+    Row i starts from noise drawn by ``torch.Generator().manual_seed(seeds[i])``, so its image depends only on
+    (model, prompt, seed), not on the batch it shares (default seeds: 0..N−1).
+    """
+    prompts = list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    unet = bundle.unet
+    device, dtype = unet.device, unet.dtype
+    cfg = unet.config
+    size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
+    shape = (cfg.in_channels, size, size)
+    sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
+    sched.set_timesteps(num_steps)
+    use_cfg = guidance_scale != 1.0
+    uncond = bundle.embed_prompts([negative_prompt]).to(dtype) if use_cfg else None
+    out: list[np.ndarray] = []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo : lo + batch_size]
+        n = len(chunk)
+        cond = bundle.embed_prompts(chunk).to(dtype)
+        ctx = torch.cat([uncond.expand(n, -1, -1), cond]) if use_cfg else cond
+        z = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[lo : lo + n]]
+        ).to(device, dtype)
+        z = z * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
+            pred = unet(inp, t.to(device), encoder_hidden_states=ctx).sample
+            if use_cfg:
+                pu, pc = pred.chunk(2)
+                pred = pu + guidance_scale * (pc - pu)
+            z = sched.step(pred, t, z, eta=0.0).prev_sample
+        out.append(_to_uint8(bundle.decode(z)))
+    if not out:
+        return np.zeros((0, bundle.resolution, bundle.resolution, 3), np.uint8)
+    return np.concatenate(out)
+
+
+def train_bootstrap_diffusion(
+    bundle: DiffusionBundle,
+    pixels: np.ndarray,
+    captions: list[str],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    drop_probs: dict[str, float] | None = None,
+    caption_dropout_fn: Callable[[str, np.random.Generator], str] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+    shift: int = 0,
+    log_every: int = 100,
+) -> dict:
+    """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
+
+    Caption dropout for classifier-free guidance: the whole caption becomes "" with probability
+    ``drop_probs["all"]`` (default 0.1); otherwise ``caption_dropout_fn(caption, rng)`` (e.g. per-word
+    dropout built by the caller) is applied. ``shift`` > 0 adds a random translation of up to ``shift`` pixels
+    (zero padding). Returns loss statistics and the speed.
+    """
+    if len(pixels) != len(captions):
+        raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
+    if len(pixels) == 0 or steps <= 0:
+        raise ValueError("need at least one image and one step")
+    p_all = float((drop_probs or {"all": 0.1}).get("all", 0.0))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    device = bundle.device
+    unet, te = bundle.unet, bundle.text_encoder
+    params = [p for m in (unet, te) for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = max(1, min(100, steps // 10))
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def ids_for(caps: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(caps) if c not in token_cache]
+        if missing:
+            for c, row in zip(missing, bundle.tokenize(missing)):
+                token_cache[c] = row
+        return torch.stack([token_cache[c] for c in caps])
+
+    losses: list[float] = []
+    unet.train()
+    te.train()
+    t0 = time.perf_counter()
+    try:
+        for step in range(steps):
+            idx = rng.integers(0, len(pixels), size=min(batch_size, len(pixels)))
+            x = to_model_input(pixels[idx]).to(device)
+            if shift > 0:
+                h, w = x.shape[-2:]
+                xp = F.pad(x, (shift, shift, shift, shift), value=-1.0)
+                dy, dx = rng.integers(0, 2 * shift + 1, size=(2, len(idx)))
+                x = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(idx))])
+            caps = []
+            for i in idx:
+                c = captions[i]
+                if rng.random() < p_all:
+                    c = ""
+                elif caption_dropout_fn is not None:
+                    c = caption_dropout_fn(c, rng)
+                caps.append(c)
+            with torch.no_grad():
+                z = bundle.encode(x.to(unet.dtype))
+            emb = bundle.embed_ids(ids_for(caps))
+            loss = diffusion_loss(bundle, z, emb, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sch.step()
+            losses.append(float(loss.detach()))
+            if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+                rate = (step + 1) / (time.perf_counter() - t0)
+                log(f"diffusion step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({rate:.2f} it/s)")
+    finally:
+        unet.eval()
+        te.eval()
+        for p in params:
+            p.requires_grad_(False)
+    secs = time.perf_counter() - t0
+    k = max(1, steps // 10)
+    return {
+        "steps": steps,
+        "batch_size": int(min(batch_size, len(pixels))),
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "loss_mean": float(np.mean(losses)),
+        "seconds": secs,
+        "it_per_s": steps / secs if secs > 0 else float("inf"),
+    }
+
+
+def save_tiny_stable_diffusion(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random-weight checkpoint in the real Stable Diffusion layout (``StableDiffusionPipeline``:
+    VAE ×2 down-sampling, 16 px images, 32-wide UNet/text encoder, PNDM scheduler), for tests and offline smoke
+    runs of the pretrained code path."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from raydebias.models.clip import clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=49408, max_position_embeddings=MAX_TOKENS, projection_dim=32, pad_token_id=0)
+    )
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
