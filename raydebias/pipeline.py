@@ -83,27 +83,55 @@ def library_versions() -> dict[str, str]:
 
 def build_graph(cfg: RunConfig) -> list[Node]:
     """The nodes this config asks for, in dependency order."""
-    from raydebias.data.stage import run_data, data_key
+    from raydebias.cluster.stage import run_cluster
+    from raydebias.data.stage import data_key, run_data
     from raydebias.debias.train import run_train
+    from raydebias.diffusion.base import diffusion_key, run_diffusion
+    from raydebias.embed.stage import clip_key, run_clip, run_embed
     from raydebias.evaluate.report import run_report
     from raydebias.evaluate.stage import run_evaluate
+    from raydebias.filter.stage import run_filter, run_train_generative
+    from raydebias.finetune.stage import run_finetune
+    from raydebias.generate.text2img import run_generate
 
+    want = set(cfg.stages)
     nodes: list[Node] = []
+
+    def add(stage: str, name: str, deps: list[str], key, run) -> None:
+        if stage in want:
+            nodes.append(Node(name, deps, key, run))
+
+    add("data", "data", [], data_key, run_data)
+    gen = cfg.generative_methods
+    if gen:
+        add("clip", "clip", ["data"], clip_key, run_clip)
+        add("embed", "embed", ["clip", "data"], lambda c: c.embed.model_dump(exclude={"num_actors"}), run_embed)
+        add("cluster", "cluster", ["embed"],
+            lambda c: {"cluster": c.cluster.model_dump(), "min_images": c.finetune.min_images, "seed": c.seed},
+            run_cluster)
+        add("diffusion", "diffusion", ["data"], diffusion_key, run_diffusion)
+    for v in gen:
+        prompts = lambda c: {"template": c.data.prompt_template, "identifier": c.finetune.identifier}  # noqa: E731
+        add("finetune", f"finetune/{v}", ["cluster", "diffusion", "data"],
+            lambda c, v=v: {"finetune": c.finetune.model_dump(exclude={"cpus_per_task", "max_retries"}),
+                            **prompts(c), "seed": c.seed, "variant": v},
+            lambda ctx, v=v: run_finetune(ctx, v))
+        add("generate", f"generate/{v}", [f"finetune/{v}", "diffusion", "data"],
+            lambda c, v=v: {"generate": c.generate.model_dump(exclude={"num_actors", "cpus_per_actor", "batch_size"}),
+                            **prompts(c), "min_images": c.finetune.min_images, "seed": c.seed, "variant": v},
+            lambda ctx, v=v: run_generate(ctx, v))
+        add("filter", f"filter/{v}", [f"generate/{v}", "embed", "clip"],
+            lambda c: c.filter.model_dump(), lambda ctx, v=v: run_filter(ctx, v))
     trains = [f"train/{m}" for m in cfg.methods]
-    if "data" in cfg.stages:
-        nodes.append(Node("data", [], data_key, run_data))
-    if "train" in cfg.stages:
-        for m in cfg.methods:
-            nodes.append(Node(
-                f"train/{m}", ["data"],
-                lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),
-                                "method": m, "seed": c.seed},
-                lambda ctx, m=m: run_train(ctx, m),
-            ))
-    if "evaluate" in cfg.stages:
-        nodes.append(Node("evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate))
-    if "report" in cfg.stages:
-        nodes.append(Node("report", ["data", "evaluate"], lambda c: c.report.model_dump(), run_report))
+    for m in cfg.methods:
+        key = lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),  # noqa: E731
+                              "method": m, "seed": c.seed, **({"two_stage": c.two_stage.model_dump()} if m in gen else {})}
+        if m in gen:
+            add("train", f"train/{m}", [f"filter/{m}", "data"], key, lambda ctx, m=m: run_train_generative(ctx, m))
+        else:
+            add("train", f"train/{m}", ["data"], key, lambda ctx, m=m: run_train(ctx, m))
+    add("evaluate", "evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate)
+    add("report", "report", ["data", "evaluate"], lambda c: c.report.model_dump(), run_report)
     return nodes
 
 
@@ -178,6 +206,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunConte
             manifest.set(node.name, last_action="skipped", skipped_at=_now())
             continue
         log(f"[pipeline] run  {node.name}")
+        ctx.node_key = key
         t0 = time.time()
         manifest.set(node.name, status="running", key=key, inputs=inputs, started=_now(), last_action="ran")
         try:

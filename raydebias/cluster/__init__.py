@@ -1,0 +1,1 @@
+"""Per-(y, a) k-means of CLIP image embeddings (faiss)."""

@@ -1,0 +1,1 @@
+"""Training of diffusion models (the bootstrap base text-to-image model: ``base.py``)."""

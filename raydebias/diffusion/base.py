@@ -1,0 +1,100 @@
+"""``diffusion`` stage: the base text-to-image model. Pretrained → a pointer to the diffusers folder/id (loaded
+with ``from_pretrained`` wherever it is used); bootstrap → a tiny UNet + CLIP text encoder trained on the train
+split's captions in a Ray task, saved in the same diffusers layout so both sources load through one code path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.config import RunConfig
+
+
+def diffusion_key(cfg: RunConfig) -> Any:
+    return {"model": cfg.models.diffusion.model_dump(), "source": cfg.models.source,
+            "train": cfg.diffusion.model_dump(), "template": cfg.data.prompt_template, "seed": cfg.seed}
+
+
+def load_base(run_dir: Path):
+    """The run's base diffusion bundle (``models.diffusion.pretrained`` or the trained bootstrap model)."""
+    from raydebias.models.diffusion import load_diffusion
+
+    spec = json.loads((Path(run_dir) / "stages" / "diffusion" / "model.json").read_text())
+    return load_diffusion(spec["path"], spec.get("dtype", "float32"))
+
+
+def word_dropout(template: str, class_names: list[str], bias_names: list[str] | None, p_word: float,
+                 p_all: float):
+    """Per-factor caption dropout: drop the class word or the bias word (each with ``p_word``) or everything
+    (``p_all``), so that class and bias are learned as separate, recombinable words (METHODS.md calibration)."""
+    from raydebias.generate.plan import describe
+
+    def fn(caption: str, rng: np.random.Generator, y: int, a: int | None) -> str:
+        if rng.random() < p_all:
+            return ""
+        drop_class, drop_bias = rng.random() < p_word, rng.random() < p_word
+        cls = "" if drop_class else class_names[y]
+        bias = None if (drop_bias or a is None or bias_names is None) else bias_names[a]
+        return describe(template, cls, bias) if (cls or bias) else ""
+
+    return fn
+
+
+def _train_task(run_dir: str, cfg_json: str, threads: int) -> dict:
+    import torch
+
+    from raydebias.config import RunConfig
+    from raydebias.debias.train import load_split
+    from raydebias.models.clip import captions_for, clip_tokenizer
+    from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
+
+    torch.set_num_threads(threads)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
+    tr = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])
+    has_bias = info["num_bias"] is not None
+    caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"],
+                        cfg.data.prompt_template)
+    drop = word_dropout(cfg.data.prompt_template, info["class_names"], info["bias_names"],
+                        cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout)
+    # the caption dropout callable sees one caption at a time: look its factors up by caption text
+    factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
+    bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
+    torch.manual_seed(cfg.seed)
+    stats = train_bootstrap_diffusion(
+        bundle, tr["x"], caps, steps=cfg.diffusion.steps, batch_size=cfg.diffusion.batch_size, lr=cfg.diffusion.lr,
+        caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
+    )
+    out = Path(run_dir) / "stages" / "diffusion" / "model"
+    with atomic_path(out) as tmp:
+        bundle.save(tmp)
+    return stats
+
+
+def run_diffusion(ctx):
+    import ray
+
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    out = ctx.stage_dir("diffusion")
+    if cfg.models.source == "pretrained":
+        if not cfg.models.diffusion.pretrained:
+            raise ValueError("models.source=pretrained needs models.diffusion.pretrained (a diffusers folder or id)")
+        atomic_write_json(out / "model.json", {"path": cfg.models.diffusion.pretrained,
+                                               "dtype": cfg.models.diffusion.dtype})
+        return StageResult([ctx.rel(out / "model.json")], {"source": "pretrained"})
+    ctx.ensure_ray()
+    threads = max(1, int(cfg.diffusion.num_cpus))
+    task = ray.remote(num_cpus=cfg.diffusion.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0,
+                      max_retries=1, retry_exceptions=True)(_train_task)
+    ctx.log(f"[diffusion] training the bootstrap text-to-image model: {cfg.diffusion.steps} steps, "
+            f"batch {cfg.diffusion.batch_size}")
+    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), threads))
+    atomic_write_json(out / "model.json", {"path": str(out / "model"), "dtype": "float32"})
+    ctx.log(f"[diffusion] done: {stats}")
+    return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

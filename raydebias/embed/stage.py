@@ -1,0 +1,117 @@
+"""``clip`` stage (load pretrained CLIP or train the bootstrap one) and ``embed`` stage (CLIP image embeddings of
+the train split through a Ray Data actor pool, written to Parquet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.config import RunConfig
+
+
+def clip_key(cfg: RunConfig):
+    return {"clip": cfg.models.clip.model_dump(), "source": cfg.models.source, "train": cfg.clip.model_dump(),
+            "template": cfg.data.prompt_template, "seed": cfg.seed}
+
+
+def load_clip(run_dir: Path):
+    """The run's CLIP encoder (bootstrap weights from the run dir, or the configured pretrained model)."""
+    from raydebias.config import ClipModelConfig
+    from raydebias.models.clip import ClipEncoder, create_clip
+
+    d = Path(run_dir) / "stages" / "clip"
+    spec = json.loads((d / "clip.json").read_text())
+    if spec["source"] == "bootstrap":
+        return ClipEncoder.load(d / "model")
+    return create_clip(ClipModelConfig(**spec["config"]), "pretrained", spec["image_size"])
+
+
+def run_clip(ctx):
+    from raydebias.debias.train import load_split
+    from raydebias.models.clip import captions_for, create_clip, train_bootstrap_clip
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    info = ctx.data_info
+    out = ctx.stage_dir("clip")
+    spec = {"source": cfg.models.source, "config": cfg.models.clip.model_dump(), "image_size": info["image_size"]}
+    outputs = [ctx.rel(out / "clip.json")]
+    summary = {}
+    if cfg.models.source == "bootstrap":
+        import torch
+
+        torch.set_num_threads(max(1, cfg.ray.num_cpus or 2))
+        tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+        caps = captions_for(tr["y"], tr["a"] if info["num_bias"] is not None else None, info["class_names"],
+                            info["bias_names"], cfg.data.prompt_template)
+        enc = create_clip(cfg.models.clip, "bootstrap", info["image_size"])
+        summary = train_bootstrap_clip(enc, tr["x"], caps, steps=cfg.clip.steps, batch_size=cfg.clip.batch_size,
+                                       lr=cfg.clip.lr, seed=cfg.seed, log=ctx.log)
+        with atomic_path(out / "model") as tmp:
+            enc.save(tmp)
+        outputs.append(ctx.rel(out / "model"))
+        ctx.log(f"[clip] bootstrap CLIP trained: {summary}")
+    atomic_write_json(out / "clip.json", spec)
+    return StageResult(outputs, summary)
+
+
+class EmbedImages:
+    """Ray Data UDF: one CLIP model per actor; a batch of decoded images → L2-normalised embeddings."""
+
+    def __init__(self, run_dir: str, image_size: int):
+        import torch
+
+        torch.set_num_threads(1)
+        self.encoder = load_clip(Path(run_dir))
+        self.size = image_size
+
+    def __call__(self, batch: dict) -> dict:
+        from raydebias.data.transforms import pixels_from_column
+
+        x = pixels_from_column(list(batch["pixels"]), self.size)
+        emb = self.encoder.encode_images(x)
+        return {"id": batch["id"], "label": batch["label"], "bias": batch["bias"],
+                "embedding": [e.astype(np.float32) for e in emb]}
+
+
+def run_embed(ctx):
+    import ray
+
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    ctx.ensure_ray()
+    info = ctx.data_info
+    out = ctx.stage_dir("embed")
+    ds = ray.data.read_parquet(str(ctx.run_dir / "stages" / "data" / "train.parquet"))
+    emb = ds.map_batches(
+        EmbedImages,
+        fn_constructor_args=(str(ctx.run_dir), info["image_size"]),
+        batch_size=cfg.embed.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.embed.num_actors),
+        num_cpus=cfg.embed.cpus_per_actor,
+        num_gpus=cfg.ray.num_gpus_per_worker or None,
+    )
+    tables = [pa.Table.from_pandas(b, preserve_index=False) for b in emb.iter_batches(batch_format="pandas")]
+    tbl = pa.concat_tables(tables)
+    dim = len(tbl.column("embedding")[0].as_py())
+    tbl = tbl.set_column(tbl.schema.get_field_index("embedding"), "embedding",
+                         pa.array([np.asarray(e, np.float32) for e in tbl.column("embedding").to_pylist()],
+                                  pa.list_(pa.float32(), dim)))
+    with atomic_path(out / "train.parquet") as tmp:
+        pq.write_table(tbl, tmp)
+    ctx.log(f"[embed] {tbl.num_rows} train images → {dim}-d CLIP embeddings")
+    return StageResult([ctx.rel(out / "train.parquet")], {"rows": tbl.num_rows, "dim": dim})
+
+
+def load_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
+    t = pq.read_table(Path(run_dir) / "stages" / "embed" / "train.parquet")
+    return {"id": np.asarray(t.column("id").to_pylist(), dtype=object),
+            "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
+            "emb": np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)}

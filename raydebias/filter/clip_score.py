@@ -1,0 +1,30 @@
+"""CLIP-Score = α·CLIP-Label + (1−α)·CLIP-Centroid, top-q per group (METHODS.md §1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def clip_scores(img_emb: np.ndarray, groups: np.ndarray, label_emb: np.ndarray, labels: np.ndarray,
+                centroids: dict[int, np.ndarray], alpha: float) -> np.ndarray:
+    """Per synthetic image: α·cos(img, text(label)) + (1−α)·cos(img, centroid of its real group).
+
+    Groups without a centroid (too few real images) use α = 1. Inputs are L2-normalised."""
+    label_term = np.sum(img_emb * label_emb[labels], axis=1)
+    out = label_term.copy()
+    for g, c in centroids.items():
+        m = groups == g
+        if m.any():
+            cn = c / max(np.linalg.norm(c), 1e-12)
+            out[m] = alpha * label_term[m] + (1 - alpha) * (img_emb[m] @ cn)
+    return out
+
+
+def top_q(scores: np.ndarray, groups: np.ndarray, keep: float) -> np.ndarray:
+    """Boolean mask keeping the ceil(keep·n_g) best-scoring images of every group."""
+    mask = np.zeros(len(scores), dtype=bool)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        k = int(np.ceil(keep * len(idx)))
+        mask[idx[np.argsort(-scores[idx], kind="stable")[:k]]] = True
+    return mask

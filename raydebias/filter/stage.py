@@ -1,0 +1,79 @@
+"""``filter`` stage: score synthetic images with CLIP, keep the top ``keep`` per group, drop near-duplicates of
+real training images; the kept set is what the classifier trains on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.filter.clip_score import clip_scores, top_q
+from raydebias.filter.dedup import max_similarity
+
+
+def run_filter(ctx, variant: str):
+    import torch
+
+    from raydebias.embed.stage import load_clip, load_embeddings
+    from raydebias.generate.plan import describe
+    from raydebias.pipeline import StageResult
+
+    cfg, info = ctx.cfg, ctx.data_info
+    torch.set_num_threads(max(1, cfg.ray.num_cpus or 2))
+    out = ctx.stage_dir(f"filter/{variant}")
+    t = pq.read_table(ctx.run_dir / "stages" / "generate" / variant / "synthetic.parquet")
+    from raydebias.data.transforms import pixels_from_column
+
+    x = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+    y, a = t.column("label").to_numpy(), t.column("bias").to_numpy()
+    B = info["num_bias"] or 1
+    groups = y * B + a
+    clip = load_clip(ctx.run_dir)
+    emb = clip.encode_images(x)
+    label_emb = clip.encode_texts([describe(cfg.filter.label_prompt, c, None) for c in info["class_names"]])
+    real = load_embeddings(ctx.run_dir)
+    real_groups = real["y"] * B + np.maximum(real["a"], 0)
+    centroids = {int(g): real["emb"][real_groups == g].mean(0) for g in np.unique(real_groups)
+                 if (real_groups == g).sum() >= cfg.filter.min_real_for_centroid}
+    scores = clip_scores(emb, groups, label_emb, y, centroids, cfg.filter.alpha)
+    keep = top_q(scores, groups, cfg.filter.keep)
+    sim = max_similarity(emb, real["emb"])
+    dup = sim >= cfg.filter.dedup_threshold
+    final = keep & ~dup
+    tbl = t.filter(pa.array(final)).append_column("score", pa.array(scores[final], pa.float32()))
+    with atomic_path(out / "synthetic.parquet") as tmp:
+        pq.write_table(tbl, tmp)
+    stats = {"generated": int(len(final)), "kept_by_score": int(keep.sum()),
+             "near_duplicates_of_real": int(dup.sum()), "dropped_as_duplicates_after_score": int((keep & dup).sum()),
+             "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
+             "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
+    atomic_write_json(out / "stats.json", stats)
+    ctx.log(f"[filter/{variant}] {stats}")
+    if not final.any():
+        raise RuntimeError(f"filter/{variant}: no synthetic image survived filtering ({stats}); check the CLIP "
+                           "model (clip.steps) or raise filter.dedup_threshold")
+    return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "stats.json")], stats)
+
+
+def run_train_generative(ctx, variant: str):
+    """The two-stage classifier on the filtered synthetic set of ``variant`` (METHODS.md §1)."""
+    from raydebias.debias.train import fit_classifier
+
+    cfg, info = ctx.cfg, ctx.data_info
+    from raydebias.data.transforms import pixels_from_column
+
+    t = pq.read_table(ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet")
+    synth = {"x": pixels_from_column(t.column("pixels").to_pylist(), info["image_size"]),
+             "y": t.column("label").to_numpy().astype(np.int64), "a": t.column("bias").to_numpy().astype(np.int64)}
+    ts = cfg.two_stage
+    llr_recipe, llr_sampler = {"all": ("erm", "class_balanced"), "balanced": ("erm", "group_balanced"),
+                               "groupdro": ("groupdro", "recipe")}[ts.llr]
+    phases = [
+        {"name": "synthetic", "data": "synthetic", "recipe": "supcon_ce", "epochs": ts.epochs_synthetic,
+         "sampler": "uniform", "lr": ts.lr, "recipe_args": {"beta": ts.beta, "temperature": ts.temperature}},
+        {"name": f"llr_{ts.llr}", "data": "train", "recipe": llr_recipe, "epochs": ts.epochs_llr,
+         "sampler": llr_sampler, "lr": ts.llr_lr, "freeze_encoder": True, "select": True},
+    ]
+    return fit_classifier(ctx, variant, phases, extra_data={"synthetic": synth},
+                          summary={"synthetic_rows": int(len(synth["y"]))})

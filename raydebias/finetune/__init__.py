@@ -1,0 +1,1 @@
+"""Fine-tuning of the diffusion model: DreamBooth-style LoRA adapters (one per group or cluster)."""

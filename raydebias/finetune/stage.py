@@ -1,0 +1,86 @@
+"""``finetune`` stage: one DreamBooth-LoRA per cluster/group as independent Ray tasks (retried on failure),
+saved in diffusers LoRA format (``pipe.load_lora_weights(dir)`` loads them). Finished adapters are skipped on
+rerun, so a killed stage resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.generate.plan import Unit, plan_units
+
+
+def units_for(ctx, variant: str) -> list[Unit]:
+    import pyarrow.parquet as pq
+
+    info = ctx.data_info
+    t = pq.read_table(ctx.run_dir / "stages" / "cluster" / "assignments.parquet")
+    B = info["num_bias"] or 1
+    g = t.column("group").to_numpy()
+    y, a = g // B, g % B
+    cfg = ctx.cfg
+    return plan_units(variant, np.asarray(t.column("id").to_pylist(), dtype=object), y, a,
+                      t.column("cluster").to_numpy(), info["class_names"], info["bias_names"] or ["any"],
+                      cfg.data.prompt_template, cfg.finetune.identifier, cfg.finetune.min_images, cfg.seed)
+
+
+def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, out_dir: str) -> dict:
+    """One adapter (runs as a Ray task): load the base model, train the LoRA on the unit's images, save."""
+    import time
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import torch
+
+    from raydebias.data.transforms import pixels_from_column
+    from raydebias.diffusion.base import load_base
+    from raydebias.finetune.dreambooth_lora import save_lora, train_lora
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    tbl = pq.read_table(Path(run_dir) / "stages" / "data" / "train.parquet")
+    tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=__import__("pyarrow").array(unit["ids"])))
+    pixels = pixels_from_column(tbl.column("pixels").to_pylist(), image_size)
+    bundle = load_base(Path(run_dir))
+    stats = train_lora(bundle, unit["name"], pixels, [unit["prompt"]] * len(pixels), steps=ft["steps"],
+                       batch_size=ft["batch_size"], lr=ft["lr"], seed=seed, rank=ft["rank"])
+    save_lora(bundle, unit["name"], out_dir)
+    return {"name": unit["name"], "images": len(pixels), "seconds": round(time.time() - t0, 1),
+            **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
+
+
+def run_finetune(ctx, variant: str):
+    import ray
+
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    out = ctx.stage_dir(f"finetune/{variant}")
+    units = units_for(ctx, variant)
+    atomic_write_json(out / "units.json", [u.__dict__ for u in units])
+    todo = [u for u in units if not (out / u.name / "pytorch_lora_weights.safetensors").exists()]
+    if units:
+        ctx.ensure_ray()
+        ctx.log(f"[finetune/{variant}] {len(units)} adapter(s), {len(units) - len(todo)} already trained")
+    task = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.ray.num_gpus_per_worker or 0,
+                      max_retries=cfg.finetune.max_retries, retry_exceptions=True)(_train_unit) if todo else None
+    refs = {}
+    for u in todo:
+        tmp_dir = out / f".{u.name}.tmp"
+        refs[task.remote(str(ctx.run_dir), u.__dict__, cfg.finetune.model_dump(), cfg.seed,
+                         ctx.data_info["image_size"], str(tmp_dir))] = u
+    results = []
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        u = refs.pop(done[0])
+        r = ray.get(done[0])  # raises after max_retries: the stage fails loudly, finished adapters are kept
+        with atomic_path(out / u.name) as tmp:
+            (out / f".{u.name}.tmp").rename(tmp)
+        results.append(r)
+        ctx.log(f"[finetune/{variant}] {r['name']}: {r['images']} images, {r['seconds']}s "
+                f"({len(results)}/{len(todo)})")
+    outputs = [ctx.rel(out / "units.json")] + [ctx.rel(out / u.name) for u in units]
+    return StageResult(outputs, {"adapters": len(units), "trained_now": len(results)})

@@ -1,0 +1,1 @@
+"""Generation of group-balanced synthetic data (``text2img.py``: group/cluster prompts, cross-group transfer)."""

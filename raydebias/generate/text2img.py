@@ -1,0 +1,150 @@
+"""``generate`` stage: M images per (y, a) group from the fine-tuned adapters (or the base model), as a Ray Data
+actor pool over prompt batches. Each actor loads the base model once and switches adapters without reloading.
+Every batch is written atomically as its own Parquet file keyed by its row ids, so a killed run resumes by
+generating exactly the missing rows (no duplicates)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias.generate.plan import plan_rows
+
+ROW_SCHEMA = pa.schema([("row_id", pa.string()), ("label", pa.int64()), ("bias", pa.int64()),
+                        ("cluster", pa.int64()), ("adapter", pa.string()), ("prompt", pa.string()),
+                        ("seed", pa.int64()), ("transferred", pa.bool_()), ("pixels", pa.binary())])
+
+
+class GenerateBatch:
+    """Ray Data UDF: one base model per actor; adapters loaded on first use and switched per row group."""
+
+    def __init__(self, run_dir: str, variant: str, num_steps: int, guidance_scale: float, out_dir: str):
+        import torch
+
+        from raydebias.diffusion.base import load_base
+
+        torch.set_num_threads(1)
+        self.run_dir, self.variant, self.out_dir = Path(run_dir), variant, Path(out_dir)
+        self.bundle = load_base(self.run_dir)
+        self.loaded: set[str] = set()
+        self.num_steps, self.guidance_scale = num_steps, guidance_scale
+
+    def _activate(self, adapter: str | None) -> None:
+        from raydebias.finetune.dreambooth_lora import load_lora, set_active
+
+        if adapter is None:
+            set_active(self.bundle, None)
+            return
+        if adapter not in self.loaded:
+            load_lora(self.bundle, self.run_dir / "stages" / "finetune" / self.variant / adapter, adapter)
+            self.loaded.add(adapter)
+        set_active(self.bundle, [adapter])
+
+    def __call__(self, batch: dict) -> dict:
+        from raydebias.models.diffusion import sample
+
+        n = len(batch["row_id"])
+        adapters = [a if a else None for a in batch["adapter"]]
+        pixels: list[bytes | None] = [None] * n
+        for adapter in dict.fromkeys(adapters):
+            idx = [i for i in range(n) if adapters[i] == adapter]
+            self._activate(adapter)
+            imgs = sample(self.bundle, [str(batch["prompt"][i]) for i in idx], num_steps=self.num_steps,
+                          guidance_scale=self.guidance_scale, seeds=[int(batch["seed"][i]) for i in idx])
+            for i, img in zip(idx, imgs):
+                pixels[i] = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+        tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
+                        "cluster": batch["cluster"], "adapter": [a or "" for a in adapters],
+                        "prompt": [str(p) for p in batch["prompt"]], "seed": batch["seed"],
+                        "transferred": batch["transferred"], "pixels": pixels}, schema=ROW_SCHEMA)
+        name = hashlib.sha1("\n".join(tbl.column("row_id").to_pylist()).encode()).hexdigest()[:16]
+        with atomic_path(self.out_dir / f"part-{name}.parquet") as tmp:
+            pq.write_table(tbl, tmp)
+        return {"row_id": batch["row_id"]}
+
+
+def existing_rows(rows_dir: Path) -> set[str]:
+    done: set[str] = set()
+    for f in sorted(rows_dir.glob("part-*.parquet")):
+        done.update(pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist())
+    return done
+
+
+def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:
+    from raydebias.data.transforms import pixels_from_column
+
+    files = sorted(Path(rows_dir).glob("part-*.parquet"))
+    t = pa.concat_tables([pq.read_table(f) for f in files]) if files else ROW_SCHEMA.empty_table()
+    t = t.sort_by("row_id")
+    return {"id": np.asarray(t.column("row_id").to_pylist(), dtype=object),
+            "x": pixels_from_column(t.column("pixels").to_pylist(), size),
+            "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
+            "transferred": t.column("transferred").to_numpy()}
+
+
+def run_generate(ctx, variant: str):
+    import ray
+
+    from raydebias.finetune.stage import units_for
+    from raydebias.generate.plan import Unit
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    info = ctx.data_info
+    out = ctx.stage_dir(f"generate/{variant}")
+    # Row files live under the node's key: a rerun with the same inputs resumes them; new adapters or sampling
+    # settings start a fresh directory instead of reusing stale images.
+    rows_dir = out / "rows" / getattr(ctx, "node_key", "adhoc")[:16]
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    units = [Unit(**u) for u in json.loads((ctx.run_dir / "stages" / "finetune" / variant / "units.json").read_text())] \
+        if variant != "vanilla" else []
+    tr = pq.read_table(ctx.run_dir / "stages" / "data" / "train.parquet", columns=["label", "bias"])
+    rows = plan_rows(variant, units, tr.column("label").to_numpy(), np.maximum(tr.column("bias").to_numpy(), 0),
+                     info["class_names"], info["bias_names"] or ["any"], cfg.data.prompt_template,
+                     cfg.finetune.identifier, cfg.generate.images_per_group, cfg.seed)
+    planned = {r.row_id for r in rows}
+    done = existing_rows(rows_dir) & planned
+    todo = [r.as_dict() for r in rows if r.row_id not in done]
+    # rows of one adapter together, so that a batch switches adapters rarely
+    todo.sort(key=lambda r: (r["adapter"] or "", r["row_id"]))
+    ctx.log(f"[generate/{variant}] {len(rows)} rows planned ({cfg.generate.images_per_group} per group), "
+            f"{len(done)} already generated, {len(todo)} to go")
+    if todo:
+        ctx.ensure_ray()
+        for r in todo:
+            r["adapter"] = r["adapter"] or ""
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.generate.batch_size))
+        res = ds.map_batches(
+            GenerateBatch,
+            fn_constructor_args=(str(ctx.run_dir), variant, cfg.generate.num_steps, cfg.generate.guidance_scale,
+                                 str(rows_dir)),
+            batch_size=cfg.generate.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.generate.num_actors),
+            num_cpus=cfg.generate.cpus_per_actor,
+            num_gpus=cfg.ray.num_gpus_per_worker or None,
+        )
+        n = sum(len(b["row_id"]) for b in res.iter_batches(batch_format="numpy"))
+        ctx.log(f"[generate/{variant}] generated {n} rows")
+    have = existing_rows(rows_dir)
+    missing = planned - have
+    if missing:
+        raise RuntimeError(f"generate/{variant}: {len(missing)} planned rows are missing after generation")
+    # One canonical file for downstream stages (stale row files from an older plan are left out).
+    gen = load_generated(rows_dir, info["image_size"])
+    keep = np.isin(gen["id"], list(planned))
+    tbl = pa.table({"id": gen["id"][keep].tolist(), "label": gen["y"][keep], "bias": gen["a"][keep],
+                    "transferred": gen["transferred"][keep],
+                    "pixels": [x.tobytes() for x in gen["x"][keep]]})
+    with atomic_path(out / "synthetic.parquet") as tmp:
+        pq.write_table(tbl, tmp)
+    atomic_write_json(out / "plan.json", {"rows": len(rows), "transferred_groups": len({(r.y, r.a) for r in rows if r.transferred}),
+                                          "adapters": len(units)})
+    return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "plan.json")],
+                       {"rows": len(rows), "generated_now": len(todo)})

@@ -1,0 +1,187 @@
+"""Diffusion bundle: bootstrap pixel-space model and the Stable Diffusion (pretrained) path through one loader."""
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
+from raydebias.models.diffusion import (
+    DiffusionBundle,
+    bootstrap_diffusion,
+    diffusion_loss,
+    load_diffusion,
+    sample,
+    save_tiny_stable_diffusion,
+    train_bootstrap_diffusion,
+)
+
+torch.set_num_threads(1)
+
+TINY = DiffusionModelConfig(
+    resolution=16, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, text_width=32, text_layers=1
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DiffusionBundle:
+    torch.manual_seed(0)
+    return bootstrap_diffusion(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    d = save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd")
+    # A tokenizer saved without a length limit (as a file-built one is) must still load with 77 (DESIGN trap).
+    cfg_path = d / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("model_max_length", None)
+    cfg_path.write_text(json.dumps(cfg))
+    return d
+
+
+def test_bootstrap_shapes_and_loss(tiny):
+    assert tiny.vae is None and tiny.resolution == 16
+    assert tiny.unet.config.in_channels == 12 and tiny.unet.config.sample_size == 8
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z = tiny.encode(x)
+    assert z.shape == (3, 12, 8, 8)
+    emb = tiny.embed_prompts(["a red digit 1", "", "a blue digit 7"])
+    assert emb.shape == (3, 77, 32)
+    with torch.no_grad():
+        out = tiny.unet(z, torch.tensor([0, 500, 999]), encoder_hidden_states=emb).sample
+        assert out.shape == z.shape
+        g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        loss = diffusion_loss(tiny, z, emb, generator=g())
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert torch.equal(loss, diffusion_loss(tiny, z, emb, generator=g()))  # reproducible from the generator
+        # per-sample weights: mean_i(w_i · mse_i), with the same t and noise for the same generator seed
+        per_row = [float(diffusion_loss(tiny, z, emb, generator=g(), weights=3 * torch.eye(3)[i])) for i in range(3)]
+        assert np.mean(per_row) == pytest.approx(float(loss), rel=1e-5)
+        w = torch.tensor([0.5, 2.0, 0.0])
+        weighted = diffusion_loss(tiny, z, emb, generator=g(), weights=w)
+        assert float(weighted) == pytest.approx(float((w * torch.tensor(per_row)).sum() / 3), rel=1e-5)
+
+
+class _ZeroUNet(torch.nn.Module):
+    """Predicts 0 everywhere, so the loss is the mean square of the regression target."""
+
+    dtype = torch.float32
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
+def test_loss_target_matches_the_closed_form(tiny, kind):
+    """v-prediction regresses v = √ᾱ·ε − √(1−ᾱ)·x₀, ε-prediction the noise ε (same t and ε from the generator)."""
+    b = bootstrap_diffusion(TINY.model_copy(update={"prediction_type": kind}), tokenizer=tiny.tokenizer)
+    assert b.noise_scheduler.config.prediction_type == kind
+    b = dataclasses.replace(b, unet=_ZeroUNet())
+    z = torch.randn(4, 12, 8, 8)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    ab = b.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = ab.sqrt() * noise - (1 - ab).sqrt() * z if kind == "v_prediction" else noise
+    loss = diffusion_loss(b, z, torch.zeros(4, 77, 32), generator=torch.Generator().manual_seed(5))
+    assert float(loss) == pytest.approx(float(target.square().mean()), rel=1e-5)
+
+
+def test_pixel_encode_decode_is_exact(tiny):
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(tiny.decode(tiny.encode(x)), x)
+
+
+def test_save_and_load_gives_identical_outputs(tiny, tmp_path):
+    out = tiny.save(tmp_path / "bundle")
+    assert sorted(p.name for p in out.iterdir()) == ["scheduler", "text_encoder", "tokenizer", "unet"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = load_diffusion(str(out))
+    assert loaded.vae is None and loaded.resolution == 16
+    assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
+    prompts = ["a red digit 1", "a green digit 2"]
+    assert torch.equal(loaded.tokenize(prompts), tiny.tokenize(prompts))
+    z = torch.randn(2, 12, 8, 8)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        e1, e2 = tiny.embed_prompts(prompts), loaded.embed_prompts(prompts)
+        assert torch.equal(e1, e2)
+        assert torch.equal(tiny.unet(z, t, e1).sample, loaded.unet(z, t, e2).sample)
+    # the sampler sees the same model too
+    assert np.array_equal(sample(tiny, prompts, num_steps=2), sample(loaded, prompts, num_steps=2))
+
+
+def test_stable_diffusion_layout_loads_and_samples(tiny_sd_dir):
+    b = load_diffusion(str(tiny_sd_dir))
+    assert b.vae is not None
+    assert b.tokenizer.model_max_length == 77
+    assert b.resolution == 16  # UNet sample_size 8 × VAE factor 2
+    assert type(b.noise_scheduler).__name__ == "DDPMScheduler"
+    imgs = sample(b, ["a photo of a cat", "a photo of a dog", "x"], num_steps=2, guidance_scale=3.0)
+    assert imgs.dtype == np.uint8 and imgs.shape == (3, 16, 16, 3)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = b.encode(x)
+        assert z.shape == (2, 4, 8, 8)
+        assert b.decode(z).shape == (2, 3, 16, 16)
+        loss = diffusion_loss(b, z, b.embed_prompts(["a", "b"]), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+def test_sample_is_deterministic_per_seed(tiny):
+    prompts = ["a red digit 1", "a blue digit 2", "a red digit 1", "a pink digit 9"]
+    seeds = [11, 12, 13, 14]
+    ref = sample(tiny, prompts, num_steps=3, seeds=seeds, batch_size=4)
+    assert ref.shape == (4, 16, 16, 3) and ref.dtype == np.uint8
+    # other batch sizes / orders / companions: every (prompt, seed) row gives the same image
+    order = [2, 0, 3, 1]
+    shuffled = sample(tiny, [prompts[i] for i in order], num_steps=3, seeds=[seeds[i] for i in order], batch_size=3)
+    assert np.array_equal(shuffled, ref[order])
+    alone = sample(tiny, [prompts[3]], num_steps=3, seeds=[14], batch_size=1)
+    assert np.array_equal(alone[0], ref[3])
+    # same prompt, different seed → different image
+    assert not np.array_equal(ref[0], ref[2])
+    with pytest.raises(ValueError):
+        sample(tiny, prompts, seeds=[1])
+
+
+def _colored_mnist(n: int):
+    from raydebias.data.builtin.colored_mnist import COLOR_NAMES, build_colored_mnist
+    from raydebias.data.transforms import decode_image
+
+    t = build_colored_mnist(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10)).to_pydict()
+    rows = [i for i, s in enumerate(t["split"]) if s == "train"]
+    pixels = np.stack([decode_image(t["image"][i], 32, 32 * 32) for i in rows])
+    captions = [f"a {COLOR_NAMES[t['bias'][i]]} digit {t['label'][i]}" for i in rows]
+    return pixels, captions
+
+
+def test_training_reduces_loss_on_colored_mnist():
+    pixels, captions = _colored_mnist(256)
+    assert pixels.shape == (256, 32, 32, 3)
+    torch.manual_seed(0)
+    cfg = DiffusionModelConfig(block_out_channels=[32, 32], attention_head_dim=8, text_width=32, text_layers=1)
+    b = bootstrap_diffusion(cfg)
+
+    def held_out_loss() -> float:
+        from raydebias.data.transforms import to_model_input
+
+        with torch.no_grad():
+            z = b.encode(to_model_input(pixels[:64]))
+            return float(diffusion_loss(b, z, b.embed_prompts(captions[:64]), generator=torch.Generator().manual_seed(1)))
+
+    before = held_out_loss()
+    seen = []
+    stats = train_bootstrap_diffusion(
+        b, pixels, captions, steps=30, batch_size=32, lr=2e-3, seed=0, log=seen.append, log_every=10, shift=2,
+        caption_dropout_fn=lambda c, rng: " ".join(w for w in c.split() if rng.random() > 0.1),
+    )
+    after = held_out_loss()
+    assert stats["steps"] == 30 and stats["it_per_s"] > 0 and len(seen) == 3
+    assert after < 0.8 * before, (before, after, stats)
+    assert not any(p.requires_grad for p in b.unet.parameters())
+    assert not b.unet.training
