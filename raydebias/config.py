@@ -105,7 +105,7 @@ class DiffusionModelConfig(_Block):
     pretrained: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int = 32
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_width: int = 64

@@ -27,7 +27,7 @@ def kmeans(embeddings: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> np
     k = max(1, min(k, n))
     if k == 1:
         return np.zeros(n, dtype=np.int64)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=5, seed=seed, spherical=True, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, n))
     km.train(x)
     _, assign = km.index.search(x, 1)

@@ -60,8 +60,9 @@ def accuracy_bars(rows: list[dict], info: dict) -> str:
     return _png(fig)
 
 
-def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_group: int = 1) -> str:
-    """Real training samples, one cell per (y, a) group (rows = classes, columns = bias values)."""
+def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_group: int = 1,
+                title: str = "training samples per group (grey = no sample)") -> str:
+    """Samples, one cell per (y, a) group (rows = classes, columns = bias values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +85,7 @@ def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_gro
                     ax.set_title(str(info["bias_names"][aa])[:10], fontsize=7)
                 if aa == 0 and k == 0:
                     ax.set_ylabel(str(info["class_names"][yy])[:12], fontsize=7)
-    fig.suptitle("training samples per group (grey = no sample)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     return _png(fig)
 
 
@@ -119,6 +120,25 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
         parts.append(f"<h2>Per-group test accuracy</h2><img src='{accuracy_bars(rows, info)}'>")
         tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
         parts.append(f"<h2>Samples per group</h2><img src='{sample_grid(tr['x'], tr['y'], tr['a'], info, samples_per_group)}'>")
+        for r in rows:
+            fpath = run_dir / "stages" / "filter" / r["method"] / "synthetic.parquet"
+            if fpath.exists():
+                import pyarrow.parquet as pq
+
+                from raydebias.data.transforms import pixels_from_column
+
+                t = pq.read_table(fpath)
+                sx = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+                grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
+                                   samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
+                stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
+                parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><p>filter: "
+                             + html.escape(json.dumps(stats)) + f"</p><img src='{grid}'>")
+        cpath = run_dir / "stages" / "cluster" / "clusters.json"
+        if cpath.exists():
+            cl = json.loads(cpath.read_text())
+            parts.append(f"<h3>Clusters</h3><p>k_D = {cl['k_D']}; cluster sizes per group id (y·B + a): "
+                         + html.escape(json.dumps(cl["cluster_sizes"])) + "</p>")
         parts.append("<h2>Group counts (y, a) per split</h2>")
         for split, counts in info["group_counts"].items():
             parts.append(f"<h3>{split}</h3>" + _count_table(counts, info))

@@ -79,7 +79,8 @@ def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def _encode_all(bundle: DiffusionBundle, pixels: np.ndarray, chunk: int = 32) -> torch.Tensor:
     dev, dt = bundle.device, bundle.dtype
-    return torch.cat([bundle.encode(to_model_input(pixels[i : i + chunk]).to(dev, dt)) for i in range(0, len(pixels), chunk)])
+    parts = [bundle.encode(to_model_input(pixels[i : i + chunk]).to(dev, dt)) for i in range(0, len(pixels), chunk)]
+    return torch.cat(parts)
 
 
 def train_lora(
@@ -99,7 +100,8 @@ def train_lora(
 
     Only that adapter's LoRA weights train; the base UNet, the text encoder and other adapters stay frozen (checked
     after training). ``prior`` = (pixels, prompts) adds DreamBooth's prior-preservation term:
-    loss = instance MSE + ``prior_weight`` · prior MSE. Leaves ``name`` as the only active adapter.
+    loss = instance MSE + ``prior_weight`` · prior MSE. Leaves ``name`` as the only active adapter; with a
+    half-precision UNet the adapter's weights are trained (and saved) in float32.
     """
     if len(pixels) != len(prompts):
         raise ValueError(f"{len(pixels)} images but {len(prompts)} prompts")
@@ -116,6 +118,8 @@ def train_lora(
         if m is not None:
             m.requires_grad_(False)
     for p in trainable.values():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()  # half-precision base model: keep the trained LoRA weights in fp32 (as diffusers)
         p.requires_grad_(True)
     frozen = [p for k, p in unet.named_parameters() if k not in trainable]
     before = _fingerprint(frozen)
@@ -148,7 +152,8 @@ def train_lora(
                 pidx = torch.from_numpy(rng.integers(0, len(prior_latents), size=bs))
                 z = torch.cat([z, prior_latents[pidx]])
                 emb = torch.cat([emb, table[prior_ids[pidx]]])
-                # mean over 2·bs of w_i·mse_i with w = 2·[1…, prior_weight…] = instance mean + prior_weight · prior mean
+                # mean_i(w_i · mse_i) over 2·bs rows with w = 2·[1…, prior_weight…]
+                # = instance mean + prior_weight · prior mean
                 weights = 2.0 * torch.cat([torch.ones(bs), torch.full((bs,), float(prior_weight))])
             loss = diffusion_loss(bundle, z, emb, generator=gen, weights=weights)
             opt.zero_grad(set_to_none=True)

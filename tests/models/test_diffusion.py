@@ -77,7 +77,7 @@ class _ZeroUNet(torch.nn.Module):
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
 def test_loss_target_matches_the_closed_form(tiny, kind):
-    """v-prediction regresses v = √ᾱ·ε − √(1−ᾱ)·x₀, ε-prediction the noise ε (same t and ε from the generator)."""
+    """v-prediction regresses v = √ᾱ·ε − √(1−ᾱ)·x₀, ε-prediction the noise ε."""
     b = bootstrap_diffusion(TINY.model_copy(update={"prediction_type": kind}), tokenizer=tiny.tokenizer)
     assert b.noise_scheduler.config.prediction_type == kind
     b = dataclasses.replace(b, unet=_ZeroUNet())
@@ -172,7 +172,8 @@ def test_training_reduces_loss_on_colored_mnist():
 
         with torch.no_grad():
             z = b.encode(to_model_input(pixels[:64]))
-            return float(diffusion_loss(b, z, b.embed_prompts(captions[:64]), generator=torch.Generator().manual_seed(1)))
+            emb = b.embed_prompts(captions[:64])
+            return float(diffusion_loss(b, z, emb, generator=torch.Generator().manual_seed(1)))
 
     before = held_out_loss()
     seen = []
