@@ -64,7 +64,7 @@ def test_generated_rows_are_group_balanced_and_unique(gen_run):
     assert (np.bincount(groups, minlength=100) == 2).all()
     stats = json.loads((gen_run / "stages" / "filter" / "lora" / "stats.json").read_text())
     assert stats["kept"] == pq.read_table(gen_run / "stages" / "filter" / "lora" / "synthetic.parquet").num_rows
-    assert stats["kept_by_score"] == 100  # ceil(0.75 · 2) = 2 per group
+    assert stats["kept_by_score"] == 200  # ceil(0.75 · 2) = 2 per group, 100 groups
 
 
 def test_generate_resumes_exactly_the_missing_rows(gen_run):
