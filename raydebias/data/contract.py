@@ -83,8 +83,8 @@ class DecodeBatch:
             split = splits[i]
             try:
                 y = _as_int(labels[i], "label", self.num_classes)
-                if "bias" in batch.columns:
-                    a = _as_int(biases[i], "bias", self.num_bias)
+                if "bias" in batch.columns:  # a missing bias is "unknown" (-1), not an error
+                    a = -1 if _missing(biases[i]) else _as_int(biases[i], "bias", self.num_bias)
                 if _missing(split):
                     split = None
                 else:
@@ -270,8 +270,10 @@ def ingest(
             pq.write_table(tbl, tmp)
         if num_bias is not None:
             gc = np.zeros((num_classes, num_bias), dtype=np.int64)
-            np.add.at(gc, (np.asarray(rows[s]["label"], dtype=np.int64),
-                           np.asarray(rows[s]["bias"], dtype=np.int64)), 1)
+            yy = np.asarray(rows[s]["label"], dtype=np.int64)
+            aa = np.asarray(rows[s]["bias"], dtype=np.int64)
+            known = aa >= 0  # rows with an unknown bias are not in any group
+            np.add.at(gc, (yy[known], aa[known]), 1)
             group_counts[s] = gc.tolist()
     return IngestResult(
         counts={s: len(rows[s]["id"]) for s in SPLITS},

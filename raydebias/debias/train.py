@@ -296,8 +296,10 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
 
 def run_train(ctx, method: str):
     """ERM / GroupDRO on the real training split."""
-    if method == "groupdro" and ctx.data_info["num_bias"] is None:
-        raise ValueError("groupdro needs `bias` labels on the train split; the dataset has none")
+    info = ctx.data_info
+    if method == "groupdro" and (info["num_bias"] is None
+                                 or sum(map(sum, info["group_counts"]["train"])) < info["counts"]["train"]):
+        raise ValueError("groupdro needs `bias` labels on every training row; the train split has rows without one")
     return fit_classifier(ctx, method, baseline_phases(method, ctx.cfg.train.epochs))
 
 

@@ -25,8 +25,14 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
     pred = probs.argmax(1)
     if B is None:
         return {"accuracy": float((pred == y).mean()) if len(y) else None}
+    known = a >= 0  # group metrics over rows with a known bias; overall accuracy over all rows
+    acc = float((pred == y).mean())
+    y, a, pred, probs = y[known], a[known], pred[known], probs[known]
+    if not known.any():
+        return {"accuracy": acc}
     train_counts = np.asarray(info["group_counts"]["train"])
     row = M.group_metrics(y, pred, a, C, B, train_group_counts=train_counts)
+    row["accuracy"] = acc
     aligned_bias = train_counts.argmax(1)  # the majority bias value of each class in train
     kls = []
     for c in range(C):
@@ -73,6 +79,10 @@ def run_evaluate(ctx):
             else:
                 row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
         row["selected_epoch"] = meta["best_epoch"]
+        fstats = ctx.run_dir / "stages" / "filter" / method / "stats.json"
+        if fstats.exists():  # generative methods: quality of the synthetic set they trained on
+            fk = __import__("json").loads(fstats.read_text()).get("fid_kid") or {}
+            row.update(synthetic_fid=fk.get("fid"), synthetic_kid=fk.get("kid"))
         rows.append(row)
         ctx.log(f"[evaluate] {method:>10}: test acc {row.get('accuracy')}  wga {row.get('wga')}  aga {row.get('aga')}")
     # BPC of every method against ERM (GAMMA-FACE eq. 13); ERM itself is 0 by definition.

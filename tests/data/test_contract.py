@@ -157,3 +157,14 @@ def test_memory_filesystem_and_split_uris(ray_cluster, tmp_path):
 def test_missing_dataset_is_clear(ray_cluster, tmp_path):
     with pytest.raises(ContractError, match="dataset not found"):
         run_ingest(tmp_path, str(tmp_path / "nope.parquet"))
+
+
+def test_missing_bias_means_unknown_not_quarantined(ray_cluster, tmp_path):
+    d = good_rows(12)
+    d["bias"] = [None if i % 3 == 0 else b for i, b in enumerate(d["bias"])]  # train rows r0, r3, r6, r9 → unknown
+    res, out, q = run_ingest(tmp_path, write(tmp_path, d))
+    assert res.quarantined == 0 and not q.exists()
+    tr = load_split(out / "train.parquet", 8)
+    unknown = {i for i, b in zip(tr["id"], tr["a"]) if b == -1}
+    assert unknown == {"r0", "r3", "r6", "r9"}
+    assert np.array(res.group_counts["train"]).sum() == 0  # unknown-bias rows belong to no group
