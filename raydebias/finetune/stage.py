@@ -52,6 +52,25 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
             **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
 
 
+def reset_if_stale(out: Path, key: str | None) -> bool:
+    """Finished adapters are reused only by a rerun with the same inputs (resume). When the node's key changed
+    (new base model, new clusters, new settings) the old adapters are stale: remove them. Returns True if it did."""
+    import shutil
+
+    from raydebias._internal.io import atomic_write_text
+
+    if key is None:
+        return False
+    marker = out / "inputs.key"
+    if marker.exists() and marker.read_text() == key:
+        return False
+    stale = [d for d in out.iterdir() if d.is_dir()]
+    for d in stale:
+        shutil.rmtree(d)
+    atomic_write_text(marker, key)
+    return bool(stale)
+
+
 def run_finetune(ctx, variant: str):
     import ray
 
@@ -59,6 +78,8 @@ def run_finetune(ctx, variant: str):
 
     cfg = ctx.cfg
     out = ctx.stage_dir(f"finetune/{variant}")
+    if reset_if_stale(out, getattr(ctx, "node_key", None)):
+        ctx.log(f"[finetune/{variant}] inputs changed: removed adapters trained on the old inputs")
     units = units_for(ctx, variant)
     atomic_write_json(out / "units.json", [u.__dict__ for u in units])
     todo = [u for u in units if not (out / u.name / "pytorch_lora_weights.safetensors").exists()]
