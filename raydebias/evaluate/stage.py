@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,7 @@ def run_evaluate(ctx):
         row["selected_epoch"] = meta["best_epoch"]
         fstats = ctx.run_dir / "stages" / "filter" / method / "stats.json"
         if fstats.exists():  # generative methods: quality of the synthetic set they trained on
-            fk = __import__("json").loads(fstats.read_text()).get("fid_kid") or {}
+            fk = json.loads(fstats.read_text()).get("fid_kid") or {}
             row.update(synthetic_fid=fk.get("fid"), synthetic_kid=fk.get("kid"))
         rows.append(row)
         ctx.log(f"[evaluate] {method:>10}: test acc {row.get('accuracy')}  wga {row.get('wga')}  aga {row.get('aga')}")

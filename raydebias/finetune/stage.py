@@ -31,6 +31,7 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     """One adapter (runs as a Ray task): load the base model, train the LoRA on the unit's images, save."""
     import time
 
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
@@ -42,7 +43,7 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     torch.set_num_threads(1)
     t0 = time.time()
     tbl = pq.read_table(Path(run_dir) / "stages" / "data" / "train.parquet")
-    tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=__import__("pyarrow").array(unit["ids"])))
+    tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=pa.array(unit["ids"])))
     pixels = pixels_from_column(tbl.column("pixels").to_pylist(), image_size)
     bundle = load_base(Path(run_dir))
     stats = train_lora(bundle, unit["name"], pixels, [unit["prompt"]] * len(pixels), steps=ft["steps"],
