@@ -92,3 +92,18 @@ def test_generate_resumes_exactly_the_missing_rows(gen_run):
     actions = {s: e["last_action"] for s, e in manifest(gen_run)["stages"].items()}
     assert actions[f"generate/{v}"] == "ran" and actions["diffusion"] == "skipped"
     assert actions[f"finetune/{v}"] == "skipped"
+
+
+def test_prior_preservation_trains_with_base_model_class_images(gen_run, tmp_path):
+    """finetune.prior_preservation: the unit trains on its images plus base-model samples of the class prompt."""
+    from raydebias.config import FinetuneConfig
+    from raydebias.finetune.stage import _train_unit
+
+    unit = json.loads((gen_run / "stages" / "finetune" / "dreambooth" / "units.json").read_text())[0]
+    ft = FinetuneConfig(steps=2, prior_preservation=True, prior_weight=0.5).model_dump()
+    out = tmp_path / "adapter"
+    r = _train_unit(str(gen_run), {**unit, "class_prompt": "a photo of a digit 0"}, ft, 0, 32, str(out))
+    assert r["prior_images"] == min(len(unit["ids"]), 50) and r["images"] == len(unit["ids"])
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    ft["prior_preservation"] = False
+    assert _train_unit(str(gen_run), {**unit, "class_prompt": "x"}, ft, 0, 32, str(tmp_path / "b"))["prior_images"] == 0

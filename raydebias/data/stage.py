@@ -45,7 +45,7 @@ def run_data(ctx) -> "StageResult":  # noqa: F821
     if res.num_bias is not None:
         bias_names = bias_names or [str(i) for i in range(res.num_bias)]
     info = {
-        "source": source if cfg.uri or not cfg.splits else cfg.splits,
+        "source": cfg.splits or source,
         "image_size": cfg.image_size,
         "num_classes": res.num_classes,
         "num_bias": res.num_bias,

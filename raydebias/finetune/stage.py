@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias.generate.plan import Unit, plan_units
+from raydebias.generate.plan import Unit, describe, plan_units
 
 
 def units_for(ctx, variant: str) -> list[Unit]:
@@ -46,10 +46,21 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=pa.array(unit["ids"])))
     pixels = pixels_from_column(tbl.column("pixels").to_pylist(), image_size)
     bundle = load_base(Path(run_dir))
+    prior = None
+    if ft["prior_preservation"]:
+        # DreamBooth prior preservation: the base model's own images of the class prompt (no [V]), drawn
+        # before the adapter exists, keep the adapter from forgetting the class.
+        from raydebias.models.diffusion import sample
+
+        n = min(len(pixels), 50)
+        prior_prompts = [unit["class_prompt"]] * n
+        prior = (sample(bundle, prior_prompts, seeds=[seed + i for i in range(n)]), prior_prompts)
     stats = train_lora(bundle, unit["name"], pixels, [unit["prompt"]] * len(pixels), steps=ft["steps"],
-                       batch_size=ft["batch_size"], lr=ft["lr"], seed=seed, rank=ft["rank"])
+                       batch_size=ft["batch_size"], lr=ft["lr"], seed=seed, rank=ft["rank"], prior=prior,
+                       prior_weight=ft["prior_weight"])
     save_lora(bundle, unit["name"], out_dir)
-    return {"name": unit["name"], "images": len(pixels), "seconds": round(time.time() - t0, 1),
+    return {"name": unit["name"], "images": len(pixels), "prior_images": 0 if prior is None else len(prior[1]),
+            "seconds": round(time.time() - t0, 1),
             **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
 
 
@@ -92,7 +103,8 @@ def run_finetune(ctx, variant: str):
     refs = {}
     for u in todo:
         tmp_dir = out / f".{u.name}.tmp"
-        refs[task.remote(str(ctx.run_dir), u.__dict__, cfg.finetune.model_dump(), cfg.seed,
+        unit = {**u.__dict__, "class_prompt": describe(cfg.data.prompt_template, ctx.data_info["class_names"][u.y], None)}
+        refs[task.remote(str(ctx.run_dir), unit, cfg.finetune.model_dump(), cfg.seed,
                          ctx.data_info["image_size"], str(tmp_dir))] = u
     results = []
     while refs:
