@@ -105,11 +105,19 @@ class DiffusionModelConfig(_Block):
     pretrained: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     resolution: int = 32
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    unshuffle: Literal[1, 2, 4] = Field(
+        4, description="pixel-unshuffle factor of the pixel-space latent (4: 32×32×3 → 8×8×48)")
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_width: int = 64
     text_layers: int = 2
+    max_tokens: int = Field(16, ge=4, le=77, description="text context length (captions are a few words)")
+    cross_attention: Literal["mid", "all"] = Field(
+        "mid", description="cross-attention in the middle block only (≈1.7× faster on CPU) or at every level")
+    text_time_embedding: bool = Field(
+        True, description="also add the attention-pooled caption to the time embedding (diffusers "
+                          "addition_embed_type='text'): global conditioning of every ResNet block")
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
 
 
@@ -186,8 +194,14 @@ class DiffusionTrainConfig(_Block):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
-    word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class or the bias word (each)")
+    word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class word (and the bias word unless set)")
+    bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
+    min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="max EMA decay (with warm-up); 0 = no EMA")
+    freeze_token_embedding: bool = Field(
+        True, description="keep the text encoder's random token table fixed (its 49408×width AdamW update is "
+                          "a third of a CPU step; the layers above learn the few caption words)")
     num_cpus: float = Field(2.0, gt=0)
 
 

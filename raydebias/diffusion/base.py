@@ -28,15 +28,18 @@ def load_base(run_dir: Path):
 
 
 def word_dropout(template: str, class_names: list[str], bias_names: list[str] | None, p_word: float,
-                 p_all: float):
-    """Per-factor caption dropout: drop the class word or the bias word (each with ``p_word``) or everything
-    (``p_all``), so that class and bias are learned as separate, recombinable words (METHODS.md calibration)."""
+                 p_all: float, p_bias: float | None = None):
+    """Per-factor caption dropout: drop the class word (``p_word``) or the bias word (``p_bias``, default
+    ``p_word``) or everything (``p_all``), so that class and bias are learned as separate, recombinable words
+    (METHODS.md calibration). In a biased set the bias word alone predicts the class; dropping it more often
+    makes the class word carry the class's appearance."""
+    p_bias = p_word if p_bias is None else p_bias
     from raydebias.generate.plan import describe
 
     def fn(caption: str, rng: np.random.Generator, y: int, a: int | None) -> str:
         if rng.random() < p_all:
             return ""
-        drop_class, drop_bias = rng.random() < p_word, rng.random() < p_word
+        drop_class, drop_bias = rng.random() < p_word, rng.random() < p_bias
         cls = "" if drop_class else class_names[y]
         bias = None if (drop_bias or a is None or bias_names is None) else bias_names[a]
         return describe(template, cls, bias) if (cls or bias) else ""
@@ -60,7 +63,7 @@ def _train_task(run_dir: str, cfg_json: str, threads: int) -> dict:
     caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"],
                         cfg.data.prompt_template)
     drop = word_dropout(cfg.data.prompt_template, info["class_names"], info["bias_names"],
-                        cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout)
+                        cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
@@ -68,6 +71,8 @@ def _train_task(run_dir: str, cfg_json: str, threads: int) -> dict:
     stats = train_bootstrap_diffusion(
         bundle, tr["x"], caps, steps=cfg.diffusion.steps, batch_size=cfg.diffusion.batch_size, lr=cfg.diffusion.lr,
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
+        min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
+        freeze_token_embedding=cfg.diffusion.freeze_token_embedding,
     )
     out = Path(run_dir) / "stages" / "diffusion" / "model"
     with atomic_path(out) as tmp:

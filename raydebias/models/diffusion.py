@@ -2,8 +2,9 @@
 
 Both sources give a :class:`DiffusionBundle` (UNet + CLIP text encoder + tokenizer + DDPM training scheduler +
 optional VAE) and share one loader (:func:`load_diffusion`), one loss (:func:`diffusion_loss`) and one sampler
-(:func:`sample`). The bootstrap model works in *pixel space*: ``F.pixel_unshuffle(x, 2)`` turns a 32×32×3 image
-into a lossless 16×16×12 "latent", so no VAE has to be trained (see METHODS.md, "Bootstrap calibration").
+(:func:`sample`). The bootstrap model works in *pixel space*: ``F.pixel_unshuffle(x, f)`` turns a 32×32×3 image
+into a lossless (32/f)×(32/f)×3f² "latent" (f = 2: 16×16×12, f = 4: 8×8×48), so no VAE has to be trained
+(see METHODS.md, "Bootstrap calibration"); f is read back from the saved UNet's ``in_channels``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class DiffusionBundle:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    @property
+    def unshuffle(self) -> int:
+        """The pixel-unshuffle factor of a pixel-space (VAE-less) model: in_channels = 3·f²."""
+        return int(round(math.sqrt(self.unet.config.in_channels / 3)))
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DiffusionBundle":
         """Move every module (in place) and return ``self``."""
         for m in (self.unet, self.text_encoder, self.vae):
@@ -58,7 +64,7 @@ class DiffusionBundle:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], NCHW → latents (VAE mean × scaling factor; pixel mode: 2× pixel-unshuffle)."""
         if self.vae is None:
-            return F.pixel_unshuffle(x, 2)
+            return F.pixel_unshuffle(x, self.unshuffle)
         x = x.to(device=self.vae.device, dtype=self.vae.dtype)
         z = self.vae.encode(x).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -67,7 +73,7 @@ class DiffusionBundle:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`encode`: latents → images in (about) [-1, 1], NCHW."""
         if self.vae is None:
-            return F.pixel_shuffle(z, 2)
+            return F.pixel_shuffle(z, self.unshuffle)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = z.to(device=self.vae.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
         return self.vae.decode(z).sample
@@ -75,7 +81,8 @@ class DiffusionBundle:
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (N, 77), padded to the maximum length as Stable Diffusion does."""
         return self.tokenizer(
-            list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
         ).input_ids
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -122,20 +129,30 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
         from raydebias.models.clip import clip_tokenizer
 
         tokenizer = clip_tokenizer()
-    if cfg.resolution % 2:
-        raise ValueError(f"resolution must be even for the 2× pixel-unshuffle, got {cfg.resolution}")
+    tokenizer.model_max_length = cfg.max_tokens
+    f = cfg.unshuffle
+    if cfg.resolution % f:
+        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the pixel-unshuffle factor {f}")
     channels = list(cfg.block_out_channels)
+    n = len(channels)
+    # Cross-attention at the lowest resolution (+ the middle block) or only in the middle block; attention is
+    # most of a CPU step at these sizes (METHODS.md calibration), the ResNet blocks still see the caption
+    # through the time embedding when text_time_embedding is on.
+    attn_last = cfg.cross_attention == "all"
+    down = ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D" if attn_last else "DownBlock2D"]
     unet = UNet2DConditionModel(
-        sample_size=cfg.resolution // 2,
-        in_channels=12,
-        out_channels=12,
+        sample_size=cfg.resolution // f,
+        in_channels=3 * f * f,
+        out_channels=3 * f * f,
         block_out_channels=tuple(channels),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=tuple(down),
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=_norm_groups(channels),
+        addition_embed_type="text" if cfg.text_time_embedding else None,
+        addition_embed_type_num_heads=max(1, cfg.text_width // 16),
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -144,7 +161,7 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
             num_hidden_layers=cfg.text_layers,
             num_attention_heads=max(1, cfg.text_width // 16),
             vocab_size=49408,
-            max_position_embeddings=MAX_TOKENS,
+            max_position_embeddings=cfg.max_tokens,
             projection_dim=cfg.text_width,
             pad_token_id=0,
             bos_token_id=49406,
@@ -174,14 +191,16 @@ def load_diffusion(path_or_id: str, dtype: str = "float32") -> DiffusionBundle:
     unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype)
     text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", torch_dtype=torch_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer")
-    if tokenizer.model_max_length is None or tokenizer.model_max_length > MAX_TOKENS:
-        tokenizer.model_max_length = MAX_TOKENS  # a file-built tokenizer has none: the pipeline then overflows
+    limit = min(MAX_TOKENS, text_encoder.config.max_position_embeddings)
+    if tokenizer.model_max_length is None or tokenizer.model_max_length > limit:
+        tokenizer.model_max_length = limit  # a file-built tokenizer has none: the pipeline then overflows
     scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
     has_vae = (Path(p) / "vae").is_dir() if os.path.isdir(p) else True
     vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=torch_dtype) if has_vae else None
     sample_size = unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 2
+    factor = (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None
+              else int(round(math.sqrt(unet.config.in_channels / 3))))
     for m in (unet, text_encoder, vae):
         if m is not None:
             m.eval()
@@ -195,11 +214,13 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    min_snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Denoising loss: MSE between the UNet output and the noise (ε-prediction) or velocity (v-prediction).
 
     ``generator`` (a CPU generator) draws t and the noise reproducibly; ``weights`` (B,) gives
-    ``mean_i(w_i · mse_i)``.
+    ``mean_i(w_i · mse_i)``. ``min_snr_gamma`` > 0 applies Min-SNR-γ weighting (Hang et al. 2023), expressed
+    for the model's target: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v.
     """
     sched = bundle.noise_scheduler
     b = latents.shape[0]
@@ -218,6 +239,12 @@ def diffusion_loss(
         raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
     pred = bundle.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(bundle.unet.dtype)).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if min_snr_gamma > 0:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(sched, timesteps).float()
+        clipped = snr.clamp(max=min_snr_gamma)
+        per_sample = per_sample * (clipped / snr if kind == "epsilon" else clipped / (snr + 1))
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()
@@ -292,13 +319,20 @@ def train_bootstrap_diffusion(
     log: Callable[[str], None] | None = print,
     shift: int = 0,
     log_every: int = 100,
+    min_snr_gamma: float = 0.0,
+    ema_decay: float = 0.0,
+    freeze_token_embedding: bool = False,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
     Caption dropout for classifier-free guidance: the whole caption becomes "" with probability
     ``drop_probs["all"]`` (default 0.1); otherwise ``caption_dropout_fn(caption, rng)`` (e.g. per-word
     dropout built by the caller) is applied. ``shift`` > 0 adds a random translation of up to ``shift`` pixels
-    (zero padding). Returns loss statistics and the speed.
+    (zero padding). ``min_snr_gamma``: see :func:`diffusion_loss`. ``ema_decay`` > 0 keeps an exponential moving
+    average of the weights (diffusers ``EMAModel`` with warm-up, decay capped at ``ema_decay``) and leaves the
+    averaged weights in the model at the end: short CPU runs sample much cleaner from the average.
+    ``freeze_token_embedding`` leaves the text encoder's token table at its (random) initial values.
+    Returns loss statistics and the speed.
     """
     if len(pixels) != len(captions):
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
@@ -309,12 +343,18 @@ def train_bootstrap_diffusion(
     gen = torch.Generator().manual_seed(seed)
     device = bundle.device
     unet, te = bundle.unet, bundle.text_encoder
-    params = [p for m in (unet, te) for p in m.parameters()]
+    frozen = {id(te.get_input_embeddings().weight)} if freeze_token_embedding else set()
+    params = [p for m in (unet, te) for p in m.parameters() if id(p) not in frozen]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warmup = max(1, min(100, steps // 10))
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+    ema = None
+    if ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3, foreach=True)
     token_cache: dict[str, torch.Tensor] = {}
 
     def ids_for(caps: list[str]) -> torch.Tensor:
@@ -348,16 +388,20 @@ def train_bootstrap_diffusion(
             with torch.no_grad():
                 z = bundle.encode(x.to(unet.dtype))
             emb = bundle.embed_ids(ids_for(caps))
-            loss = diffusion_loss(bundle, z, emb, generator=gen)
+            loss = diffusion_loss(bundle, z, emb, generator=gen, min_snr_gamma=min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sch.step()
+            if ema is not None:
+                ema.step(params)
             losses.append(float(loss.detach()))
             if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
                 rate = (step + 1) / (time.perf_counter() - t0)
                 log(f"diffusion step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({rate:.2f} it/s)")
+        if ema is not None:
+            ema.copy_to(params)
     finally:
         unet.eval()
         te.eval()

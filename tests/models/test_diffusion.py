@@ -22,7 +22,8 @@ from raydebias.models.diffusion import (
 torch.set_num_threads(1)
 
 TINY = DiffusionModelConfig(
-    resolution=16, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, text_width=32, text_layers=1
+    resolution=16, unshuffle=2, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, text_width=32,
+    text_layers=1,
 )
 
 
@@ -49,8 +50,9 @@ def test_bootstrap_shapes_and_loss(tiny):
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     z = tiny.encode(x)
     assert z.shape == (3, 12, 8, 8)
+    assert torch.equal(tiny.decode(z), x)  # the pixel-space latent is lossless
     emb = tiny.embed_prompts(["a red digit 1", "", "a blue digit 7"])
-    assert emb.shape == (3, 77, 32)
+    assert emb.shape == (3, TINY.max_tokens, 32)
     with torch.no_grad():
         out = tiny.unet(z, torch.tensor([0, 500, 999]), encoder_hidden_states=emb).sample
         assert out.shape == z.shape
@@ -160,12 +162,41 @@ def _colored_mnist(n: int):
     return pixels, captions
 
 
+@pytest.mark.parametrize("f", [1, 4])
+def test_unshuffle_factor_round_trips_through_save(tmp_path, f):
+    b = bootstrap_diffusion(TINY.model_copy(update={"unshuffle": f, "cross_attention": "all"}))
+    assert b.unet.config.in_channels == 3 * f * f and b.unet.config.sample_size == 16 // f
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert b.encode(x).shape == (2, 3 * f * f, 16 // f, 16 // f)
+    loaded = load_diffusion(str(b.save(tmp_path / "m")))
+    assert loaded.unshuffle == f and loaded.resolution == 16
+    assert torch.equal(loaded.decode(loaded.encode(x)), x)
+    assert loaded.tokenizer.model_max_length == TINY.max_tokens
+    assert loaded.unet.config.addition_embed_type == "text"  # pooled caption → time embedding
+
+
+def test_min_snr_weighting_matches_the_formula(tiny):
+    """Min-SNR-γ for v-prediction: per-sample weight min(SNR, γ)/(SNR + 1), SNR = ᾱ/(1 − ᾱ)."""
+    z = torch.randn(4, 12, 8, 8)
+    emb = tiny.embed_prompts(["a"] * 4)
+    t = torch.tensor([10, 300, 700, 990])
+    ab = tiny.noise_scheduler.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    with torch.no_grad():
+        per = torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+                                          timesteps=t[i : i + 1]) for i in range(4)])
+        weighted = torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+                                               timesteps=t[i : i + 1], min_snr_gamma=5.0) for i in range(4)])
+    torch.testing.assert_close(weighted, per * snr.clamp(max=5.0) / (snr + 1), rtol=1e-4, atol=1e-7)
+
+
 def test_training_reduces_loss_on_colored_mnist():
     pixels, captions = _colored_mnist(256)
     assert pixels.shape == (256, 32, 32, 3)
     torch.manual_seed(0)
     cfg = DiffusionModelConfig(block_out_channels=[32, 32], attention_head_dim=8, text_width=32, text_layers=1)
     b = bootstrap_diffusion(cfg)
+    table = b.text_encoder.get_input_embeddings().weight.detach().clone()
 
     def held_out_loss() -> float:
         from raydebias.data.transforms import to_model_input
@@ -180,7 +211,9 @@ def test_training_reduces_loss_on_colored_mnist():
     stats = train_bootstrap_diffusion(
         b, pixels, captions, steps=30, batch_size=32, lr=2e-3, seed=0, log=seen.append, log_every=10, shift=2,
         caption_dropout_fn=lambda c, rng: " ".join(w for w in c.split() if rng.random() > 0.1),
+        freeze_token_embedding=True, ema_decay=0.99,
     )
+    assert torch.equal(b.text_encoder.get_input_embeddings().weight, table)  # frozen
     after = held_out_loss()
     assert stats["steps"] == 30 and stats["it_per_s"] > 0 and len(seen) == 3
     assert after < 0.8 * before, (before, after, stats)
