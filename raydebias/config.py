@@ -24,13 +24,15 @@ __all__ = [
 
 # Stage graph order. A run executes the configured subset in this order; the generative stages only run for
 # the generative methods.
-STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "train", "evaluate",
-          "report")
+STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "ddpm", "amplifier",
+          "train", "evaluate", "report")
 # Classifier recipes trained on real data only.
 BASELINES = ("erm", "groupdro")
 # "Harnessing diffusion" variants: generate group-balanced synthetic data, then the two-stage classifier.
 GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-METHODS = BASELINES + GENERATIVE
+# Diffusing DeBias: a class-conditional diffusion model of the biased set → bias amplifier → debiased training.
+AMPLIFIED = ("diffusing_debias",)
+METHODS = BASELINES + GENERATIVE + AMPLIFIED
 
 
 class ConfigError(ValueError):
@@ -254,6 +256,23 @@ class TwoStageConfig(_Block):
     llr_lr: float = Field(1e-2, gt=0)
 
 
+class DiffusingDebiasConfig(_Block):
+    """Diffusing DeBias (METHODS.md §2): class-conditional diffusion (captions carry the class only, so no bias
+    labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
+    (y, amplifier correct) on the real training split → GroupDRO."""
+
+    prompt_template: str = "a photo of a {class}"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    images_per_class: int = Field(200, ge=1)
+    num_steps: int = Field(10, ge=1, description="DDIM steps")
+    guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
+    amplifier_epochs: int = Field(8, ge=1)
+    recipe: Literal["groupdro"] = "groupdro"
+    num_cpus: float = Field(2.0, gt=0)
+
+
 class EvaluateConfig(_Block):
     batch_size: int = Field(512, ge=1)
 
@@ -283,6 +302,7 @@ class RunConfig(_Block):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
+    ddb: DiffusingDebiasConfig = Field(default_factory=DiffusingDebiasConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 

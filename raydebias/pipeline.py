@@ -85,7 +85,9 @@ def build_graph(cfg: RunConfig) -> list[Node]:
     """The nodes this config asks for, in dependency order."""
     from raydebias.cluster.stage import run_cluster
     from raydebias.data.stage import data_key, run_data
+    from raydebias.debias.amplifier import run_amplifier, run_train_ddb
     from raydebias.debias.train import run_train
+    from raydebias.diffusion.ddpm import run_ddpm
     from raydebias.diffusion.base import diffusion_key, run_diffusion
     from raydebias.embed.stage import clip_key, run_clip, run_embed
     from raydebias.evaluate.report import run_report
@@ -122,12 +124,25 @@ def build_graph(cfg: RunConfig) -> list[Node]:
             lambda ctx, v=v: run_generate(ctx, v))
         add("filter", f"filter/{v}", [f"generate/{v}", "embed", "clip"],
             lambda c: c.filter.model_dump(), lambda ctx, v=v: run_filter(ctx, v))
+    if "diffusing_debias" in cfg.methods:
+        add("ddpm", "ddpm", ["data"],
+            lambda c: {"ddb": c.ddb.model_dump(include={"prompt_template", "steps", "batch_size", "lr"}),
+                       "model": c.models.diffusion.model_dump(), "source": c.models.source,
+                       "diffusion": c.diffusion.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus"}),
+                       "seed": c.seed}, run_ddpm)
+        add("amplifier", "amplifier", ["ddpm", "data"],
+            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe"}),
+                       "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
+                       "seed": c.seed}, run_amplifier)
     trains = [f"train/{m}" for m in cfg.methods]
     for m in cfg.methods:
         key = lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),  # noqa: E731
                               "method": m, "seed": c.seed, **({"two_stage": c.two_stage.model_dump()} if m in gen else {})}
         if m in gen:
             add("train", f"train/{m}", [f"filter/{m}", "data"], key, lambda ctx, m=m: run_train_generative(ctx, m))
+        elif m == "diffusing_debias":
+            add("train", f"train/{m}", ["amplifier", "data"], lambda c, key=key: {**key(c), "recipe": c.ddb.recipe},
+                run_train_ddb)
         else:
             add("train", f"train/{m}", ["data"], key, lambda ctx, m=m: run_train(ctx, m))
     add("evaluate", "evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate)

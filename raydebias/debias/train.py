@@ -138,7 +138,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         ph = phases[p]
         if p != current_phase:  # enter a phase: recipe, frozen parts, optimizer
             current_phase = p
-            recipe = RECIPES[ph["recipe"]](num_groups, eta=config["groupdro_eta"], **ph.get("recipe_args", {}))
+            recipe = RECIPES[ph["recipe"]](ph.get("num_groups", num_groups), eta=config["groupdro_eta"],
+                                           **ph.get("recipe_args", {}))
             if ph.get("freeze_encoder"):
                 for prm in core.encoder.parameters():
                     prm.requires_grad_(False)
@@ -150,7 +151,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 opt.load_state_dict(opt_state)
                 recipe.load_state_dict(recipe_state or {})
             d = data[ph["data"]]
-            groups = d["y"] * B + d["a"] if has_bias and (d["a"] >= 0).all() else d["y"]
+            if "g" in d:  # explicit (pseudo-)groups, e.g. Diffusing DeBias's (y, amplifier correct)
+                groups = d["g"]
+            else:
+                groups = d["y"] * B + d["a"] if has_bias and (d["a"] >= 0).all() else d["y"]
             weights = _sample_weights(ph.get("sampler", "recipe"), recipe, d["y"], groups)
         model.train()
         if ph.get("freeze_encoder"):
@@ -181,6 +185,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         checkpoint = None
         if rank == 0:
             msg = ""
+            if not any(q.get("select") for q in phases):  # nothing to select on: keep the last epoch
+                best_epoch = step
+                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             if ph.get("select"):
                 probs = predict(core, val["x"], device=device)
                 pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
@@ -219,8 +226,9 @@ def baseline_phases(method: str, epochs: int) -> list[dict[str, Any]]:
 
 
 def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: dict[str, dict] | None = None,
-                   summary: dict[str, Any] | None = None):
-    """Train ``phases`` with ``TorchTrainer``; write the val-selected model to ``stages/train/<method>/``."""
+                   summary: dict[str, Any] | None = None, out_name: str | None = None):
+    """Train ``phases`` with ``TorchTrainer``; write the val-selected model (the last one when no phase has
+    ``select``) to ``stages/<out_name>/`` (default ``train/<method>``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -236,7 +244,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     num_bias = info["num_bias"]
     num_groups = info["num_classes"] * (num_bias or 1)
     select_by = resolve_select_by(cfg.train.select_by, num_groups)
-    out = ctx.stage_dir(f"train/{method}")
+    out = ctx.stage_dir(out_name or f"train/{method}")
     tc = cfg.train
     use_gpu = cfg.ray.num_gpus_per_worker > 0
     datasets = {"train": train, "val": val, **(extra_data or {})}

@@ -47,7 +47,11 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
     return fn
 
 
-def _train_task(run_dir: str, cfg_json: str, threads: int) -> dict:
+def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
+               batch_size: int, lr: float, use_bias: bool = True) -> dict:
+    """Train a bootstrap text-to-image model on the train split's captions and save it (diffusers layout) to
+    ``stages/<out_stage>/model``. ``use_bias=False`` (or a train split without bias labels) captions the class
+    only: a class-conditional model (Diffusing DeBias)."""
     import torch
 
     from raydebias.config import RunConfig
@@ -59,25 +63,24 @@ def _train_task(run_dir: str, cfg_json: str, threads: int) -> dict:
     cfg = RunConfig.model_validate_json(cfg_json)
     info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
     tr = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])
-    has_bias = info["num_bias"] is not None
-    caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"],
-                        cfg.data.prompt_template)
-    drop = word_dropout(cfg.data.prompt_template, info["class_names"], info["bias_names"],
+    has_bias = use_bias and info["num_bias"] is not None and bool((tr["a"] >= 0).all())
+    caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"], template)
+    drop = word_dropout(template, info["class_names"], info["bias_names"] if has_bias else None,
                         cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
-        bundle, tr["x"], caps, steps=cfg.diffusion.steps, batch_size=cfg.diffusion.batch_size, lr=cfg.diffusion.lr,
+        bundle, tr["x"], caps, steps=steps, batch_size=batch_size, lr=lr,
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
         freeze_token_embedding=cfg.diffusion.freeze_token_embedding,
     )
-    out = Path(run_dir) / "stages" / "diffusion" / "model"
+    out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:
         bundle.save(tmp)
-    return stats
+    return {**stats, "captions": "class + bias" if has_bias else "class only"}
 
 
 def run_diffusion(ctx):
@@ -96,10 +99,12 @@ def run_diffusion(ctx):
     ctx.ensure_ray()
     threads = max(1, int(cfg.diffusion.num_cpus))
     task = ray.remote(num_cpus=cfg.diffusion.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0,
-                      max_retries=1, retry_exceptions=True)(_train_task)
+                      max_retries=1, retry_exceptions=True)(train_task)
     ctx.log(f"[diffusion] training the bootstrap text-to-image model: {cfg.diffusion.steps} steps, "
             f"batch {cfg.diffusion.batch_size}")
-    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), threads))
+    d = cfg.diffusion
+    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), threads, "diffusion", cfg.data.prompt_template,
+                                d.steps, d.batch_size, d.lr))
     atomic_write_json(out / "model.json", {"path": str(out / "model"), "dtype": "float32"})
     ctx.log(f"[diffusion] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

@@ -134,6 +134,25 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
                 stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
                 parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><p>filter: "
                              + html.escape(json.dumps(stats)) + f"</p><img src='{grid}'>")
+        apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
+        if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
+            import pyarrow.parquet as pq
+
+            from raydebias.data.transforms import pixels_from_column
+
+            t = pq.read_table(apath)
+            sx = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+            grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info,
+                               min(8, samples_per_group * 8), title="diffusing_debias: class-conditional samples")
+            parts.append(f"<h3>Diffusing DeBias: bias-amplified synthetic samples</h3><img src='{grid}'>")
+        det = report.get("bias_detection")
+        if det:
+            parts.append("<h3>Bias-conflicting sample detection (training split)</h3><p>"
+                         + html.escape(det["description"]) + "</p><table><tr><th>detector</th><th>errors</th>"
+                         "<th>conflicting</th><th>precision</th><th>recall</th><th>F1</th></tr>"
+                         + "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(
+                             f"<td>{_fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
+                                   + "</tr>" for k, v in det.items() if isinstance(v, dict)) + "</table>")
         cpath = run_dir / "stages" / "cluster" / "clusters.json"
         if cpath.exists():
             cl = json.loads(cpath.read_text())

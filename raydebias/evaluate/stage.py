@@ -51,6 +51,29 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
+    """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
+    synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
+    trained on the real training split (which memorises the conflicting samples)."""
+    from raydebias.debias.amplifier import conflicting_mask, error_set_quality
+
+    stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
+    if not stats_path.exists():
+        return None
+    amp = json.loads(stats_path.read_text()).get("error_set_vs_conflicting")
+    if amp is None:
+        return None
+    out = {"description": "precision/recall of the classifier's training-set errors as a detector of the "
+                          "bias-conflicting training samples", "diffusing_debias_amplifier": amp}
+    erm_dir = ctx.run_dir / "stages" / "train" / "erm"
+    if (erm_dir / "model.safetensors").exists():
+        tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+        model, _ = load_classifier(erm_dir)
+        correct = predict(model, tr["x"]).argmax(1) == tr["y"]
+        out["erm_on_real"] = error_set_quality(correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
+    return out
+
+
 def run_evaluate(ctx):
     from raydebias.pipeline import StageResult
 
@@ -105,6 +128,9 @@ def run_evaluate(ctx):
         "dataset": {k: info[k] for k in ("num_classes", "num_bias", "class_names", "bias_names", "counts", "quarantined")},
         "rows": rows,
     }
+    detection = bias_detection(ctx, info)
+    if detection:
+        report["bias_detection"] = detection
     atomic_write_json(ctx.run_dir / "metrics.json", report)
     outputs.append("metrics.json")
     return StageResult(outputs, {"headline": headline,

@@ -1,0 +1,131 @@
+"""Diffusing DeBias (METHODS.md §2): the bias amplifier and Recipe I.
+
+``amplifier`` stage: sample ``images_per_class`` images per class from the class-conditional model (``ddpm``),
+train a classifier on those synthetic images *only* (it never sees a real training image, so it cannot memorise
+the real bias-conflicting ones), and mark every real training sample as amplifier-correct or not. Errors of a
+bias-amplified model are the bias-conflicting samples; ``stats.json`` says how well they match when the train
+split has bias labels (precision/recall of the error set against the true conflicting set).
+
+``train/diffusing_debias``: Recipe I — pseudo-groups (y, amplifier correct) on the real training split →
+GroupDRO. No bias labels are used on the training split; val (with bias labels) selects the epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydebias._internal.io import atomic_path, atomic_write_json
+
+
+def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
+                 threads: int) -> np.ndarray:
+    import torch
+
+    from raydebias.diffusion.ddpm import load_ddpm
+    from raydebias.models.diffusion import sample
+
+    torch.set_num_threads(threads)
+    return sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds)
+
+
+def error_set_quality(correct: np.ndarray, conflicting: np.ndarray) -> dict[str, Any]:
+    """Precision / recall / F1 of the error set (``~correct``) as a detector of the conflicting set."""
+    err = ~np.asarray(correct, bool)
+    conf = np.asarray(conflicting, bool)
+    tp = int((err & conf).sum())
+    precision = tp / err.sum() if err.sum() else None
+    recall = tp / conf.sum() if conf.sum() else None
+    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
+    return {"errors": int(err.sum()), "conflicting": int(conf.sum()), "precision": precision, "recall": recall,
+            "f1": f1}
+
+
+def conflicting_mask(y: np.ndarray, a: np.ndarray, train_group_counts) -> np.ndarray:
+    """True where (y, a) is not the majority (aligned) bias value of class y in train."""
+    aligned = np.asarray(train_group_counts).argmax(1)
+    return a != aligned[y]
+
+
+def run_amplifier(ctx):
+    import ray
+    import torch
+
+    from raydebias.debias.train import fit_classifier, load_classifier, load_split, predict
+    from raydebias.generate.plan import describe
+    from raydebias.pipeline import StageResult
+
+    cfg, info = ctx.cfg, ctx.data_info
+    d = cfg.ddb
+    out = ctx.stage_dir("amplifier")
+    C = info["num_classes"]
+    y_syn = np.repeat(np.arange(C), d.images_per_class)
+    prompts = [describe(d.prompt_template, info["class_names"][c], None) for c in y_syn]
+    seeds = [cfg.seed * 1_000_003 + i for i in range(len(y_syn))]
+    ctx.ensure_ray()
+    # Two Ray tasks over halves of the prompts (one per CPU by default); each loads the model once.
+    n_tasks = max(1, int(d.num_cpus))
+    task = ray.remote(num_cpus=1, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=2)(_sample_task)
+    parts = np.array_split(np.arange(len(y_syn)), n_tasks)
+    refs = [task.remote(str(ctx.run_dir), [prompts[i] for i in p], [seeds[i] for i in p], d.num_steps,
+                        d.guidance_scale, 1) for p in parts if len(p)]
+    x_syn = np.concatenate(ray.get(refs))
+    tbl = pa.table({"label": y_syn.astype(np.int64), "seed": np.asarray(seeds, np.int64), "prompt": prompts,
+                    "pixels": [np.ascontiguousarray(im).tobytes() for im in x_syn]})
+    with atomic_path(out / "synthetic.parquet") as tmp:
+        pq.write_table(tbl, tmp)
+    ctx.log(f"[amplifier] sampled {len(y_syn)} bias-amplified images ({d.images_per_class} per class)")
+
+    synth = {"x": x_syn, "y": y_syn.astype(np.int64), "a": np.full(len(y_syn), -1, np.int64)}
+    phases = [{"name": "amplifier", "data": "synthetic", "recipe": "erm", "epochs": d.amplifier_epochs,
+               "sampler": "uniform"}]  # no val selection: the amplifier should stay biased; the last epoch is kept
+    fit_classifier(ctx, "amplifier", phases, extra_data={"synthetic": synth}, out_name="amplifier/model")
+
+    model, _ = load_classifier(out / "model")
+    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
+    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    probs = predict(model, tr["x"])
+    correct = probs.argmax(1) == tr["y"]
+    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
+    groups = pa.table({"id": tr["id"].tolist(), "label": tr["y"], "amplifier_correct": correct,
+                       "amplifier_loss": loss.astype(np.float32)})
+    with atomic_path(out / "pseudo_groups.parquet") as tmp:
+        pq.write_table(groups, tmp)
+    stats: dict[str, Any] = {"synthetic": int(len(y_syn)), "train_rows": int(len(correct)),
+                             "amplifier_train_accuracy": float(correct.mean()),
+                             "pseudo_group_sizes": {f"{c},{k}": int(((tr['y'] == c) & (correct == bool(k))).sum())
+                                                    for c in range(C) for k in (0, 1)}}
+    if info["num_bias"] is not None and (tr["a"] >= 0).all():
+        stats["error_set_vs_conflicting"] = error_set_quality(
+            correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
+    atomic_write_json(out / "stats.json", stats)
+    ctx.log(f"[amplifier] {stats.get('error_set_vs_conflicting', {})}; train accuracy "
+            f"{stats['amplifier_train_accuracy']:.3f}")
+    return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "model"),
+                        ctx.rel(out / "pseudo_groups.parquet"), ctx.rel(out / "stats.json")],
+                       {k: v for k, v in stats.items() if k != "pseudo_group_sizes"})
+
+
+def run_train_ddb(ctx):
+    """Recipe I: GroupDRO over pseudo-groups g = 2·y + amplifier_correct on the real training split."""
+    from raydebias.debias.train import fit_classifier, load_split
+
+    cfg, info = ctx.cfg, ctx.data_info
+    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    pg = pq.read_table(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet")
+    by_id = dict(zip(pg.column("id").to_pylist(), pg.column("amplifier_correct").to_pylist()))
+    missing = [i for i in tr["id"] if i not in by_id]
+    if missing:
+        raise RuntimeError(f"train/diffusing_debias: {len(missing)} training rows have no pseudo-group "
+                           f"(first: {missing[0]!r}); rerun the amplifier stage")
+    correct = np.array([by_id[i] for i in tr["id"]], dtype=np.int64)
+    pseudo = {"x": tr["x"], "y": tr["y"], "a": tr["a"], "g": 2 * tr["y"] + correct}
+    phases = [{"name": "groupdro_pseudo", "data": "train_pseudo", "recipe": cfg.ddb.recipe,
+               "epochs": cfg.train.epochs, "sampler": "recipe", "select": True,
+               "num_groups": 2 * info["num_classes"]}]
+    return fit_classifier(ctx, "diffusing_debias", phases, extra_data={"train_pseudo": pseudo},
+                          summary={"recipe": "I (pseudo-groups → GroupDRO)",
+                                   "pseudo_conflicting": int((correct == 0).sum())})

@@ -1,0 +1,42 @@
+"""``ddpm`` stage of Diffusing DeBias (METHODS.md §2): a class-conditional diffusion model with classifier-free
+guidance trained on the *biased* training split. Captions carry the class only, so the split needs no ``bias``
+labels; because aligned samples dominate, the model learns p(x | y) ≈ p(x | y, b_aligned) and its samples are
+bias-amplified — which is what the bias amplifier needs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_ddpm(run_dir: Path):
+    from raydebias.models.diffusion import load_diffusion
+
+    spec = json.loads((Path(run_dir) / "stages" / "ddpm" / "model.json").read_text())
+    return load_diffusion(spec["path"])
+
+
+def run_ddpm(ctx):
+    import ray
+
+    from raydebias._internal.io import atomic_write_json
+    from raydebias.diffusion.base import train_task
+    from raydebias.pipeline import StageResult
+
+    cfg = ctx.cfg
+    d = cfg.ddb
+    if cfg.models.source != "bootstrap":
+        raise ValueError("diffusing_debias trains its class-conditional diffusion model on the biased training split "
+                         "from scratch; set models.source=bootstrap (a pretrained text-to-image model is not "
+                         "bias-amplified by construction)")
+    out = ctx.stage_dir("ddpm")
+    ctx.ensure_ray()
+    task = ray.remote(num_cpus=d.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=1,
+                      retry_exceptions=True)(train_task)
+    ctx.log(f"[ddpm] class-conditional diffusion on the biased train split: {d.steps} steps, batch {d.batch_size}, "
+            f"captions {d.prompt_template!r}")
+    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), max(1, int(d.num_cpus)), "ddpm",
+                                d.prompt_template, d.steps, d.batch_size, d.lr, use_bias=False))
+    atomic_write_json(out / "model.json", {"path": str(out / "model")})
+    ctx.log(f"[ddpm] done: {stats}")
+    return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)
