@@ -291,15 +291,18 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         "normalization": {"mean": 0.5, "std": 0.5, "range": "[-1, 1]"},
         "select_by": select_by,
         "best_epoch": state["best_epoch"] + 1,
-        "best_val_score": state["best_score"],
+        "best_val_score": state["best_score"] if math.isfinite(state["best_score"]) else None,
         "phases": [{k: p[k] for k in ("name", "data", "epochs")} for p in phases],
         **(summary or {}),
     }
     atomic_write_json(out / "meta.json", meta)
     shutil.rmtree(storage / method.replace("/", "_"), ignore_errors=True)  # Ray Train's copies; the selected model stays
-    ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
+    if any(p.get("select") for p in phases):
+        ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
+    else:
+        ctx.log(f"[train/{method}] kept the last epoch ({meta['best_epoch']}; no val selection)")
     return StageResult([ctx.rel(out / "model.safetensors"), ctx.rel(out / "meta.json")],
-                       {"best_epoch": meta["best_epoch"], "best_val_score": state["best_score"], "select_by": select_by})
+                       {"best_epoch": meta["best_epoch"], "best_val_score": meta["best_val_score"], "select_by": select_by})
 
 
 def run_train(ctx, method: str):
