@@ -202,8 +202,8 @@ class DiffusionTrainConfig(_Block):
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="max EMA decay (with warm-up); 0 = no EMA")
     freeze_token_embedding: bool = Field(
-        True, description="keep the text encoder's random token table fixed (its 49408×width AdamW update is "
-                          "a third of a CPU step; the layers above learn the few caption words)")
+        True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
+                          "49408×width entries every step; the layers above learn the few caption words)")
     num_cpus: float = Field(2.0, gt=0)
 
 

@@ -132,6 +132,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     gen = torch.Generator().manual_seed(config["seed"] + rank)
     bs = config["batch_size"]
+    keep_last = not any(q.get("select") for q in phases)  # nothing to select on: keep the last epoch
     current_phase, opt, recipe = None, None, None
     for step in range(start, len(schedule)):
         p, epoch = schedule[step]
@@ -185,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         checkpoint = None
         if rank == 0:
             msg = ""
-            if not any(q.get("select") for q in phases):  # nothing to select on: keep the last epoch
+            if keep_last:
                 best_epoch = step
                 best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             if ph.get("select"):

@@ -83,9 +83,19 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     return {**stats, "captions": "class + bias" if has_bias else "class only"}
 
 
-def run_diffusion(ctx):
+def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, lr: float, num_cpus: float,
+                   use_bias: bool = True) -> dict:
+    """Run :func:`train_task` as a Ray task (retried once; on a GPU when ``ray.num_gpus_per_worker``) and wait."""
     import ray
 
+    ctx.ensure_ray()
+    task = ray.remote(num_cpus=num_cpus, num_gpus=ctx.cfg.ray.num_gpus_per_worker or 0, max_retries=1,
+                      retry_exceptions=True)(train_task)
+    return ray.get(task.remote(str(ctx.run_dir), ctx.cfg.model_dump_json(), max(1, int(num_cpus)), stage, template,
+                               steps, batch_size, lr, use_bias=use_bias))
+
+
+def run_diffusion(ctx):
     from raydebias.pipeline import StageResult
 
     cfg = ctx.cfg
@@ -96,15 +106,9 @@ def run_diffusion(ctx):
         atomic_write_json(out / "model.json", {"path": cfg.models.diffusion.pretrained,
                                                "dtype": cfg.models.diffusion.dtype})
         return StageResult([ctx.rel(out / "model.json")], {"source": "pretrained"})
-    ctx.ensure_ray()
-    threads = max(1, int(cfg.diffusion.num_cpus))
-    task = ray.remote(num_cpus=cfg.diffusion.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0,
-                      max_retries=1, retry_exceptions=True)(train_task)
-    ctx.log(f"[diffusion] training the bootstrap text-to-image model: {cfg.diffusion.steps} steps, "
-            f"batch {cfg.diffusion.batch_size}")
     d = cfg.diffusion
-    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), threads, "diffusion", cfg.data.prompt_template,
-                                d.steps, d.batch_size, d.lr))
+    ctx.log(f"[diffusion] training the bootstrap text-to-image model: {d.steps} steps, batch {d.batch_size}")
+    stats = run_train_task(ctx, "diffusion", cfg.data.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus)
     atomic_write_json(out / "model.json", {"path": str(out / "model"), "dtype": "float32"})
     ctx.log(f"[diffusion] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

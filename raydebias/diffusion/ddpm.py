@@ -17,10 +17,8 @@ def load_ddpm(run_dir: Path):
 
 
 def run_ddpm(ctx):
-    import ray
-
     from raydebias._internal.io import atomic_write_json
-    from raydebias.diffusion.base import train_task
+    from raydebias.diffusion.base import run_train_task
     from raydebias.pipeline import StageResult
 
     cfg = ctx.cfg
@@ -30,13 +28,9 @@ def run_ddpm(ctx):
                          "from scratch; set models.source=bootstrap (a pretrained text-to-image model is not "
                          "bias-amplified by construction)")
     out = ctx.stage_dir("ddpm")
-    ctx.ensure_ray()
-    task = ray.remote(num_cpus=d.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=1,
-                      retry_exceptions=True)(train_task)
     ctx.log(f"[ddpm] class-conditional diffusion on the biased train split: {d.steps} steps, batch {d.batch_size}, "
             f"captions {d.prompt_template!r}")
-    stats = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), max(1, int(d.num_cpus)), "ddpm",
-                                d.prompt_template, d.steps, d.batch_size, d.lr, use_bias=False))
+    stats = run_train_task(ctx, "ddpm", d.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus, use_bias=False)
     atomic_write_json(out / "model.json", {"path": str(out / "model")})
     ctx.log(f"[ddpm] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)
