@@ -25,14 +25,20 @@ __all__ = [
 # Stage graph order. A run executes the configured subset in this order; the generative stages only run for
 # the generative methods.
 STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "ddpm", "amplifier",
-          "train", "evaluate", "report")
+          "mine", "inject", "tiw", "train", "gmm", "evaluate", "report")
 # Classifier recipes trained on real data only.
 BASELINES = ("erm", "groupdro")
 # "Harnessing diffusion" variants: generate group-balanced synthetic data, then the two-stage classifier.
 GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-# Diffusing DeBias: a class-conditional diffusion model of the biased set → bias amplifier → debiased training.
-AMPLIFIED = ("diffusing_debias",)
-METHODS = BASELINES + GENERATIVE + AMPLIFIED
+# Diffusing DeBias: a class-conditional diffusion model of the biased set → bias amplifier → debiased training,
+# Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF reweighting).
+AMPLIFIED = ("diffusing_debias", "diffusing_debias_lff")
+# DiffInject: GCE-biased classifier → top-K loss rows → their h-space content injected into aligned images.
+# GAMMA-FACE: GMM over intermediate diffusion latents → equal sampling per component → pseudo-labelled augmentation.
+# TIW: an unbiased generative model from a biased set + a small reference set (a generation row, no classifier).
+AUGMENTED = ("diffinject", "gamma_face")
+GENERATION_ONLY = ("tiw",)
+METHODS = BASELINES + GENERATIVE + AMPLIFIED + AUGMENTED + GENERATION_ONLY
 
 
 class ConfigError(ValueError):
@@ -200,6 +206,9 @@ class DiffusionTrainConfig(_Block):
     bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
+    p2_gamma: float = Field(0.0, ge=0, description="P2 weighting 1/(k + SNR)^γ (Choi et al. 2022; DiffInject "
+                                                   "uses γ = 1); 0 = off")
+    p2_k: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="max EMA decay (with warm-up); 0 = no EMA")
     freeze_token_embedding: bool = Field(
         True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
@@ -269,8 +278,65 @@ class DiffusingDebiasConfig(_Block):
     num_steps: int = Field(10, ge=1, description="DDIM steps")
     guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
     amplifier_epochs: int = Field(8, ge=1)
-    recipe: Literal["groupdro"] = "groupdro"
+    recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
+    lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
     num_cpus: float = Field(2.0, gt=0)
+
+
+class DiffInjectConfig(_Block):
+    """DiffInject (METHODS.md §3): GCE-biased classifier → top-K CE rows per class (bias-conflicting) → their
+    h-space content injected into randomly chosen aligned images (DDIM inversion, Slerp for t ≥ t_edit, the
+    asymmetric step, stochastic below t_boost) → retrain on real ∪ synthetic. Uses the ``ddpm`` model
+    unconditionally (``prompt`` "")."""
+
+    gce_q: float = Field(0.7, gt=0, le=1)
+    biased_epochs: int = Field(5, ge=1, description="GCE epochs; the last one is kept (no val selection)")
+    top_k: int = Field(10, ge=1, description="mined rows per class (the code's K = 10)")
+    bias_conflict_ratio: float = Field(0.2, gt=0, description="synthetic images = ratio × |non-mined rows|")
+    num_steps: int = Field(20, ge=2, description="DDIM steps for inversion and generation")
+    t_edit: int = Field(400, ge=0, le=1000, description="inject h for t ≥ t_edit (of 1000)")
+    t_boost: int = Field(200, ge=0, le=1000, description="stochastic (η) steps for t < t_boost")
+    gamma: float = Field(0.3, ge=0, le=1, description="content injection ratio of the Slerp")
+    eta: float = Field(1.0, ge=0, le=1)
+    prompt: str = Field("", description="the conditioning of every UNet call; '' = unconditional")
+    pairs_per_task: int = Field(128, ge=1, description="pairs per Ray task (one output part each)")
+    cpus_per_task: float = Field(1.0, gt=0)
+
+
+class GammaFaceConfig(_Block):
+    """GAMMA-FACE (METHODS.md §4): latents of the (unconditional) ``ddpm`` model at an intermediate reverse step
+    → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
+    classifier → retrain on real ∪ generated (``mix_ratio`` generated : original)."""
+
+    num_latents: int = Field(1000, ge=2, description="reverse trajectories whose latents fit the GMM")
+    num_steps: int = Field(10, ge=2, description="DDIM steps of the whole reverse process")
+    t_frac: float = Field(0.5, gt=0, lt=1, description="where the latents are taken (fraction of the steps done)")
+    k_max: int = Field(11, ge=1)
+    mix_ratio: float = Field(1.0, gt=0, description="generated : original images (paper's best 1:1)")
+    labeler: str = Field("erm", description="the trained classifier (a baseline of this run) giving pseudo-labels")
+    min_confidence: float = Field(0.0, ge=0, lt=1, description="drop generated images labelled below this")
+    num_cpus: float = Field(2.0, gt=0)
+
+
+class TIWConfig(_Block):
+    """TIW (METHODS.md §5): a time-dependent discriminator (train vs the small unbiased ``reference_split``
+    sample) and diffusion models trained with TIW-DSM and, for comparison, plain DSM on train ∪ reference,
+    via Ray Train (DDP over ``num_workers``). Reported: subgroup proportions and FID of their samples."""
+
+    reference_split: Literal["val"] = Field("val", description="group-balanced split the reference set is drawn from")
+    reference_size: int = Field(500, ge=2)
+    objectives: list[Literal["dsm", "tiw_paper", "tiw_code"]] = Field(default_factory=lambda: ["dsm", "tiw_paper"])
+    disc_steps: int = Field(300, ge=1)
+    disc_lr: float = Field(3e-4, gt=0)
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=2)
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
+    unshuffle: int = Field(4, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    num_samples: int = Field(1000, ge=2)
+    sample_steps: int = Field(50, ge=2)
 
 
 class EvaluateConfig(_Block):
@@ -303,6 +369,9 @@ class RunConfig(_Block):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
     ddb: DiffusingDebiasConfig = Field(default_factory=DiffusingDebiasConfig)
+    diffinject: DiffInjectConfig = Field(default_factory=DiffInjectConfig)
+    gamma_face: GammaFaceConfig = Field(default_factory=GammaFaceConfig)
+    tiw: TIWConfig = Field(default_factory=TIWConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -332,6 +401,18 @@ class RunConfig(_Block):
     def methods(self) -> list[str]:
         """The method first, then the baselines, without repeats."""
         return list(dict.fromkeys([self.method, *self.baselines]))
+
+    @model_validator(mode="after")
+    def _labeler_is_trained(self) -> "RunConfig":
+        if "gamma_face" in self.methods and self.gamma_face.labeler not in set(self.methods) - {"gamma_face", *GENERATION_ONLY}:
+            raise ValueError(f"gamma_face.labeler={self.gamma_face.labeler!r} must be another method of this run "
+                             f"(e.g. add it to baselines); have {self.methods}")
+        return self
+
+    @property
+    def classifier_methods(self) -> list[str]:
+        """Methods that train a classifier (all but the generation-only ones)."""
+        return [m for m in self.methods if m not in GENERATION_ONLY]
 
     @property
     def generative_methods(self) -> list[str]:

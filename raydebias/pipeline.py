@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from raydebias import __version__
 from raydebias._internal.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from raydebias.config import RunConfig, dump_config
+from raydebias.config import AMPLIFIED, AUGMENTED, RunConfig, dump_config
 
 
 @dataclass
@@ -94,6 +94,8 @@ def build_graph(cfg: RunConfig) -> list[Node]:
     from raydebias.evaluate.stage import run_evaluate
     from raydebias.filter.stage import run_filter, run_train_generative
     from raydebias.finetune.stage import run_finetune
+    from raydebias.generate.gmm import run_gmm, run_train_gamma_face
+    from raydebias.generate.inject import run_inject, run_mine, run_train_diffinject
     from raydebias.generate.text2img import run_generate
 
     want = set(cfg.stages)
@@ -124,25 +126,49 @@ def build_graph(cfg: RunConfig) -> list[Node]:
             lambda ctx, v=v: run_generate(ctx, v))
         add("filter", f"filter/{v}", [f"generate/{v}", "embed", "clip"],
             lambda c: c.filter.model_dump(), lambda ctx, v=v: run_filter(ctx, v))
-    if "diffusing_debias" in cfg.methods:
+    # The class-conditional model of the biased split: Diffusing DeBias samples it per class; DiffInject and
+    # GAMMA-FACE use it unconditionally (prompt "").
+    if any(m in AMPLIFIED + AUGMENTED for m in cfg.methods):
         add("ddpm", "ddpm", ["data"],
             lambda c: {"ddb": c.ddb.model_dump(include={"prompt_template", "steps", "batch_size", "lr"}),
                        "model": c.models.diffusion.model_dump(), "source": c.models.source,
                        "diffusion": c.diffusion.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus"}),
                        "seed": c.seed}, run_ddpm)
+    if any(m in AMPLIFIED for m in cfg.methods):
         add("amplifier", "amplifier", ["ddpm", "data"],
-            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe"}),
+            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe", "lff_ema"}),
                        "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
                        "seed": c.seed}, run_amplifier)
-    trains = [f"train/{m}" for m in cfg.methods]
-    for m in cfg.methods:
+    if "diffinject" in cfg.methods:
+        add("mine", "mine", ["data"],
+            lambda c: {"diffinject": c.diffinject.model_dump(include={"gce_q", "biased_epochs", "top_k"}),
+                       "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
+                       "seed": c.seed}, run_mine)
+        add("inject", "inject", ["mine", "ddpm", "data"],
+            lambda c: {"diffinject": c.diffinject.model_dump(exclude={"gce_q", "biased_epochs", "top_k",
+                                                                      "cpus_per_task"}), "seed": c.seed}, run_inject)
+    if "tiw" in cfg.methods:
+        from raydebias.diffusion.tiw_stage import run_tiw
+
+        add("tiw", "tiw", ["data"], lambda c: {"tiw": c.tiw.model_dump(exclude={"cpus_per_worker"}), "seed": c.seed},
+            run_tiw)
+    trains = [f"train/{m}" for m in cfg.classifier_methods] + (["tiw"] if "tiw" in cfg.methods else [])
+    # GAMMA-FACE pseudo-labels its images with another method's classifier: it trains last.
+    for m in sorted(cfg.classifier_methods, key=lambda m: m == "gamma_face"):
         key = lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),  # noqa: E731
                               "method": m, "seed": c.seed, **({"two_stage": c.two_stage.model_dump()} if m in gen else {})}
         if m in gen:
             add("train", f"train/{m}", [f"filter/{m}", "data"], key, lambda ctx, m=m: run_train_generative(ctx, m))
-        elif m == "diffusing_debias":
-            add("train", f"train/{m}", ["amplifier", "data"], lambda c, key=key: {**key(c), "recipe": c.ddb.recipe},
-                run_train_ddb)
+        elif m in AMPLIFIED:
+            add("train", f"train/{m}", ["amplifier", "data"],
+                lambda c, key=key: {**key(c), "ddb": c.ddb.model_dump(include={"recipe", "lff_ema"})},
+                lambda ctx, m=m: run_train_ddb(ctx, m))
+        elif m == "diffinject":
+            add("train", "train/diffinject", ["inject", "data"], key, run_train_diffinject)
+        elif m == "gamma_face":
+            add("gmm", "gmm", ["ddpm", f"train/{cfg.gamma_face.labeler}", "data"],
+                lambda c: {"gamma_face": c.gamma_face.model_dump(exclude={"num_cpus"}), "seed": c.seed}, run_gmm)
+            add("train", "train/gamma_face", ["gmm", "data"], key, run_train_gamma_face)
         else:
             add("train", f"train/{m}", ["data"], key, lambda ctx, m=m: run_train(ctx, m))
     add("evaluate", "evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate)

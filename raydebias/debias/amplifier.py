@@ -7,7 +7,8 @@ bias-amplified model are the bias-conflicting samples; ``stats.json`` says how w
 split has bias labels (precision/recall of the error set against the true conflicting set).
 
 ``train/diffusing_debias``: Recipe I — pseudo-groups (y, amplifier correct) on the real training split →
-GroupDRO. No bias labels are used on the training split; val (with bias labels) selects the epoch.
+GroupDRO. ``train/diffusing_debias_lff``: Recipe II — the frozen amplifier replaces LfF's biased model. No bias
+labels are used on the training split; val (with bias labels) selects the epoch.
 """
 
 from __future__ import annotations
@@ -109,23 +110,44 @@ def run_amplifier(ctx):
                        {k: v for k, v in stats.items() if k != "pseudo_group_sizes"})
 
 
-def run_train_ddb(ctx):
-    """Recipe I: GroupDRO over pseudo-groups g = 2·y + amplifier_correct on the real training split."""
-    from raydebias.debias.train import fit_classifier, load_split
+def _train_with_pseudo(ctx):
+    from raydebias.debias.train import load_split
 
-    cfg, info = ctx.cfg, ctx.data_info
+    info = ctx.data_info
     tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
     pg = pq.read_table(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet")
-    by_id = dict(zip(pg.column("id").to_pylist(), pg.column("amplifier_correct").to_pylist()))
-    missing = [i for i in tr["id"] if i not in by_id]
+    rows = {i: k for k, i in enumerate(pg.column("id").to_pylist())}
+    missing = [i for i in tr["id"] if i not in rows]
     if missing:
         raise RuntimeError(f"train/diffusing_debias: {len(missing)} training rows have no pseudo-group "
                            f"(first: {missing[0]!r}); rerun the amplifier stage")
-    correct = np.array([by_id[i] for i in tr["id"]], dtype=np.int64)
-    pseudo = {"x": tr["x"], "y": tr["y"], "a": tr["a"], "g": 2 * tr["y"] + correct}
-    phases = [{"name": "groupdro_pseudo", "data": "train_pseudo", "recipe": cfg.ddb.recipe,
-               "epochs": cfg.train.epochs, "sampler": "recipe", "select": True,
-               "num_groups": 2 * info["num_classes"]}]
-    return fit_classifier(ctx, "diffusing_debias", phases, extra_data={"train_pseudo": pseudo},
-                          summary={"recipe": "I (pseudo-groups → GroupDRO)",
-                                   "pseudo_conflicting": int((correct == 0).sum())})
+    order = np.array([rows[i] for i in tr["id"]], dtype=np.int64)
+    correct = pg.column("amplifier_correct").to_numpy(zero_copy_only=False)[order].astype(np.int64)
+    loss = pg.column("amplifier_loss").to_numpy()[order].astype(np.float64)
+    return tr, correct, loss
+
+
+def run_train_ddb(ctx, method: str = "diffusing_debias"):
+    """Recipe I (``diffusing_debias``): GroupDRO over pseudo-groups g = 2·y + amplifier_correct.
+    Recipe II (``diffusing_debias_lff``): LfF-style CE reweighting w = L_BA / (L_BA + L_D) with the frozen
+    amplifier's per-sample loss L_BA (:class:`~raydebias.debias.lff.FrozenBiasLfF`). Both on the real training
+    split without its bias labels; val selects the epoch."""
+    from raydebias.debias.train import fit_classifier
+
+    cfg, info = ctx.cfg, ctx.data_info
+    tr, correct, loss = _train_with_pseudo(ctx)
+    data = {"x": tr["x"], "y": tr["y"], "a": tr["a"], "g": 2 * tr["y"] + correct}
+    if method == "diffusing_debias":
+        phase = {"name": "groupdro_pseudo", "recipe": cfg.ddb.recipe, "sampler": "recipe",
+                 "num_groups": 2 * info["num_classes"]}
+        summary = {"recipe": "I (pseudo-groups → GroupDRO)"}
+    elif method == "diffusing_debias_lff":
+        phase = {"name": "lff_frozen_amplifier", "recipe": "lff_frozen", "sampler": "recipe",  # binds the labels
+                 "num_groups": 2 * info["num_classes"],
+                 "recipe_args": {"bias_loss": loss.tolist(), "ema_alpha": cfg.ddb.lff_ema}}
+        summary = {"recipe": "II (frozen amplifier → LfF reweighting)"}
+    else:
+        raise ValueError(f"not a Diffusing DeBias method: {method!r}")
+    phases = [{**phase, "data": "train_pseudo", "epochs": cfg.train.epochs, "select": True}]
+    return fit_classifier(ctx, method, phases, extra_data={"train_pseudo": data},
+                          summary={**summary, "pseudo_conflicting": int((correct == 0).sum())})

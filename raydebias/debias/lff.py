@@ -191,6 +191,46 @@ class LfF:
         self.labels = state["labels"].clone().long() if "labels" in state else None
 
 
+class FrozenBiasLfF(LfF):
+    """LfF's reweighting with a *frozen* biased model whose per-sample losses are known in advance: Diffusing
+    DeBias Recipe II, where the bias amplifier (trained on synthetic images only) replaces LfF's jointly trained
+    f_B. w_i = L̃_BA,i / (L̃_BA,i + L̃_D,i + 1e-8) with L_BA the amplifier's fixed CE and L_D the debiased model's
+    per-sample CE EMA (α = ``ema_alpha``), both divided by their class maximum as in LfF; loss = mean_i w_i·CE_i.
+
+    ``bias_loss``: the amplifier's CE for every training row (positions 0..N−1, the loop's ``idx``).
+    """
+
+    name = "lff_frozen"
+    needs_biased_logits = False
+
+    def __init__(self, num_groups: int, bias_loss=None, labels=None, ema_alpha: float = 0.7,
+                 normalize_per_class: bool = True, **_):
+        if bias_loss is None:
+            raise ValueError("FrozenBiasLfF needs bias_loss (the frozen biased model's per-sample CE)")
+        bias_loss = torch.as_tensor(np.asarray(bias_loss, dtype=np.float64))
+        if bias_loss.ndim != 1 or not torch.isfinite(bias_loss).all() or (bias_loss < 0).any():
+            raise ValueError("bias_loss must be a 1-D array of finite, non-negative per-sample losses")
+        super().__init__(num_groups, num_samples=len(bias_loss), labels=labels, ema_alpha=ema_alpha,
+                         normalize_per_class=normalize_per_class)
+        self.ema_b = bias_loss.clone()
+
+    def update_ema(self, idx: torch.Tensor, loss_d: torch.Tensor) -> None:  # type: ignore[override]
+        """EMA update of the debiased model's losses only (the biased model's are fixed)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        loss = loss_d.detach().to("cpu", torch.float64)
+        keep = torch.where(self.updated[idx], self.alpha, 0.0).to(torch.float64)
+        self.ema_d[idx] = keep * self.ema_d[idx] + (1 - keep) * loss
+        self.updated[idx] = True
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, g: torch.Tensor, *,  # type: ignore[override]
+                 idx: torch.Tensor) -> torch.Tensor:
+        ce_d = F.cross_entropy(logits, y, reduction="none")
+        self.update_ema(idx, ce_d)
+        w = self.weights(idx, y).to(device=logits.device, dtype=ce_d.dtype)
+        self.last_weights = w
+        return (w * ce_d).mean()
+
+
 def mine_conflicting(losses, labels, k: int = 10) -> np.ndarray:
     """DiffInject's mining (eqs. 3–4): per class, the indices of the ``k`` largest per-sample CE losses under f_B.
 

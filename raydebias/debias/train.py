@@ -172,11 +172,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 x = _augment(x, gen)
             y = torch.as_tensor(d["y"][b]).to(device)
             g = torch.as_tensor(groups[b]).to(device)
+            kw = {"idx": torch.as_tensor(b)} if getattr(recipe, "needs_index", False) else {}
             if getattr(recipe, "needs_features", False):
                 logits, feats = model(x.to(device), return_features=True)
-                loss = recipe(logits, y, g, features=feats)
+                loss = recipe(logits, y, g, features=feats, **kw)
             else:
-                loss = recipe(model(x.to(device)), y, g)
+                loss = recipe(model(x.to(device)), y, g, **kw)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,6 +314,22 @@ def run_train(ctx, method: str):
                                  or sum(map(sum, info["group_counts"]["train"])) < info["counts"]["train"]):
         raise ValueError("groupdro needs `bias` labels on every training row; the train split has rows without one")
     return fit_classifier(ctx, method, baseline_phases(method, ctx.cfg.train.epochs))
+
+
+def fit_augmented(ctx, method: str, synthetic):
+    """ERM on the real training split ∪ a labelled synthetic table (``pixels``, ``label``): DiffInject's and
+    GAMMA-FACE's retraining. Synthetic rows carry no bias label; val selects the epoch."""
+    info = ctx.data_info
+    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    xs = pixels_from_column(synthetic.column("pixels").to_pylist(), info["image_size"]) if synthetic.num_rows else \
+        np.zeros((0, *tr["x"].shape[1:]), np.uint8)
+    ys = synthetic.column("label").to_numpy().astype(np.int64)
+    data = {"x": np.concatenate([tr["x"], xs]), "y": np.concatenate([tr["y"], ys]),
+            "a": np.concatenate([tr["a"], np.full(len(ys), -1, np.int64)])}
+    phases = [{"name": "erm_augmented", "data": "augmented", "recipe": "erm", "epochs": ctx.cfg.train.epochs,
+               "sampler": "uniform", "select": True}]
+    return fit_classifier(ctx, method, phases, extra_data={"augmented": data},
+                          summary={"synthetic": int(len(ys)), "real": int(len(tr["y"]))})
 
 
 def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

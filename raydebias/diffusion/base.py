@@ -75,7 +75,8 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         bundle, tr["x"], caps, steps=steps, batch_size=batch_size, lr=lr,
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
-        freeze_token_embedding=cfg.diffusion.freeze_token_embedding,
+        freeze_token_embedding=cfg.diffusion.freeze_token_embedding, p2_gamma=cfg.diffusion.p2_gamma,
+        p2_k=cfg.diffusion.p2_k,
     )
     out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:

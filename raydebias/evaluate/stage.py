@@ -86,7 +86,7 @@ def run_evaluate(ctx):
     num_groups = info["num_classes"] * (info["num_bias"] or 1)
     headline = headline_metric(num_groups) if info["num_bias"] else "accuracy"
     rows, outputs = [], []
-    for method in cfg.methods:
+    for method in cfg.classifier_methods:
         model, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)
         row: dict[str, Any] = {"method": method, "split": "test"}
         for split, d in splits.items():
@@ -131,6 +131,11 @@ def run_evaluate(ctx):
     detection = bias_detection(ctx, info)
     if detection:
         report["bias_detection"] = detection
+    # what the synthetic-data stages of this run's methods measured (mining precision, GMM K, TIW proportions)
+    for stage, method in (("mine", "diffinject"), ("inject", "diffinject"), ("gmm", "gamma_face"), ("tiw", "tiw")):
+        path = ctx.run_dir / "stages" / stage / "stats.json"
+        if method in cfg.methods and path.exists():
+            report.setdefault("generation", {})[stage] = json.loads(path.read_text())
     atomic_write_json(ctx.run_dir / "metrics.json", report)
     outputs.append("metrics.json")
     return StageResult(outputs, {"headline": headline,

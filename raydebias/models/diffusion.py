@@ -219,12 +219,16 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     min_snr_gamma: float = 0.0,
+    p2_gamma: float = 0.0,
+    p2_k: float = 1.0,
 ) -> torch.Tensor:
     """Denoising loss: MSE between the UNet output and the noise (ε-prediction) or velocity (v-prediction).
 
     ``generator`` (a CPU generator) draws t and the noise reproducibly; ``weights`` (B,) gives
     ``mean_i(w_i · mse_i)``. ``min_snr_gamma`` > 0 applies Min-SNR-γ weighting (Hang et al. 2023), expressed
-    for the model's target: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v.
+    for the model's target: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v. ``p2_gamma`` > 0 applies P2
+    weighting (Choi et al. 2022; DiffInject) λ = 1/(k + SNR)^γ on the ε-loss, i.e. λ·SNR/(SNR + 1) on the v-loss
+    (‖ε̂ − ε‖² = SNR/(SNR + 1)·‖v̂ − v‖²).
     """
     sched = bundle.noise_scheduler
     b = latents.shape[0]
@@ -243,12 +247,15 @@ def diffusion_loss(
         raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
     pred = bundle.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(bundle.unet.dtype)).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    if min_snr_gamma > 0:
+    if min_snr_gamma > 0 or p2_gamma > 0:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(sched, timesteps).float()
-        clipped = snr.clamp(max=min_snr_gamma)
-        per_sample = per_sample * (clipped / snr if kind == "epsilon" else clipped / (snr + 1))
+        to_target = torch.ones_like(snr) if kind == "epsilon" else snr / (snr + 1)  # ε-space weight → target's
+        if min_snr_gamma > 0:
+            per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr * to_target
+        if p2_gamma > 0:
+            per_sample = per_sample * (p2_k + snr).pow(-p2_gamma) * to_target
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()
@@ -326,15 +333,17 @@ def train_bootstrap_diffusion(
     min_snr_gamma: float = 0.0,
     ema_decay: float = 0.0,
     freeze_token_embedding: bool = False,
+    p2_gamma: float = 0.0,
+    p2_k: float = 1.0,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
     Caption dropout for classifier-free guidance: the whole caption becomes "" with probability
     ``drop_probs["all"]`` (default 0.1); otherwise ``caption_dropout_fn(caption, rng)`` (e.g. per-word
     dropout built by the caller) is applied. ``shift`` > 0 adds a random translation of up to ``shift`` pixels
-    (zero padding). ``min_snr_gamma``: see :func:`diffusion_loss`. ``ema_decay`` > 0 keeps an exponential moving
-    average of the weights (diffusers ``EMAModel`` with warm-up, decay capped at ``ema_decay``) and leaves the
-    averaged weights in the model at the end (no measurable gain in 1,000-step CPU runs; meant for long runs).
+    (zero padding). ``min_snr_gamma``, ``p2_gamma``, ``p2_k``: see :func:`diffusion_loss`. ``ema_decay`` > 0 keeps
+    an exponential moving average of the weights (diffusers ``EMAModel`` with warm-up, decay capped at
+    ``ema_decay``) and leaves the averaged weights in the model at the end (no measurable gain in 1,000-step CPU runs; meant for long runs).
     ``freeze_token_embedding`` leaves the text encoder's token table at its (random) initial values.
     Returns loss statistics and the speed.
     """
@@ -392,7 +401,8 @@ def train_bootstrap_diffusion(
             with torch.no_grad():
                 z = bundle.encode(x.to(unet.dtype))
             emb = bundle.embed_ids(ids_for(caps))
-            loss = diffusion_loss(bundle, z, emb, generator=gen, min_snr_gamma=min_snr_gamma)
+            loss = diffusion_loss(bundle, z, emb, generator=gen, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma,
+                                  p2_k=p2_k)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -44,7 +44,7 @@ def test_diffusing_debias_end_to_end_without_train_bias_labels(ray_cluster, tmp_
     _no_train_bias_dataset(uri)
     cfg = load_config(None, [
         f"run_dir={tmp_path / 'run'}", f"data.uri={uri}", "stages=[data, ddpm, amplifier, train, evaluate]",
-        "method=diffusing_debias", "baselines=[erm]", "train.epochs=1", "train.batch_size=64",
+        "method=diffusing_debias", "baselines=[diffusing_debias_lff, erm]", "train.epochs=1", "train.batch_size=64",
         "models.classifier.width=8", "models.diffusion.block_out_channels=[16, 32]", "ddb.steps=4",
         "ddb.images_per_class=3", "ddb.num_steps=2", "ddb.amplifier_epochs=1", "ddb.num_cpus=1",
     ])
@@ -64,4 +64,7 @@ def test_diffusing_debias_end_to_end_without_train_bias_labels(ray_cluster, tmp_
     meta = json.loads((run / "stages" / "ddpm" / "model" / "unet" / "config.json").read_text())
     assert meta["in_channels"] == 48
     rows = {r["method"]: r for r in json.loads((run / "metrics.json").read_text())["rows"]}
-    assert set(rows) == {"diffusing_debias", "erm"} and rows["diffusing_debias"]["aga"] is not None
+    assert set(rows) == {"diffusing_debias", "diffusing_debias_lff", "erm"}
+    assert rows["diffusing_debias"]["aga"] is not None and rows["diffusing_debias_lff"]["aga"] is not None
+    meta_lff = json.loads((run / "stages" / "train" / "diffusing_debias_lff" / "meta.json").read_text())
+    assert meta_lff["recipe"].startswith("II")

@@ -196,3 +196,31 @@ def test_mine_conflicting_picks_top_k_per_class():
         block = got[c * 10 : (c + 1) * 10]
         assert set(block) == set(rows[np.argsort(losses[rows])[::-1][:10]])
         assert (np.diff(losses[block]) <= 0).all()
+
+
+def test_frozen_bias_lff_weights_on_a_hand_computed_example():
+    """Diffusing DeBias Recipe II: labels (0, 0, 1, 1), frozen amplifier CE L_BA = (ln2, 2ln2, ln2, 2ln2).
+
+    Step on rows (0, 1, 2) with CE_D = (ln4, ln2, ln(8/7)): class max of L_BA over the whole set (2ln2, 2ln2),
+    of the D-EMA (2ln2, ln(8/7)) → normalised BA (1/2, 1, 1/2), D (1, 1/2, 1) → w = (1/3, 2/3, 1/3);
+    loss = mean(w · CE_D); the amplifier's losses never change.
+    """
+    from raydebias.debias.lff import FrozenBiasLfF
+
+    bias_loss = np.array([LN2, 2 * LN2, LN2, 2 * LN2])
+    rec = FrozenBiasLfF(num_groups=4, bias_loss=bias_loss, eta=0.01)
+    assert rec.needs_index and not rec.needs_biased_logits
+    assert rec.sample_weights(np.array([0, 0, 1, 1]), None) is None  # binds the labels
+    y = torch.tensor([0, 0, 1])
+    logits = two_class([3, 1, 7]).requires_grad_(True)
+    loss = rec(logits, y, y, idx=torch.tensor([0, 1, 2]))
+    w = torch.tensor([1 / 3, 2 / 3, 1 / 3], dtype=torch.float64)
+    torch.testing.assert_close(rec.last_weights, w)
+    ce = torch.tensor([2 * LN2, LN2, math.log(8 / 7)], dtype=torch.float64)
+    torch.testing.assert_close(loss.double(), (w * ce).mean())
+    loss.backward()
+    p = torch.softmax(logits.detach(), 1)
+    torch.testing.assert_close(logits.grad, w[:, None] * (p - F.one_hot(y, 2)) / 3)
+    torch.testing.assert_close(rec.ema_b, torch.as_tensor(bias_loss))  # frozen
+    with pytest.raises(ValueError, match="bias_loss"):
+        FrozenBiasLfF(num_groups=4, bias_loss=[1.0, float("nan")])

@@ -219,3 +219,21 @@ def test_training_reduces_loss_on_colored_mnist():
     assert after < 0.8 * before, (before, after, stats)
     assert not any(p.requires_grad for p in b.unet.parameters())
     assert not b.unet.training
+
+
+def test_p2_weighting_matches_the_formula(tiny):
+    """P2 (DiffInject: γ = 1, k = 1) on the ε-loss is 1/(k + SNR)^γ; for v-prediction that is
+    (k + SNR)^−γ · SNR/(SNR + 1) on the v-loss, since ‖ε̂ − ε‖² = SNR/(SNR + 1)·‖v̂ − v‖²."""
+    z = torch.randn(4, 12, 8, 8)
+    emb = tiny.embed_prompts(["a"] * 4)
+    t = torch.tensor([10, 300, 700, 990])
+    ab = tiny.noise_scheduler.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+
+    def per(**kw):
+        return torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+                                           timesteps=t[i : i + 1], **kw) for i in range(4)])
+
+    with torch.no_grad():
+        plain, p2 = per(), per(p2_gamma=0.5, p2_k=2.0)
+    torch.testing.assert_close(p2, plain * (2.0 + snr) ** -0.5 * snr / (snr + 1), rtol=1e-4, atol=1e-7)

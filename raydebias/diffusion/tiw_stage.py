@@ -1,0 +1,111 @@
+"""The ``tiw`` stage (METHODS.md §5): TIW-DSM vs plain DSM on images from a biased training split and a small
+unbiased reference sample, trained through Ray Train (:mod:`raydebias.diffusion.tiw_train`), then measured.
+
+Reference set: ``tiw.reference_size`` rows drawn from a group-balanced split (``val``). Measurement: a *group
+probe* — the project's classifier trained in-process on the whole reference split to predict the group
+g = (y, a) — labels every generated image; the stage reports the fraction of generated samples per group and
+per aligned/conflicting subgroup against the reference proportions (total variation), and an FID computed with
+torchmetrics on the probe's penultimate features (the offline stand-in for Inception). Lower is closer to the
+unbiased distribution. TIW trains a generative model, not a classifier: its row lives under
+``metrics.json["generation"]["tiw"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ProbeFeatures(nn.Module):
+    """torchmetrics FID feature extractor: uint8 NCHW → the probe classifier's penultimate features."""
+
+    def __init__(self, probe: nn.Module, num_features: int):
+        super().__init__()
+        self.probe, self.num_features = probe, num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from raydebias.data.transforms import to_model_input
+
+        with torch.no_grad():
+            return self.probe(to_model_input(x.permute(0, 2, 3, 1)), return_features=True)[1].double()
+
+
+def train_probe(cfg, x: np.ndarray, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
+    """The group probe: the run's classifier architecture trained with CE on (x, g). Measurement only (like an
+    Inception net for FID), so it trains in-process rather than as a Ray Train job."""
+    from raydebias.data.transforms import to_model_input
+    from raydebias.models.classifier import create_classifier
+
+    torch.manual_seed(seed)
+    model = create_classifier(cfg.models.classifier, num_groups)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(epochs):
+        for b in np.array_split(rng.permutation(len(g)), max(1, len(g) // 64)):
+            loss = nn.functional.cross_entropy(model(to_model_input(x[b])), torch.as_tensor(g[b]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def run_tiw(ctx):
+    from raydebias._internal.io import atomic_path, atomic_write_json
+    from raydebias.debias.amplifier import conflicting_mask
+    from raydebias.debias.train import load_split, predict
+    from raydebias.diffusion.tiw_train import fit_tiw, generate, load_eps_model, proportions, total_variation
+    from raydebias.evaluate.fid import fid_kid
+    from raydebias.pipeline import StageResult
+
+    cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
+    if info["num_bias"] is None:
+        raise ValueError("tiw measures subgroup proportions: the dataset needs `bias` labels on the reference split")
+    out = ctx.stage_dir("tiw")
+    size, B = info["image_size"], info["num_bias"]
+    num_groups = info["num_classes"] * B
+    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", size)
+    ref_split = load_split(ctx.run_dir / "stages" / "data" / f"{t.reference_split}.parquet", size)
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.choice(len(ref_split["y"]), size=min(t.reference_size, len(ref_split["y"])), replace=False)
+    ctx.ensure_ray()
+    ctx.log(f"[tiw] D_bias = train ({len(tr['y'])}), D_ref = {len(pick)} {t.reference_split} rows; "
+            f"{t.num_workers} DDP workers; objectives {t.objectives}")
+    summary = fit_tiw(
+        tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker,
+        use_gpu=cfg.ray.num_gpus_per_worker > 0, storage_path=ctx.run_dir / "stages" / "tiw" / "_ray",
+        seed=cfg.seed, model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},
+        disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
+        objectives=list(t.objectives))
+
+    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
+    g_ref = ref_split["y"] * B + ref_split["a"]
+    probe = train_probe(cfg, ref_split["x"], g_ref, num_groups, seed=cfg.seed)
+    # per group id g = y·B + a: is (y, a) the train-majority (bias-aligned) pairing?
+    aligned = ~conflicting_mask(np.arange(num_groups) // B, np.arange(num_groups) % B, info["group_counts"]["train"])
+    feats = ProbeFeatures(probe, int(probe.head.in_features))
+    p_ref = proportions(g_ref, num_groups)
+    stats: dict[str, Any] = {
+        "reference": {"split": t.reference_split, "size": int(len(pick)), "aligned_fraction": float(p_ref[aligned].sum())},
+        "train_aligned_fraction": float(proportions(tr["y"] * B + tr["a"], num_groups)[aligned].sum()),
+        "probe": "classifier on the whole reference split predicting g = (y, a); its features give the FID",
+        "training": summary, "objectives": {},
+    }
+    for obj in t.objectives:
+        model = load_eps_model(out / "models" / f"{obj}.safetensors", summary["model"])
+        x = generate(model, t.num_samples, seed=cfg.seed, steps=t.sample_steps, image_size=size)
+        p = proportions(predict(probe, x).argmax(1), num_groups)
+        fk = fid_kid(ref_split["x"], x, feature=feats)
+        stats["objectives"][obj] = {"aligned_fraction": float(p[aligned].sum()), "tv_groups": total_variation(p, p_ref),
+                                    "fid": fk["fid"], "kid": fk["kid"]}
+        ctx.log(f"[tiw] {obj}: aligned fraction {p[aligned].sum():.3f} (reference {p_ref[aligned].sum():.3f}), "
+                f"TV {total_variation(p, p_ref):.3f}, FID {fk['fid']:.2f}")
+        with atomic_path(out / f"samples_{obj}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, x[:64])
+    atomic_write_json(out / "stats.json", stats)
+    return StageResult([ctx.rel(out / "models"), ctx.rel(out / "stats.json")]
+                       + [ctx.rel(out / f"samples_{o}.npy") for o in t.objectives],
+                       {o: v for o, v in stats["objectives"].items()})

@@ -1,0 +1,293 @@
+"""TIW-DSM on images (METHODS.md §5), trained through Ray Train (``TorchTrainer``, DDP over workers).
+
+Phase 1 trains a time-dependent image discriminator d_φ(x_t, t) (reference = 1) on balanced D_bias / D_ref
+batches; phase 2 trains one fresh ε-model per objective ("dsm", "tiw_paper", "tiw_code") from the same init on
+batches from D_bias ∪ D_ref, with the frozen discriminator used *unwrapped* (``tiw_dsm_loss`` differentiates it
+w.r.t. x_t, which must not run through DDP).  Rank 0 reports one checkpoint with ``disc.safetensors``,
+``<objective>.safetensors`` and ``losses.json``.  Batch sizes are per worker (global = batch_size × workers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raydebias._internal.io import atomic_path
+from raydebias.data.transforms import to_model_input
+from raydebias.diffusion.tiw import TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample, tiw_dsm_loss
+
+OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
+DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": 1000, "disc_lr": 3e-4,
+                            "steps": 5000, "lr": 2e-4, "batch_size": 64, "objectives": ["dsm", "tiw_paper"],
+                            "schedule": {}, "log_every": 100}
+
+
+class EpsUNet(nn.Module):
+    """ε-model on [-1, 1] NCHW images: pixel-unshuffle by ``factor`` → diffusers ``UNet2DModel`` (no attention,
+    timestep t·999) → pixel-shuffle back.  Called as ``model(x_t, t)`` with continuous t of shape (N,)."""
+
+    def __init__(self, image_size: int = 32, channels: int = 3, factor: int = 4,
+                 block_out_channels: tuple[int, ...] = (64, 128), layers_per_block: int = 1) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        if image_size % factor:
+            raise ValueError(f"image_size {image_size} is not divisible by factor {factor}")
+        c, n = channels * factor**2, len(block_out_channels)
+        self.factor = factor
+        self.unet = UNet2DModel(
+            sample_size=image_size // factor, in_channels=c, out_channels=c,
+            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+            down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+            norm_num_groups=math.gcd(32, *block_out_channels), add_attention=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z = F.pixel_unshuffle(x, self.factor)
+        return F.pixel_shuffle(self.unet(z, t.reshape(-1) * 999).sample, self.factor)
+
+
+class ConvTimeBackbone(nn.Module):
+    """Discriminator backbone: unshuffle → 3 convs + SiLU → avg pool, ⊕ Fourier(t) → MLP → logit (N,)."""
+
+    def __init__(self, channels: int = 3, factor: int = 4, width: int = 64, hidden: int = 128, n_freq: int = 6) -> None:
+        super().__init__()
+        self.factor = factor
+        self.convs = nn.Sequential(
+            nn.Conv2d(channels * factor**2, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU())
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * width + 2 * n_freq + 1, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.convs(F.pixel_unshuffle(x, self.factor)).mean(dim=(2, 3))
+        t = t.reshape(-1, 1).to(x.dtype)
+        tf = t * self.freqs.to(x.dtype)
+        return self.mlp(torch.cat([h, t, tf.sin(), tf.cos()], dim=1)).reshape(-1)
+
+
+class DiscriminatorObjective(nn.Module):
+    """``discriminator_loss`` as one module forward, so that DDP sees exactly one forward per backward."""
+
+    def __init__(self, disc: TimeDiscriminator) -> None:
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, xb: torch.Tensor, xr: torch.Tensor, schedule: VPSchedule,
+                generator: torch.Generator) -> torch.Tensor:
+        return discriminator_loss(self.disc, xb, xr, schedule, generator)
+
+
+def _batch(x: np.ndarray, bs: int, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, np.ndarray]:
+    idx = torch.randint(len(x), (bs,), generator=gen, device=gen.device).cpu().numpy()
+    return to_model_input(x[idx]).to(device), idx
+
+
+def _optimize(loss_fn: Callable[[], torch.Tensor], params: list[nn.Parameter], steps: int, lr: float,
+              log: Callable[[int, float], None] | None = None, log_every: int = 100,
+              clock: list[float] | None = None) -> list[float]:
+    """``steps`` Adam steps (grad-norm clip 1); returns the per-step losses (``clock`` gets each step's end time)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    losses: list[float] = []
+    for i in range(steps):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if clock is not None:
+            clock.append(time.perf_counter())
+        if log is not None and ((i + 1) % log_every == 0 or i + 1 == steps):
+            log(i + 1, float(np.mean(losses[-log_every:])))
+    return losses
+
+
+def train_discriminator(disc: TimeDiscriminator, x_bias: np.ndarray, x_ref: np.ndarray, steps: int, lr: float,
+                        batch_size: int, schedule: VPSchedule, generator: torch.Generator, *,
+                        prepare: Callable[[nn.Module], nn.Module] | None = None,
+                        log: Callable[[int, float], None] | None = None, log_every: int = 100,
+                        clock: list[float] | None = None) -> list[float]:
+    """Train ``disc`` in place on balanced batches (batch_size from each uint8 NHWC set, drawn with replacement
+    by ``generator``, which also draws t/ε and sets the device).  ``prepare`` (e.g. ``ray.train.torch.prepare_model``)
+    wraps the loss module for DDP; ``disc`` itself stays unwrapped.  Returns the per-step losses."""
+    objective: nn.Module = DiscriminatorObjective(disc.to(generator.device))
+    if prepare is not None:
+        objective = prepare(objective)
+    disc.train()
+
+    def loss_fn() -> torch.Tensor:
+        xb, _ = _batch(x_bias, batch_size, generator, generator.device)
+        xr, _ = _batch(x_ref, batch_size, generator, generator.device)
+        return objective(xb, xr, schedule, generator)
+
+    losses = _optimize(loss_fn, [p for p in objective.parameters() if p.requires_grad], steps, lr, log, log_every,
+                       clock)
+    disc.eval().requires_grad_(False)
+    return losses
+
+
+def _summary(losses: list[float], seconds: float, clock: list[float]) -> dict[str, float | None]:
+    """Mean loss of the first/last 10% of steps; ``seconds`` of the whole phase (setup included), ``it_per_s``
+    over steps 2..N (steady state)."""
+    k = max(1, len(losses) // 10)
+    rate = (len(clock) - 1) / max(clock[-1] - clock[0], 1e-9) if len(clock) > 1 else None
+    return {"steps": len(losses), "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+            "seconds": seconds, "it_per_s": rate}
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+
+def _check_objectives(objectives: list[str]) -> None:
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        raise ValueError(f"objectives must be a non-empty list from {OBJECTIVES}, got {objectives!r}")
+
+
+def tiw_train_loop(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function (see the module docstring; config keys in ``DEFAULTS`` plus ``data_refs``
+    {"bias", "ref"} → uint8 NHWC arrays and ``image_size``)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = {**DEFAULTS, **config}
+    _check_objectives(cfg["objectives"])
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    device = ray.train.torch.get_device()
+    xb, xr = ray.get(cfg["data_refs"]["bias"]), ray.get(cfg["data_refs"]["ref"])
+    schedule, bs, seed = VPSchedule(**cfg["schedule"]), int(cfg["batch_size"]), int(cfg["seed"])
+    model_kw = {"image_size": cfg["image_size"], "channels": xb.shape[-1], **cfg["model"]}
+    disc_kw = {"channels": xb.shape[-1], "factor": model_kw.get("factor", 4), **cfg["disc"]}
+
+    def gen(phase: int) -> torch.Generator:  # rank-seeded: every rank draws its own batches and noise
+        return torch.Generator(device=device).manual_seed(seed * 1_000_003 + phase * 1009 + rank)
+
+    def logger(name: str) -> Callable[[int, float], None] | None:
+        return (lambda i, v: print(f"[tiw/{name}] step {i} loss {v:.4f}", flush=True)) if rank == 0 else None
+
+    torch.manual_seed(seed)
+    disc = TimeDiscriminator(backbone=ConvTimeBackbone(**disc_kw))
+    t0, clock = time.perf_counter(), list[float]()  # the phase's seconds include DDP setup (a barrier across workers)
+    dl = train_discriminator(disc, xb, xr, int(cfg["disc_steps"]), float(cfg["disc_lr"]), bs, schedule, gen(0),
+                             prepare=ray.train.torch.prepare_model, log=logger("disc"), log_every=cfg["log_every"],
+                             clock=clock)
+    summary: dict[str, Any] = {"disc": _summary(dl, time.perf_counter() - t0, clock)}
+    states = {"disc": _state(disc)}
+    x_all, n_bias = np.concatenate([xb, xr]), len(xb)
+    for obj in cfg["objectives"]:
+        torch.manual_seed(seed + 1)  # the same init for every objective
+        core = EpsUNet(**model_kw)
+        model = ray.train.torch.prepare_model(core)
+        model.train()
+        g = gen(1)  # the same batches and noise for every objective
+
+        def loss_fn() -> torch.Tensor:
+            x, idx = _batch(x_all, bs, g, device)
+            if obj == "dsm":
+                return dsm_loss(model, x, schedule, g)
+            is_ref = torch.as_tensor(idx >= n_bias, device=device)
+            return tiw_dsm_loss(model, disc, x, schedule, form=obj[4:], generator=g, is_ref=is_ref)
+
+        t0, clock = time.perf_counter(), list[float]()
+        losses = _optimize(loss_fn, list(model.parameters()), int(cfg["steps"]), float(cfg["lr"]), logger(obj),
+                           cfg["log_every"], clock)
+        summary[obj] = _summary(losses, time.perf_counter() - t0, clock)
+        states[obj] = _state(core)
+        if not all(math.isfinite(v) for v in losses):
+            print(f"[tiw/{obj}] rank {rank}: non-finite loss", flush=True)
+    summary.update(world_size=world, batch_size_per_worker=bs, model=model_kw, disc_model=disc_kw)
+    metrics = {f"{k}_loss_last": v["loss_last"] for k, v in summary.items() if isinstance(v, dict) and "loss_last" in v}
+    metrics.update({f"{k}_param_sum": float(sum(v.double().sum() for v in st.values()))  # equal on all ranks (DDP)
+                    for k, st in states.items()})
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    tmp = tempfile.mkdtemp(prefix="tiw-ckpt-")
+    for name, st in states.items():
+        save_file(st, f"{tmp}/{name}.safetensors")
+    Path(f"{tmp}/losses.json").write_text(json.dumps(summary, indent=2))
+    rates = [f"{k} {v['it_per_s'] or 0:.1f} it/s, {v['seconds']:.1f} s" for k, v in summary.items()
+             if isinstance(v, dict) and "it_per_s" in v]
+    print("[tiw] done: " + "; ".join(rates), flush=True)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by report()
+
+
+def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
+            use_gpu: bool = False, storage_path: Path, **loop_kwargs: Any) -> dict[str, Any]:
+    """Run ``tiw_train_loop`` with ``TorchTrainer`` (Ray must be initialised); the checkpoint files land in
+    ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    _check_objectives(loop_kwargs.get("objectives", DEFAULTS["objectives"]))
+    config = {**DEFAULTS, "threads": cpus_per_worker, "image_size": int(x_bias.shape[1]), **loop_kwargs,
+              "data_refs": {"bias": ray.put(np.ascontiguousarray(x_bias, np.uint8)),
+                            "ref": ray.put(np.ascontiguousarray(x_ref, np.uint8))}}
+    resources: dict[str, float] = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        tiw_train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(storage_path=str(storage_path), name="tiw", failure_config=FailureConfig(max_failures=1)))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("tiw: no checkpoint was reported")
+    with result.checkpoint.as_directory() as d, atomic_path(out_dir) as tmp:
+        shutil.copytree(d, tmp)
+    shutil.rmtree(Path(storage_path) / "tiw", ignore_errors=True)  # Ray Train's copies; out_dir keeps the files
+    return json.loads((Path(out_dir) / "losses.json").read_text())
+
+
+def load_eps_model(path: str | Path, model_kwargs: dict[str, Any]) -> EpsUNet:
+    """An :class:`EpsUNet` (eval mode) from a ``<objective>.safetensors`` file."""
+    model = EpsUNet(**model_kwargs)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, seed: int, steps: int = 50, image_size: int = 32, channels: int = 3,
+             schedule: VPSchedule | None = None, batch_size: int = 256) -> np.ndarray:
+    """``n`` uint8 NHWC samples by DDIM (eta = 0) from one ``torch.Generator`` seeded by ``seed``."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = [np.zeros((0, image_size, image_size, channels), np.uint8)]
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        x = sample(model, (b, channels, image_size, image_size), schedule or VPSchedule(), steps, 0.0, gen, device)
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def proportions(groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Fraction of samples in each group 0..num_groups-1 (zeros for an empty array)."""
+    groups = np.asarray(groups, np.int64).reshape(-1)
+    if len(groups) and (groups.min() < 0 or groups.max() >= num_groups):
+        raise ValueError(f"group ids must lie in [0, {num_groups})")
+    counts = np.bincount(groups, minlength=num_groups).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance 0.5 · ‖p − q‖₁."""
+    return 0.5 * float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).sum())
