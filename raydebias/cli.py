@@ -21,10 +21,17 @@ def _print_table(run_dir: Path) -> None:
     head = report["headline"]
     cols = ["wga", "aga", "accuracy", "aligned_acc", "conflicting_acc"]
     print(f"\nheadline: {head.upper()} ({report['headline_description']})")
-    print(f"{'method':<14}" + "".join(f"{c:>16}" for c in cols))
+    print(f"{'method':<22}" + "".join(f"{c:>16}" for c in cols))
     for r in report["rows"]:
-        print(f"{r['method']:<14}" + "".join(
+        print(f"{r['method']:<22}" + "".join(
             f"{r.get(c):>16.4f}" if isinstance(r.get(c), float) else f"{'–':>16}" for c in cols))
+    tiw = report.get("generation", {}).get("tiw")
+    if tiw:  # a generative method: no classifier row
+        ref = tiw["reference"]["aligned_fraction"]
+        print(f"\nTIW samples (reference aligned fraction {ref:.3f}):")
+        for obj, v in tiw["objectives"].items():
+            print(f"  {obj:<12} aligned fraction {v['aligned_fraction']:.3f}  TV to reference {v['tv_groups']:.3f}  "
+                  f"FID {v['fid']:.2f}")
     print(f"\nreport:  {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
 
 
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
     d = sub.add_parser("demo", help="run configs/demo.yaml: Colored MNIST 99%% aligned, methods vs baselines")
+    d.add_argument("--full", action="store_true",
+                   help="configs/full.yaml instead: Diffusing DeBias I+II, DiffInject, GAMMA-FACE (beyond 10 min)")
     d.add_argument("--run-dir", default=None)
     add_set(d)
     r = sub.add_parser("run", help="run (or resume) a config")
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
-            return _run(_config_path("demo"), args.overrides, args.run_dir)
+            return _run(_config_path("full" if args.full else "demo"), args.overrides, args.run_dir)
         if args.cmd == "run":
             return _run(args.config, args.overrides, args.run_dir)
         if args.cmd == "validate":

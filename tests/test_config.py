@@ -10,7 +10,32 @@ CONFIGS = sorted((Path(__file__).parents[1] / "raydebias" / "configs").glob("*.y
 
 
 def test_configs_are_shipped():
-    assert {p.stem for p in CONFIGS} >= {"demo"}
+    assert {p.stem for p in CONFIGS} >= {"demo", "full", "diffusing_debias", "diffinject", "gamma_face", "tiw"}
+
+
+def test_every_method_has_its_config():
+    from raydebias.config import METHODS
+
+    methods = {m for p in CONFIGS for m in load_config(p).methods}
+    assert set(METHODS) - {"vanilla", "lora", "dreambooth"} <= methods  # those three: one switch of CDB's config
+
+
+def test_gamma_face_labeler_must_be_trained_in_the_run():
+    with pytest.raises(ConfigError, match="gamma_face.labeler"):
+        load_config(None, ["method=gamma_face", "baselines=[groupdro]"])
+    assert load_config(None, ["method=gamma_face", "baselines=[groupdro]", "gamma_face.labeler=groupdro"])
+
+
+def test_graph_orders_gamma_face_after_its_labeler_and_tiw_has_no_classifier():
+    from raydebias.pipeline import build_graph
+
+    cfg = load_config(None, ["method=gamma_face", "baselines=[tiw, diffinject, erm]"])
+    names = [n.name for n in build_graph(cfg)]
+    assert names.index("train/erm") < names.index("gmm") < names.index("train/gamma_face")
+    assert names.count("ddpm") == 1 and "train/tiw" not in names and "tiw" in names
+    assert names.index("mine") < names.index("inject") < names.index("train/diffinject")
+    evaluate = next(n for n in build_graph(cfg) if n.name == "evaluate")
+    assert "tiw" in evaluate.deps and "train/gamma_face" in evaluate.deps
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -89,6 +89,80 @@ def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_gro
     return _png(fig)
 
 
+def image_rows(rows: list[tuple[str, np.ndarray]], title: str, per_row: int = 10) -> str:
+    """A grid with one labelled row of up to ``per_row`` uint8 NHWC images per (label, images) entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(0.8 * per_row + 1.5, 0.85 * len(rows) + 0.5),
+                             squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for k in range(per_row):
+            ax = axes[r, k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k < len(imgs):
+                ax.imshow(imgs[k])
+            else:
+                ax.set_facecolor("#eeeeee")
+        axes[r, 0].set_ylabel(label[:18], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def _pixels(path: Path, info: dict):
+    import pyarrow.parquet as pq
+
+    from raydebias.data.transforms import pixels_from_column
+
+    t = pq.read_table(path)
+    return t, pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+
+
+def _method_sections(run_dir: Path, info: dict, report: dict) -> list[str]:
+    """DiffInject (pairs), GAMMA-FACE (BIC curve, components) and TIW (proportions, samples) sections."""
+    parts, st, gen = [], run_dir / "stages", report.get("generation", {})
+    if (st / "inject" / "synthetic.parquet").exists() and "inject" in gen:
+        tr_t, tr_x = _pixels(st / "data" / "train.parquet", info)
+        row = {i: k for k, i in enumerate(tr_t.column("id").to_pylist())}
+        t, x = _pixels(st / "inject" / "synthetic.parquet", info)
+        n = min(10, t.num_rows)
+        styles = tr_x[[row[i] for i in t.column("style_id").to_pylist()[:n]]]
+        contents = tr_x[[row[i] for i in t.column("content_id").to_pylist()[:n]]]
+        grid = image_rows([("style (aligned)", styles), ("content (mined)", contents), ("injected", x[:n])],
+                          "DiffInject: content h-space injected into style images (label = content's)")
+        parts.append("<h3>DiffInject</h3><p>mining: " + html.escape(json.dumps(gen.get("mine", {})))
+                     + "</p><p>synthetic: " + html.escape(json.dumps(gen["inject"])) + f"</p><img src='{grid}'>")
+    if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
+        from raydebias.generate.gmm import bic_plot
+
+        bic = json.loads((st / "gmm" / "bic.json").read_text())
+        t, x = _pixels(st / "gmm" / "generated.parquet", info)
+        comp = t.column("component").to_numpy()
+        grid = image_rows([(f"component {k}", x[comp == k][:10]) for k in range(bic["chosen"])],
+                          "GAMMA-FACE: images generated equally from each GMM component")
+        parts.append(f"<h3>GAMMA-FACE</h3><p>K = {bic['chosen']} by BIC over {len(bic['bic'])} fits on "
+                     f"{bic['num_latents']} latents of dimension {bic['latent_dim']}; " + html.escape(json.dumps(
+                         {k: v for k, v in gen["gmm"].items() if k != "label_histogram_per_component"}))
+                     + f"</p><img src='{_png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
+    if "tiw" in gen:
+        tiw = gen["tiw"]
+        ref = tiw["reference"]
+        rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{_fmt(v['aligned_fraction'])}</td><td>{_fmt(v['tv_groups'])}"
+                       f"</td><td>{_fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
+        samples = [(o, np.load(st / "tiw" / f"samples_{o}.npy")) for o in tiw["objectives"]
+                   if (st / "tiw" / f"samples_{o}.npy").exists()]
+        parts.append(f"<h3>TIW: generated samples vs the unbiased reference</h3><p>reference: {ref['size']} "
+                     f"{html.escape(ref['split'])} rows, aligned fraction {_fmt(ref['aligned_fraction'])}; train "
+                     f"aligned fraction {_fmt(tiw['train_aligned_fraction'])}. Probe: {html.escape(tiw['probe'])}."
+                     "</p><table><tr><th>objective</th><th>aligned fraction</th><th>TV to reference groups</th>"
+                     f"<th>FID (probe features)</th></tr>{rows}</table>"
+                     + (f"<img src='{image_rows(samples, 'TIW: samples per objective')}'>" if samples else ""))
+    return parts
+
+
 def _count_table(counts: list[list[int]], info: dict) -> str:
     head = "".join(f"<th>{html.escape(str(b))}</th>" for b in info["bias_names"])
     body = "".join(
@@ -123,12 +197,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
         for r in rows:
             fpath = run_dir / "stages" / "filter" / r["method"] / "synthetic.parquet"
             if fpath.exists():
-                import pyarrow.parquet as pq
-
-                from raydebias.data.transforms import pixels_from_column
-
-                t = pq.read_table(fpath)
-                sx = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+                t, sx = _pixels(fpath, info)
                 grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
                                    samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
                 stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
@@ -136,12 +205,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
                              + html.escape(json.dumps(stats)) + f"</p><img src='{grid}'>")
         apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
         if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
-            import pyarrow.parquet as pq
-
-            from raydebias.data.transforms import pixels_from_column
-
-            t = pq.read_table(apath)
-            sx = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+            t, sx = _pixels(apath, info)
             grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info,
                                min(8, samples_per_group * 8), title="diffusing_debias: class-conditional samples")
             parts.append(f"<h3>Diffusing DeBias: bias-amplified synthetic samples</h3><img src='{grid}'>")
@@ -153,6 +217,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
                          + "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(
                              f"<td>{_fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
                                    + "</tr>" for k, v in det.items() if isinstance(v, dict)) + "</table>")
+        parts.extend(_method_sections(run_dir, info, report))
         cpath = run_dir / "stages" / "cluster" / "clusters.json"
         if cpath.exists():
             cl = json.loads(cpath.read_text())

@@ -15,7 +15,8 @@ import torch
 from diffusers import DDIMScheduler
 from sklearn.mixture import GaussianMixture
 
-from raydebias.models.diffusion import DiffusionBundle, _to_uint8
+from raydebias.models.diffusion import (DiffusionBundle, _to_uint8, cfg_context, ddim_denoise, initial_noise,
+                                       latent_shape)
 
 
 def reverse_timesteps(bundle: DiffusionBundle, num_steps: int) -> tuple[DDIMScheduler, torch.Tensor]:
@@ -34,38 +35,6 @@ def split_index(num_steps: int, t_frac: float) -> int:
     return min(max(int(round(t_frac * num_steps)), 1), num_steps - 1)
 
 
-def latent_shape(bundle: DiffusionBundle) -> tuple[int, int, int]:
-    """(C, H, W) of one latent, from the UNet config."""
-    cfg = bundle.unet.config
-    size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
-    return (int(cfg.in_channels), int(size), int(size))
-
-
-@torch.no_grad()
-def _denoise(
-    bundle: DiffusionBundle, z: torch.Tensor, sched: DDIMScheduler, timesteps: torch.Tensor, prompt: str,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """DDIM (η = 0) steps over ``timesteps`` on one batch, with CFG exactly as ``sample`` does it."""
-    unet, device, dtype = bundle.unet, bundle.device, bundle.dtype
-    n = z.shape[0]
-    use_cfg = guidance_scale != 1.0
-    cond = bundle.embed_prompts([prompt] * n).to(dtype)
-    if use_cfg:
-        uncond = bundle.embed_prompts([""]).to(dtype)
-        ctx = torch.cat([uncond.expand(n, -1, -1), cond])
-    else:
-        ctx = cond
-    for t in timesteps:
-        inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
-        pred = unet(inp, t.to(device), encoder_hidden_states=ctx).sample
-        if use_cfg:
-            pu, pc = pred.chunk(2)
-            pred = pu + guidance_scale * (pc - pu)
-        z = sched.step(pred, t, z, eta=0.0).prev_sample
-    return z
-
-
 def collect_latents(
     bundle: DiffusionBundle, seeds: list[int], num_steps: int = 20, t_frac: float = 0.5, prompt: str = "",
     guidance_scale: float = 1.0, batch_size: int = 128,
@@ -74,15 +43,13 @@ def collect_latents(
     ``torch.Generator().manual_seed(seeds[i])`` noise (the ``sample`` convention)."""
     split = split_index(num_steps, t_frac)
     sched, timesteps = reverse_timesteps(bundle, num_steps)
-    shape = latent_shape(bundle)
     seeds = [int(s) for s in seeds]
     out: list[torch.Tensor] = []
     for lo in range(0, len(seeds), batch_size):
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
-                         for s in seeds[lo : lo + batch_size]]).to(bundle.device, bundle.dtype)
-        z = z * sched.init_noise_sigma
-        out.append(_denoise(bundle, z, sched, timesteps[:split], prompt, guidance_scale))
-    return torch.cat(out) if out else torch.zeros((0, *shape), dtype=bundle.dtype, device=bundle.device)
+        z = initial_noise(bundle, seeds[lo : lo + batch_size], sched.init_noise_sigma)
+        ctx = cfg_context(bundle, [prompt] * len(z), guidance_scale)
+        out.append(ddim_denoise(bundle, z, sched, timesteps[:split], ctx, guidance_scale))
+    return torch.cat(out) if out else torch.zeros((0, *latent_shape(bundle)), dtype=bundle.dtype, device=bundle.device)
 
 
 def continue_reverse(
@@ -98,7 +65,8 @@ def continue_reverse(
     out: list[np.ndarray] = []
     for lo in range(0, z.shape[0], batch_size):
         zb = z[lo : lo + batch_size].to(bundle.device, bundle.dtype)
-        zb = _denoise(bundle, zb, sched, timesteps[split:], prompt, guidance_scale)
+        zb = ddim_denoise(bundle, zb, sched, timesteps[split:], cfg_context(bundle, [prompt] * len(zb), guidance_scale),
+                          guidance_scale)
         with torch.no_grad():
             out.append(_to_uint8(bundle.decode(zb)))
     if not out:

@@ -266,6 +266,45 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def latent_shape(bundle: DiffusionBundle) -> tuple[int, int, int]:
+    """(C, H, W) of one latent, from the UNet config."""
+    cfg = bundle.unet.config
+    size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
+    return (int(cfg.in_channels), int(size), int(size))
+
+
+def initial_noise(bundle: DiffusionBundle, seeds: list[int], init_noise_sigma: float = 1.0) -> torch.Tensor:
+    """x_T for each row: ``torch.randn`` from ``torch.Generator().manual_seed(seed)`` (independent of batching)."""
+    shape = latent_shape(bundle)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return z.to(bundle.device, bundle.dtype) * init_noise_sigma
+
+
+def cfg_context(bundle: DiffusionBundle, prompts: list[str], guidance_scale: float,
+                negative_prompt: str = "") -> torch.Tensor:
+    """Cross-attention context for :func:`ddim_denoise`: [uncond; cond] when guiding, else cond."""
+    cond = bundle.embed_prompts(list(prompts)).to(bundle.dtype)
+    if guidance_scale == 1.0:
+        return cond
+    uncond = bundle.embed_prompts([negative_prompt]).to(bundle.dtype)
+    return torch.cat([uncond.expand(len(prompts), -1, -1), cond])
+
+
+@torch.no_grad()
+def ddim_denoise(bundle: DiffusionBundle, z: torch.Tensor, sched: DDIMScheduler, timesteps, context: torch.Tensor,
+                 guidance_scale: float) -> torch.Tensor:
+    """DDIM (η = 0) over ``timesteps`` (all or a slice of ``sched.timesteps``) with classifier-free guidance."""
+    use_cfg = guidance_scale != 1.0
+    for t in timesteps:
+        inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
+        pred = bundle.unet(inp, t.to(bundle.device), encoder_hidden_states=context).sample
+        if use_cfg:
+            pu, pc = pred.chunk(2)
+            pred = pu + guidance_scale * (pc - pu)
+        z = sched.step(pred, t, z, eta=0.0).prev_sample
+    return z
+
+
 @torch.no_grad()
 def sample(
     bundle: DiffusionBundle,
@@ -285,33 +324,14 @@ def sample(
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    unet = bundle.unet
-    device, dtype = unet.device, unet.dtype
-    cfg = unet.config
-    size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
-    shape = (cfg.in_channels, size, size)
     sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
     sched.set_timesteps(num_steps)
-    use_cfg = guidance_scale != 1.0
-    uncond = bundle.embed_prompts([negative_prompt]).to(dtype) if use_cfg else None
     out: list[np.ndarray] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
-        n = len(chunk)
-        cond = bundle.embed_prompts(chunk).to(dtype)
-        ctx = torch.cat([uncond.expand(n, -1, -1), cond]) if use_cfg else cond
-        z = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[lo : lo + n]]
-        ).to(device, dtype)
-        z = z * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
-            pred = unet(inp, t.to(device), encoder_hidden_states=ctx).sample
-            if use_cfg:
-                pu, pc = pred.chunk(2)
-                pred = pu + guidance_scale * (pc - pu)
-            z = sched.step(pred, t, z, eta=0.0).prev_sample
-        out.append(_to_uint8(bundle.decode(z)))
+        z = initial_noise(bundle, seeds[lo : lo + len(chunk)], sched.init_noise_sigma)
+        ctx = cfg_context(bundle, chunk, guidance_scale, negative_prompt)
+        out.append(_to_uint8(bundle.decode(ddim_denoise(bundle, z, sched, sched.timesteps, ctx, guidance_scale))))
     if not out:
         return np.zeros((0, bundle.resolution, bundle.resolution, 3), np.uint8)
     return np.concatenate(out)

@@ -98,7 +98,7 @@ def test_tiw_stage_end_to_end(ray_module, tmp_path):
     run = tmp_path / "run"
     cfg = load_config(None, [
         f"run_dir={run}", "data.builtin={aligned: 0.95, n_train: 200, n_val: 10, n_test: 10}",
-        "stages=[data, tiw, train, evaluate]", "method=tiw", "baselines=[erm]", "train.epochs=1",
+        "stages=[data, tiw, train, evaluate, report]", "method=tiw", "baselines=[erm]", "train.epochs=1",
         "models.classifier.width=8", "tiw.reference_size=40", "tiw.disc_steps=5", "tiw.steps=5",
         "tiw.batch_size=8", "tiw.block_out_channels=[16, 32]", "tiw.num_samples=16", "tiw.sample_steps=3",
     ])
@@ -111,3 +111,4 @@ def test_tiw_stage_end_to_end(ray_module, tmp_path):
     assert stats["reference"]["aligned_fraction"] == pytest.approx(0.1)  # val: every digit in every colour
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["method"] for r in metrics["rows"]] == ["erm"] and "tiw" in metrics["generation"]
+    assert "TIW: generated samples vs the unbiased reference" in (run / "report.html").read_text()

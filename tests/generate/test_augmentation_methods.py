@@ -15,7 +15,7 @@ def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     run = tmp_path / "run"
     overrides = [
         f"run_dir={run}", "data.builtin={aligned: 0.95, n_train: 300, n_val: 10, n_test: 10}", "data.image_size=32",
-        "stages=[data, ddpm, mine, inject, train, gmm, evaluate]", "method=diffinject",
+        "stages=[data, ddpm, mine, inject, train, gmm, evaluate, report]", "method=diffinject",
         "baselines=[gamma_face, erm]", "train.epochs=1", "train.batch_size=64", "models.classifier.width=8",
         "models.diffusion.block_out_channels=[16, 32]", "ddb.steps=4", "ddb.num_cpus=1",
         "diffinject.biased_epochs=1", "diffinject.top_k=2", "diffinject.bias_conflict_ratio=0.05",
@@ -50,6 +50,8 @@ def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     rows = {r["method"]: r for r in metrics["rows"]}
     assert set(rows) == {"diffinject", "gamma_face", "erm"} and all(r["aga"] is not None for r in rows.values())
     assert {"mine", "inject", "gmm"} <= set(metrics["generation"])
+    html = (run / "report.html").read_text()
+    assert "DiffInject: content h-space injected" in html and "GAMMA-FACE</h3><p>K = " in html
 
     # resume: lose one finished inject part and the merged output → only that part is regenerated, same rows
     before = syn.column("pixels").to_pylist()
