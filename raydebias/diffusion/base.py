@@ -1,6 +1,7 @@
 """``diffusion`` stage: the base text-to-image model. Pretrained → a pointer to the diffusers folder/id (loaded
 with ``from_pretrained`` wherever it is used); bootstrap → a tiny UNet + CLIP text encoder trained on the train
-split's captions in a Ray task, saved in the same diffusers layout so both sources load through one code path."""
+split's captions through Ray Train (one worker), saved in the same diffusers layout so both sources load through
+one code path."""
 
 from __future__ import annotations
 
@@ -84,16 +85,47 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     return {**stats, "captions": "class + bias" if has_bias else "class only"}
 
 
+def _train_loop(config: dict) -> None:
+    """Ray Train worker: :func:`train_task`, then its stats as the run's one checkpoint (``stats.json``)."""
+    import tempfile
+
+    import ray.train
+
+    stats = train_task(**config)
+    tmp = Path(tempfile.mkdtemp(prefix="diffusion-stats-"))
+    atomic_write_json(tmp / "stats.json", stats)
+    ray.train.report({"loss_last": stats["loss_last"]}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+
+
 def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, lr: float, num_cpus: float,
                    use_bias: bool = True) -> dict:
-    """Run :func:`train_task` as a Ray task (retried once; on a GPU when ``ray.num_gpus_per_worker``) and wait."""
-    import ray
+    """Train the bootstrap model through Ray Train (``TorchTrainer``, one worker of ``num_cpus`` CPUs, on a GPU when
+    ``ray.num_gpus_per_worker``; one restart on failure) and return its stats. The worker writes the model to the
+    run directory (the run directory is shared storage on a cluster, as for every stage)."""
+    import shutil
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     ctx.ensure_ray()
-    task = ray.remote(num_cpus=num_cpus, num_gpus=ctx.cfg.ray.num_gpus_per_worker or 0, max_retries=1,
-                      retry_exceptions=True)(train_task)
-    return ray.get(task.remote(str(ctx.run_dir), ctx.cfg.model_dump_json(), max(1, int(num_cpus)), stage, template,
-                               steps, batch_size, lr, use_bias=use_bias))
+    gpus = ctx.cfg.ray.num_gpus_per_worker
+    resources = {"CPU": num_cpus, **({"GPU": gpus} if gpus else {})}
+    storage = ctx.run_dir / "stages" / stage / "_ray"
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"run_dir": str(ctx.run_dir), "cfg_json": ctx.cfg.model_dump_json(),
+                           "threads": max(1, int(num_cpus)), "out_stage": stage, "template": template,
+                           "steps": steps, "batch_size": batch_size, "lr": lr, "use_bias": use_bias},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_config=RunConfig(name=stage, storage_path=str(storage), failure_config=FailureConfig(max_failures=1)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        stats = json.loads((Path(d) / "stats.json").read_text())
+    shutil.rmtree(storage, ignore_errors=True)
+    return stats
 
 
 def run_diffusion(ctx):

@@ -126,7 +126,7 @@ class HSpace:
 
 def _eps(bundle, x: torch.Tensor, t, context: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
     """The UNet's output at (x, t) as ε (v-prediction converted with ᾱ of ``x``'s level)."""
-    out = bundle.unet(x, t, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample
+    out = bundle.predict(x, t, context.expand(x.shape[0], -1, -1))
     if bundle.noise_scheduler.config.prediction_type == "v_prediction":
         out = abar.sqrt() * out + (1 - abar).sqrt() * x
     return out
@@ -153,7 +153,7 @@ def ddim_invert(bundle, z0: torch.Tensor, num_steps: int, context: torch.Tensor)
     _, inv = _schedules(bundle, num_steps)
     x = z0.to(bundle.device, bundle.dtype)
     for t in inv.timesteps:
-        out = bundle.unet(x, t, encoder_hidden_states=context.expand(x.shape[0], -1, -1)).sample
+        out = bundle.predict(x, t, context.expand(x.shape[0], -1, -1))
         x = inv.step(out, t, x).prev_sample
     return x
 

@@ -88,6 +88,13 @@ class DiffusionBundle:
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
+    def predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for latents ``x`` at timestep(s) ``t`` given the text context; a UNet built with
+        ``text_pooling="sum"`` also gets the summed token states as its projected class embedding."""
+        context = context.to(self.unet.dtype)
+        summed = self.unet.config.class_embed_type == "projection"
+        return self.unet(x, t, encoder_hidden_states=context, class_labels=context.sum(1) if summed else None).sample
+
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts → text-encoder ``last_hidden_state`` (N, 77, width), the UNet's cross-attention context."""
         return self.embed_ids(self.tokenize(prompts))
@@ -153,11 +160,14 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
         down_block_types=tuple(down),
         up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         layers_per_block=cfg.layers_per_block,
+        mid_block_type="UNetMidBlock2D" if cfg.cross_attention == "none" else "UNetMidBlock2DCrossAttn",
         cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=_norm_groups(channels),
-        addition_embed_type="text" if cfg.text_time_embedding else None,
+        addition_embed_type="text" if cfg.text_time_embedding and cfg.text_pooling == "attention" else None,
         addition_embed_type_num_heads=max(1, cfg.text_width // 16),
+        class_embed_type="projection" if cfg.text_time_embedding and cfg.text_pooling == "sum" else None,
+        projection_class_embeddings_input_dim=cfg.text_width if cfg.text_pooling == "sum" else None,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -245,7 +255,7 @@ def diffusion_loss(
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
-    pred = bundle.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(bundle.unet.dtype)).sample
+    pred = bundle.predict(noisy, timesteps, prompt_embeds)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     if min_snr_gamma > 0 or p2_gamma > 0:
         from diffusers.training_utils import compute_snr
@@ -297,7 +307,7 @@ def ddim_denoise(bundle: DiffusionBundle, z: torch.Tensor, sched: DDIMScheduler,
     use_cfg = guidance_scale != 1.0
     for t in timesteps:
         inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
-        pred = bundle.unet(inp, t.to(bundle.device), encoder_hidden_states=context).sample
+        pred = bundle.predict(inp, t.to(bundle.device), context)
         if use_cfg:
             pu, pc = pred.chunk(2)
             pred = pu + guidance_scale * (pc - pu)
