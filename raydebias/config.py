@@ -121,18 +121,11 @@ class DiffusionModelConfig(_Block):
     text_width: int = 64
     text_layers: int = 2
     max_tokens: int = Field(16, ge=4, le=77, description="text context length (captions are a few words)")
-    cross_attention: Literal["mid", "all", "none"] = Field(
-        "mid", description="cross-attention in the middle block only (≈1.7× faster on CPU), at every level, or "
-                           "none (the caption enters only through the time embedding; the middle block keeps "
-                           "self-attention)")
+    cross_attention: Literal["mid", "all"] = Field(
+        "mid", description="cross-attention in the middle block only (≈1.7× faster on CPU) or at every level")
     text_time_embedding: bool = Field(
         True, description="also add the attention-pooled caption to the time embedding (diffusers "
                           "addition_embed_type='text'): global conditioning of every ResNet block")
-    text_pooling: Literal["attention", "sum"] = Field(
-        "attention", description="how the caption enters the time embedding: diffusers' attention pooling, or the "
-                                 "sum of the text encoder's token states through a linear projection (diffusers "
-                                 "class_embed_type='projection'); with text_layers=0 the sum is additive in the "
-                                 "words, i.e. per-factor embeddings summed (METHODS.md calibration)")
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
 
 

@@ -89,11 +89,8 @@ class DiffusionBundle:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def predict(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        """The UNet's output for latents ``x`` at timestep(s) ``t`` given the text context; a UNet built with
-        ``text_pooling="sum"`` also gets the summed token states as its projected class embedding."""
-        context = context.to(self.unet.dtype)
-        summed = self.unet.config.class_embed_type == "projection"
-        return self.unet(x, t, encoder_hidden_states=context, class_labels=context.sum(1) if summed else None).sample
+        """The UNet's output for latents ``x`` at timestep(s) ``t`` given the text context (N, tokens, width)."""
+        return self.unet(x, t, encoder_hidden_states=context.to(self.unet.dtype)).sample
 
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts → text-encoder ``last_hidden_state`` (N, 77, width), the UNet's cross-attention context."""
@@ -160,14 +157,11 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
         down_block_types=tuple(down),
         up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
         layers_per_block=cfg.layers_per_block,
-        mid_block_type="UNetMidBlock2D" if cfg.cross_attention == "none" else "UNetMidBlock2DCrossAttn",
         cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=_norm_groups(channels),
-        addition_embed_type="text" if cfg.text_time_embedding and cfg.text_pooling == "attention" else None,
+        addition_embed_type="text" if cfg.text_time_embedding else None,
         addition_embed_type_num_heads=max(1, cfg.text_width // 16),
-        class_embed_type="projection" if cfg.text_time_embedding and cfg.text_pooling == "sum" else None,
-        projection_class_embeddings_input_dim=cfg.text_width if cfg.text_pooling == "sum" else None,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -72,9 +72,8 @@ class _ZeroUNet(torch.nn.Module):
     """Predicts 0 everywhere, so the loss is the mean square of the regression target."""
 
     dtype = torch.float32
-    config = SimpleNamespace(class_embed_type=None)
 
-    def forward(self, x, t, encoder_hidden_states=None, class_labels=None):
+    def forward(self, x, t, encoder_hidden_states=None):
         return SimpleNamespace(sample=torch.zeros_like(x))
 
 
@@ -238,25 +237,3 @@ def test_p2_weighting_matches_the_formula(tiny):
     with torch.no_grad():
         plain, p2 = per(), per(p2_gamma=0.5, p2_k=2.0)
     torch.testing.assert_close(p2, plain * (2.0 + snr) ** -0.5 * snr / (snr + 1), rtol=1e-4, atol=1e-7)
-
-
-def test_summed_text_pooling_feeds_the_projected_class_embedding(tmp_path):
-    """text_pooling="sum": the UNet gets Σ_tokens(text states) through diffusers' projection class embedding; with
-    a 0-layer text encoder each word adds its own (position-dependent) vector, so factors combine additively."""
-    cfg = TINY.model_copy(update={"text_pooling": "sum", "text_layers": 0})
-    torch.manual_seed(0)
-    b = bootstrap_diffusion(cfg)
-    assert b.unet.config.class_embed_type == "projection" and b.unet.config.addition_embed_type is None
-    z, t = torch.randn(2, 12, 8, 8), torch.tensor([10, 500])
-    ctx = b.embed_prompts(["a red digit", "a red digit"])
-    seen = {}
-    hook = b.unet.class_embedding.register_forward_hook(lambda m, i, o: seen.update(input=i[0]))
-    with torch.no_grad():
-        out = b.predict(z, t, ctx)
-    hook.remove()
-    torch.testing.assert_close(seen["input"], ctx.sum(1))
-    assert out.shape == z.shape
-    b.save(tmp_path / "m")
-    again = load_diffusion(str(tmp_path / "m"))
-    with torch.no_grad():
-        torch.testing.assert_close(again.predict(z, t, again.embed_prompts(["a red digit"] * 2)), out)
