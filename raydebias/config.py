@@ -304,13 +304,17 @@ class DiffInjectConfig(_Block):
 
 
 class GammaFaceConfig(_Block):
-    """GAMMA-FACE (METHODS.md §4): latents of the (unconditional) ``ddpm`` model at an intermediate reverse step
-    → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
+    """GAMMA-FACE (METHODS.md §4): latents at an intermediate step of the (unconditional) ``ddpm`` model's reverse
+    process → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
     classifier → retrain on real ∪ generated (``mix_ratio`` generated : original)."""
 
-    num_latents: int = Field(1000, ge=2, description="reverse trajectories whose latents fit the GMM")
+    latents: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: real training images noised to the split level (paper §4.3); reverse: "
+                               "the model's own unconditional trajectories stopped there")
+    num_latents: int = Field(1000, ge=2, description="latents that fit the GMM")
     num_steps: int = Field(10, ge=2, description="DDIM steps of the whole reverse process")
-    t_frac: float = Field(0.5, gt=0, lt=1, description="where the latents are taken (fraction of the steps done)")
+    t_frac: float = Field(0.7, gt=0, lt=1, description="where the latents are taken (fraction of the steps done; "
+                                                      "0.7 of 10 trailing steps = t 299)")
     k_max: int = Field(11, ge=1)
     mix_ratio: float = Field(1.0, gt=0, description="generated : original images (paper's best 1:1)")
     labeler: str = Field("erm", description="the trained classifier (a baseline of this run) giving pseudo-labels")

@@ -49,11 +49,12 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 
 def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC → float32 NCHW in [-1, 1] (the only normalisation used anywhere)."""
+    """uint8 NHWC → float32 NCHW in [-1, 1] (the only normalisation used anywhere), contiguous: a permuted
+    (channels-last strided) input made oneDNN's convolution backward segfault with 2 threads (torch 2.14.1 CPU)."""
     x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.array(pixels, dtype=np.uint8))
     if x.ndim == 3:
         x = x[None]
-    return (x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
+    return ((x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD).contiguous()
 
 
 def pixels_from_column(col, size: int) -> np.ndarray:

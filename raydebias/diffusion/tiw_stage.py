@@ -1,10 +1,10 @@
 """The ``tiw`` stage (METHODS.md §5): TIW-DSM vs plain DSM on images from a biased training split and a small
 unbiased reference sample, trained through Ray Train (:mod:`raydebias.diffusion.tiw_train`), then measured.
 
-Reference set: ``tiw.reference_size`` rows drawn from a group-balanced split (``val``). Measurement: a *group
-probe* — the project's classifier trained in-process on the whole reference split to predict the group
-g = (y, a) — labels every generated image; the stage reports the fraction of generated samples per group and
-per aligned/conflicting subgroup against the reference proportions (total variation), and an FID computed with
+Reference set: ``tiw.reference_size`` rows drawn from a group-balanced split (``val``). Measurement (one Ray
+task): a *group probe* — the project's classifier trained on the whole reference split to predict the group
+g = (y, a) — labels every generated image; the stage reports the fraction of generated samples per group and in
+the bias-aligned pairings against the reference proportions (total variation), and an FID computed with
 torchmetrics on the probe's penultimate features (the offline stand-in for Inception). Lower is closer to the
 unbiased distribution. TIW trains a generative model, not a classifier: its row lives under
 ``metrics.json["generation"]["tiw"]``.
@@ -35,7 +35,7 @@ class ProbeFeatures(nn.Module):
 
 def train_probe(cfg, x: np.ndarray, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
     """The group probe: the run's classifier architecture trained with CE on (x, g). Measurement only (like an
-    Inception net for FID), so it trains in-process rather than as a Ray Train job."""
+    Inception net for FID), so it trains inside the measurement task rather than as a Ray Train job."""
     from raydebias.data.transforms import to_model_input
     from raydebias.models.classifier import create_classifier
 
@@ -53,12 +53,53 @@ def train_probe(cfg, x: np.ndarray, g: np.ndarray, num_groups: int, epochs: int 
     return model.eval()
 
 
-def run_tiw(ctx):
-    from raydebias._internal.io import atomic_path, atomic_write_json
+def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) -> dict:
+    """Ray task: train the group probe, sample every objective's model, measure proportions and FID; writes
+    ``samples_<objective>.npy`` (64 samples each) and returns the per-objective stats."""
+    import json
+    from pathlib import Path
+
+    from raydebias._internal.io import atomic_path
     from raydebias.debias.amplifier import conflicting_mask
     from raydebias.debias.train import load_split, predict
-    from raydebias.diffusion.tiw_train import fit_tiw, generate, load_eps_model, proportions, total_variation
+    from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
+    from raydebias.config import RunConfig
+
+    torch.set_num_threads(threads)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    t, run = cfg.tiw, Path(run_dir)
+    info = json.loads((run / "stages" / "data" / "info.json").read_text())
+    size, B = info["image_size"], info["num_bias"]
+    num_groups = info["num_classes"] * B
+    ref = load_split(run / "stages" / "data" / f"{t.reference_split}.parquet", size)
+    g_ref = ref["y"] * B + ref["a"]
+    probe = train_probe(cfg, ref["x"], g_ref, num_groups, seed=cfg.seed)
+    # per group id g = y·B + a: is (y, a) the train-majority (bias-aligned) pairing?
+    aligned = ~conflicting_mask(np.arange(num_groups) // B, np.arange(num_groups) % B, info["group_counts"]["train"])
+    feats = ProbeFeatures(probe, int(probe.head.in_features))
+    p_ref = proportions(g_ref, num_groups)
+    out: dict[str, Any] = {"reference_aligned_fraction": float(p_ref[aligned].sum()), "objectives": {}}
+    for obj in t.objectives:
+        model = load_eps_model(run / "stages" / "tiw" / "models" / f"{obj}.safetensors", model_kwargs)
+        x = generate(model, t.num_samples, seed=cfg.seed, steps=t.sample_steps, image_size=size)
+        p = proportions(predict(probe, x).argmax(1), num_groups)
+        fk = fid_kid(ref["x"], x, feature=feats)
+        out["objectives"][obj] = {"aligned_fraction": float(p[aligned].sum()), "tv_groups": total_variation(p, p_ref),
+                                  "fid": fk["fid"], "kid": fk["kid"]}
+        with atomic_path(run / "stages" / "tiw" / f"samples_{obj}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, x[:64])
+    return out
+
+
+def run_tiw(ctx):
+    import json
+
+    import ray
+
+    from raydebias._internal.io import atomic_write_json, atomic_write_text
+    from raydebias.debias.train import load_split
+    from raydebias.diffusion.tiw_train import fit_tiw, proportions
     from raydebias.pipeline import StageResult
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
@@ -66,45 +107,42 @@ def run_tiw(ctx):
         raise ValueError("tiw measures subgroup proportions: the dataset needs `bias` labels on the reference split")
     out = ctx.stage_dir("tiw")
     size, B = info["image_size"], info["num_bias"]
-    num_groups = info["num_classes"] * B
     tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", size)
     ref_split = load_split(ctx.run_dir / "stages" / "data" / f"{t.reference_split}.parquet", size)
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(len(ref_split["y"]), size=min(t.reference_size, len(ref_split["y"])), replace=False)
     ctx.ensure_ray()
-    ctx.log(f"[tiw] D_bias = train ({len(tr['y'])}), D_ref = {len(pick)} {t.reference_split} rows; "
-            f"{t.num_workers} DDP workers; objectives {t.objectives}")
-    summary = fit_tiw(
-        tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker,
-        use_gpu=cfg.ray.num_gpus_per_worker > 0, storage_path=ctx.run_dir / "stages" / "tiw" / "_ray",
-        seed=cfg.seed, model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},
-        disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
-        objectives=list(t.objectives))
-
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
-    g_ref = ref_split["y"] * B + ref_split["a"]
-    probe = train_probe(cfg, ref_split["x"], g_ref, num_groups, seed=cfg.seed)
-    # per group id g = y·B + a: is (y, a) the train-majority (bias-aligned) pairing?
-    aligned = ~conflicting_mask(np.arange(num_groups) // B, np.arange(num_groups) % B, info["group_counts"]["train"])
-    feats = ProbeFeatures(probe, int(probe.head.in_features))
-    p_ref = proportions(g_ref, num_groups)
+    key_file = out / "models.key"  # resume: models trained for this exact node key are reused
+    if key_file.exists() and key_file.read_text() == ctx.node_key and (out / "models" / "losses.json").exists():
+        summary = json.loads((out / "models" / "losses.json").read_text())
+        ctx.log("[tiw] reusing the trained models (same inputs and config)")
+    else:
+        ctx.log(f"[tiw] D_bias = train ({len(tr['y'])}), D_ref = {len(pick)} {t.reference_split} rows; "
+                f"{t.num_workers} DDP workers; objectives {t.objectives}")
+        summary = fit_tiw(
+            tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers,
+            cpus_per_worker=t.cpus_per_worker, use_gpu=cfg.ray.num_gpus_per_worker > 0,
+            storage_path=ctx.run_dir / "stages" / "tiw" / "_ray", seed=cfg.seed,
+            model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},
+            disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
+            objectives=list(t.objectives))
+        atomic_write_text(key_file, ctx.node_key)
+    task = ray.remote(num_cpus=t.cpus_per_worker * t.num_workers, max_retries=1, retry_exceptions=True)(measure_task)
+    measured = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), summary["model"],
+                                   max(1, int(t.cpus_per_worker * t.num_workers))))
+    p_train = proportions(tr["y"] * B + tr["a"], info["num_classes"] * B)
+    aligned_train = float(sum(p_train[y * B + int(np.argmax(info["group_counts"]["train"][y]))]
+                              for y in range(info["num_classes"])))
     stats: dict[str, Any] = {
-        "reference": {"split": t.reference_split, "size": int(len(pick)), "aligned_fraction": float(p_ref[aligned].sum())},
-        "train_aligned_fraction": float(proportions(tr["y"] * B + tr["a"], num_groups)[aligned].sum()),
+        "reference": {"split": t.reference_split, "size": int(len(pick)),
+                      "aligned_fraction": measured["reference_aligned_fraction"]},
+        "train_aligned_fraction": aligned_train,
         "probe": "classifier on the whole reference split predicting g = (y, a); its features give the FID",
-        "training": summary, "objectives": {},
+        "training": summary, "objectives": measured["objectives"],
     }
-    for obj in t.objectives:
-        model = load_eps_model(out / "models" / f"{obj}.safetensors", summary["model"])
-        x = generate(model, t.num_samples, seed=cfg.seed, steps=t.sample_steps, image_size=size)
-        p = proportions(predict(probe, x).argmax(1), num_groups)
-        fk = fid_kid(ref_split["x"], x, feature=feats)
-        stats["objectives"][obj] = {"aligned_fraction": float(p[aligned].sum()), "tv_groups": total_variation(p, p_ref),
-                                    "fid": fk["fid"], "kid": fk["kid"]}
-        ctx.log(f"[tiw] {obj}: aligned fraction {p[aligned].sum():.3f} (reference {p_ref[aligned].sum():.3f}), "
-                f"TV {total_variation(p, p_ref):.3f}, FID {fk['fid']:.2f}")
-        with atomic_path(out / f"samples_{obj}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, x[:64])
+    for obj, v in stats["objectives"].items():
+        ctx.log(f"[tiw] {obj}: aligned fraction {v['aligned_fraction']:.3f} (reference "
+                f"{stats['reference']['aligned_fraction']:.3f}), TV {v['tv_groups']:.3f}, FID {v['fid']:.2f}")
     atomic_write_json(out / "stats.json", stats)
     return StageResult([ctx.rel(out / "models"), ctx.rel(out / "stats.json")]
                        + [ctx.rel(out / f"samples_{o}.npy") for o in t.objectives],

@@ -327,6 +327,7 @@ def bias_amplification(
     positive: Any = 1,
     protected_value: Any | None = None,
     form: Literal["paper", "zhao"] = "paper",
+    signs: dict[Any, float] | None = None,
 ) -> float:
     """Bias amplification of target ``A_t`` (``== positive``) w.r.t. protected ``A_p``.
 
@@ -342,7 +343,8 @@ def bias_amplification(
     is *negative* when predictions amplify a positive correlation (P~ > P); "zhao" is
     positive then. ``protected_value=None`` averages over every protected value present;
     values where the term is undefined (``P~ = 0`` in the paper form) are skipped and
-    ``nan`` is returned if none is defined.
+    ``nan`` is returned if none is defined. ``signs`` ({protected value: ±1}) overrides s, e.g. with the sign of
+    the *training* correlation: on a group-balanced test set the evaluated set's own correlation is zero.
     """
     if form not in ("paper", "zhao"):
         raise ValueError(f"form must be 'paper' or 'zhao', got {form!r}")
@@ -360,6 +362,8 @@ def bias_amplification(
         p_pred = float(pos_p[m].mean())
         # P(A_t, A_p) > P(A_t) P(A_p)  <=>  n_ta * n > n_t * n_a  (exact in integers)
         s = 1.0 if n_ta * n > n_t * n_a else -1.0
+        if signs is not None:
+            s = float(signs[_py(v)])
         if form == "paper":
             if p_pred == 0:
                 continue
@@ -461,17 +465,27 @@ def multiclass_ba(
     bias: ArrayLike,
     num_classes: int,
     form: Literal["paper", "zhao"] = "paper",
+    train_group_counts: Any | None = None,
 ) -> float:
     """Mean over classes present in ``y_true`` of one-vs-rest :func:`bias_amplification`.
 
-    Undefined (``nan``) classes are skipped; ``nan`` if none is defined.
+    Undefined (``nan``) classes are skipped; ``nan`` if none is defined. ``train_group_counts`` ((C, B) counts of
+    the training split) makes the sign of each (class, bias value) term that of the *training* correlation
+    (Zhao et al. 2017 measure how predictions amplify the training correlation); without it the sign comes from
+    the evaluated labels, which is always −1 on a group-balanced test.
     """
     yt = _as_int_labels("y_true", _as_1d("y_true", y_true), num_classes)
     yp = _as_1d("y_pred", y_pred)
     a = _as_1d("bias", bias)
     _check_same_length(y_true=yt, y_pred=yp, bias=a)
+    signs: list[dict | None] = [None] * num_classes
+    if train_group_counts is not None:
+        n = np.asarray(train_group_counts, dtype=np.int64)
+        total, n_c, n_v = n.sum(), n.sum(1), n.sum(0)
+        signs = [{v: (1.0 if n[c, v] * total > n_c[c] * n_v[v] else -1.0) for v in range(n.shape[1])}
+                 for c in range(num_classes)]
     vals = [
-        bias_amplification(yt == c, yp == c, a, True, None, form)
+        bias_amplification(yt == c, yp == c, a, True, None, form, signs=signs[c])
         for c in range(num_classes)
         if (yt == c).any()
     ]

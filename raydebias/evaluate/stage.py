@@ -45,7 +45,7 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
     row.update(
         bias=clean(M.multiclass_bias(y, pred, a, C)),
         tpr=clean(M.multiclass_tpr(y, pred, C)),
-        ba=clean(M.multiclass_ba(y, pred, a, C, form="zhao")),
+        ba=clean(M.multiclass_ba(y, pred, a, C, form="zhao", train_group_counts=train_counts)),
         kl=clean(float(np.mean(kls)) if kls else None),
     )
     return row
@@ -123,7 +123,8 @@ def run_evaluate(ctx):
             "accuracy": "overall test accuracy (no bias labels)",
         }[headline],
         "adjusted_avg_description": "per-group test accuracy weighted by TRAINING group proportions (WILDS convention)",
-        "ba_form": "Zhao et al. 2017: positive = predictions amplify the train-set correlation",
+        "ba_form": "Zhao et al. 2017: positive = predictions amplify the train-set correlation (sign of each "
+                   "(class, bias) term from the training counts)",
         "bias_form": "mean over classes (one-vs-rest) of the frequency-weighted mean |TPR_i - TPR_j| over bias values",
         "dataset": {k: info[k] for k in ("num_classes", "num_bias", "class_names", "bias_names", "counts", "quarantined")},
         "rows": rows,

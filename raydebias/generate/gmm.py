@@ -3,6 +3,8 @@
 * ``collect_latents`` runs the first ``split_index(num_steps, t_frac)`` DDIM (η = 0) steps from the same per-seed
   noise as :func:`raydebias.models.diffusion.sample`; ``continue_reverse`` runs the rest, so the two composed
   reproduce ``sample`` for the same prompt, guidance and seeds.
+* ``forward_latents`` instead noises *real* images by the forward process to the same level (the paper's §4.3:
+  "we initially utilize the diffusion model's forward process").
 * ``fit_gmm_bic`` fits diagonal-covariance GMMs (k-means++ init) for K = 1..k_max and keeps the lowest BIC.
 * ``sample_components`` / ``generate_balanced`` draw the same number of latents from every component
   (z ~ N(μ_k, diag σ_k²)) and finish the reverse process from them.
@@ -50,6 +52,20 @@ def collect_latents(
         ctx = cfg_context(bundle, [prompt] * len(z), guidance_scale)
         out.append(ddim_denoise(bundle, z, sched, timesteps[:split], ctx, guidance_scale))
     return torch.cat(out) if out else torch.zeros((0, *latent_shape(bundle)), dtype=bundle.dtype, device=bundle.device)
+
+
+def forward_latents(bundle: DiffusionBundle, pixels: np.ndarray, num_steps: int, t_frac: float,
+                    seed: int = 0) -> torch.Tensor:
+    """Real uint8 NHWC images → latents noised by the forward process to the level at which
+    :func:`continue_reverse` resumes (timestep ``timesteps[split_index]``): √ᾱ_t·z_0 + √(1−ᾱ_t)·ε."""
+    from raydebias.data.transforms import to_model_input
+
+    sched, timesteps = reverse_timesteps(bundle, num_steps)
+    t = timesteps[split_index(num_steps, t_frac)]
+    with torch.no_grad():
+        z0 = bundle.encode(to_model_input(pixels).to(bundle.device, bundle.dtype))
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+    return sched.add_noise(z0, noise, t.expand(len(z0)))
 
 
 def continue_reverse(
@@ -159,8 +175,10 @@ def bic_plot(ks: list[int], bics: list[float], chosen: int):
 
 
 def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict:
-    """Ray task: latents of the ``ddpm`` model (unconditional: prompt "") → BIC-selected GMM → equal sampling
+    """Ray task: latents (forward-noised real images or the ``ddpm`` model's reverse trajectories, unconditional)
+    → BIC-selected GMM → equal sampling
     per component. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and returns the images and components."""
+    import json
     from pathlib import Path
 
     from raydebias._internal.io import atomic_path, atomic_write_json
@@ -171,8 +189,17 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     cfg = RunConfig.model_validate_json(cfg_json)
     g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
     bundle = load_ddpm(Path(run_dir))
-    seeds = [cfg.seed * 1_000_003 + 500_000 + i for i in range(g.num_latents)]
-    z = collect_latents(bundle, seeds, g.num_steps, g.t_frac).flatten(1).float().cpu().numpy()
+    if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
+        from raydebias.debias.train import load_split
+
+        info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
+        x = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])["x"]
+        x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: g.num_latents]]
+        z = forward_latents(bundle, x, g.num_steps, g.t_frac, cfg.seed)
+    else:  # the model's own reverse trajectories from noise, stopped at the split
+        seeds = [cfg.seed * 1_000_003 + 500_000 + i for i in range(g.num_latents)]
+        z = collect_latents(bundle, seeds, g.num_steps, g.t_frac)
+    z = z.flatten(1).float().cpu().numpy()
     gmm, bics = fit_gmm_bic(z, k_max=g.k_max, seed=cfg.seed)
     k = int(gmm.n_components)
     per_component = -(-n_generate // k)
@@ -180,6 +207,7 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     with atomic_path(out / "latent_gmm.npz") as tmp, open(tmp, "wb") as f:  # our own format: plain arrays
         np.savez(f, weights=gmm.weights_, means=gmm.means_, covariances=gmm.covariances_)
     atomic_write_json(out / "bic.json", {"k": list(range(1, len(bics) + 1)), "bic": bics, "chosen": k,
+                                         "latents": g.latents,
                                          "latent_dim": int(z.shape[1]), "num_latents": int(z.shape[0])})
     return {"images": images[:n_generate], "component": comp[:n_generate], "k": k}
 
@@ -196,8 +224,8 @@ def run_gmm(ctx):
     cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
     out = ctx.stage_dir("gmm")
     n_generate = max(1, int(round(g.mix_ratio * info["counts"]["train"])))
-    ctx.log(f"[gmm] {g.num_latents} latents at {g.t_frac:.2f} of {g.num_steps} DDIM steps → GMM (K ≤ {g.k_max} "
-            f"by BIC) → {n_generate} images, equal per component")
+    ctx.log(f"[gmm] {g.num_latents} {g.latents} latents at {g.t_frac:.2f} of {g.num_steps} DDIM steps → GMM "
+            f"(K ≤ {g.k_max} by BIC) → {n_generate} images, equal per component")
     ctx.ensure_ray()
     task = ray.remote(num_cpus=g.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=1,
                       retry_exceptions=True)(gmm_task)

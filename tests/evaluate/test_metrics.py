@@ -339,3 +339,17 @@ def test_other_validation(tiny_groups):
         M.score_kl([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="y_true has label"):
         M.group_metrics([0, 5], [0, 1], [0, 1], 2, 2)
+
+
+def test_multiclass_ba_takes_its_signs_from_the_training_correlation():
+    """Group-balanced test (2 classes × 2 bias values, 2 rows each): the test's own correlation is zero, so every
+    sign would be −1 and BA ≈ 0; with the training counts (class c aligned with bias c) a predictor that follows
+    the bias has P̃(ŷ=c | a=c) = 1 vs P(y=c | a=c) = 0.5 → zhao terms +0.5 (aligned, s=+1) and −(0 − 0.5) = +0.5
+    (conflicting, s=−1) per class: BA = 0.5."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    b = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    follows_bias = b.copy()
+    train = [[98, 2], [2, 98]]
+    assert M.multiclass_ba(y, follows_bias, b, 2, form="zhao", train_group_counts=train) == pytest.approx(0.5)
+    assert M.multiclass_ba(y, follows_bias, b, 2, form="zhao") == pytest.approx(0.0)  # own signs: all −1
+    assert M.multiclass_ba(y, y, b, 2, form="zhao", train_group_counts=train) == pytest.approx(0.0)  # unbiased

@@ -157,3 +157,19 @@ def test_bic_plot():
     (ax,) = fig.axes
     assert len(ax.lines) == 1
     assert ax.get_xlabel() and ax.get_ylabel() == "BIC"
+
+
+def test_forward_latents_are_noised_to_the_resume_level(tiny):
+    """Forward latents sit at timesteps[split]: for a blank image (z_0 = −1 everywhere) their mean is −√ᾱ_t and
+    their std √(1 − ᾱ_t); continuing the reverse process from them returns images."""
+    from raydebias.generate.gmm import forward_latents
+
+    sched, ts = reverse_timesteps(tiny, 4)
+    t = ts[split_index(4, 0.5)]
+    ab = float(sched.alphas_cumprod[t])
+    blank = np.zeros((64, 16, 16, 3), np.uint8)
+    z = forward_latents(tiny, blank, 4, 0.5, seed=0)
+    assert z.shape == (64, *latent_shape(tiny))
+    assert float(z.mean()) == pytest.approx(-ab**0.5, abs=0.02) and float(z.std()) == pytest.approx((1 - ab) ** 0.5, abs=0.02)
+    torch.testing.assert_close(z, forward_latents(tiny, blank, 4, 0.5, seed=0))
+    assert continue_reverse(tiny, z[:2], 4, 0.5).shape == (2, 16, 16, 3)
