@@ -408,7 +408,8 @@ class RunConfig(_Block):
 
     @model_validator(mode="after")
     def _labeler_is_trained(self) -> "RunConfig":
-        if "gamma_face" in self.methods and self.gamma_face.labeler not in set(self.methods) - {"gamma_face", *GENERATION_ONLY}:
+        labelers = set(self.methods) - {"gamma_face", *GENERATION_ONLY}
+        if "gamma_face" in self.methods and self.gamma_face.labeler not in labelers:
             raise ValueError(f"gamma_face.labeler={self.gamma_face.labeler!r} must be another method of this run "
                              f"(e.g. add it to baselines); have {self.methods}")
         return self

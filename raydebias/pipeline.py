@@ -89,6 +89,7 @@ def build_graph(cfg: RunConfig) -> list[Node]:
     from raydebias.debias.train import run_train
     from raydebias.diffusion.ddpm import run_ddpm
     from raydebias.diffusion.base import diffusion_key, run_diffusion
+    from raydebias.diffusion.tiw_stage import run_tiw
     from raydebias.embed.stage import clip_key, run_clip, run_embed
     from raydebias.evaluate.report import run_report
     from raydebias.evaluate.stage import run_evaluate
@@ -136,7 +137,8 @@ def build_graph(cfg: RunConfig) -> list[Node]:
                        "seed": c.seed}, run_ddpm)
     if any(m in AMPLIFIED for m in cfg.methods):
         add("amplifier", "amplifier", ["ddpm", "data"],
-            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe", "lff_ema"}),
+            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe",
+                                                         "lff_ema"}),
                        "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
                        "seed": c.seed}, run_amplifier)
     if "diffinject" in cfg.methods:
@@ -148,8 +150,6 @@ def build_graph(cfg: RunConfig) -> list[Node]:
             lambda c: {"diffinject": c.diffinject.model_dump(exclude={"gce_q", "biased_epochs", "top_k",
                                                                       "cpus_per_task"}), "seed": c.seed}, run_inject)
     if "tiw" in cfg.methods:
-        from raydebias.diffusion.tiw_stage import run_tiw
-
         add("tiw", "tiw", ["data"], lambda c: {"tiw": c.tiw.model_dump(exclude={"cpus_per_worker"}), "seed": c.seed},
             run_tiw)
     trains = [f"train/{m}" for m in cfg.classifier_methods] + (["tiw"] if "tiw" in cfg.methods else [])

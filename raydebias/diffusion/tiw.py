@@ -212,9 +212,12 @@ def tiw_dsm_loss(score_model: Model, disc: Model, x: torch.Tensor, schedule: VPS
 
 @torch.no_grad()
 def sample(score_model: Model, shape: tuple[int, ...], schedule: VPSchedule, steps: int = 100, eta: float = 0.0,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           clip_x0: float | None = None) -> torch.Tensor:
     """DDIM sampler on the continuous VP schedule from t = 1 to t_eps (eta = 0: probability-flow ODE,
-    eta = 1: ancestral DDPM).  Returns the final x̂0 prediction, shape ``shape``."""
+    eta = 1: ancestral DDPM).  Returns the final x̂0 prediction, shape ``shape``. ``clip_x0`` clamps x̂0 to
+    [−c, c] at every step and re-derives ε from it (diffusers' ``clip_sample`` for pixel-space images: at t = 1,
+    α ≈ 0.007, so a small ε error is a huge x̂0 error that DDIM would carry to the end)."""
     ts = torch.linspace(1.0, schedule.t_eps, steps + 1, device=device)
     x = torch.randn(shape, device=device, generator=generator)
     x0 = x
@@ -224,6 +227,9 @@ def sample(score_model: Model, shape: tuple[int, ...], schedule: VPSchedule, ste
         a_s, s_s = schedule.alpha(s), schedule.sigma(s)
         e = score_model(x, t)
         x0 = (x - s_t * e) / a_t
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            e = (x - a_t * x0) / s_t
         if i == steps - 1:
             break
         noise_sd = eta * (s_s / s_t) * (1.0 - (a_t / a_s) ** 2).clamp_min(0.0).sqrt()

@@ -268,13 +268,15 @@ def load_eps_model(path: str | Path, model_kwargs: dict[str, Any]) -> EpsUNet:
 @torch.no_grad()
 def generate(model: nn.Module, n: int, seed: int, steps: int = 50, image_size: int = 32, channels: int = 3,
              schedule: VPSchedule | None = None, batch_size: int = 256) -> np.ndarray:
-    """``n`` uint8 NHWC samples by DDIM (eta = 0) from one ``torch.Generator`` seeded by ``seed``."""
+    """``n`` uint8 NHWC samples by DDIM (eta = 0, x̂0 clipped to [−1, 1]) from one ``torch.Generator`` seeded by
+    ``seed``."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [np.zeros((0, image_size, image_size, channels), np.uint8)]
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        x = sample(model, (b, channels, image_size, image_size), schedule or VPSchedule(), steps, 0.0, gen, device)
+        x = sample(model, (b, channels, image_size, image_size), schedule or VPSchedule(), steps, 0.0, gen, device,
+                   clip_x0=1.0)
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 

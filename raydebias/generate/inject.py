@@ -234,7 +234,8 @@ def run_mine(ctx):
     top = mine_conflicting(loss, tr["y"], k=di.top_k)
     atomic_write_table(out / "mined.parquet", pa.table({
         "id": tr["id"][top].tolist(), "label": tr["y"][top], "loss": loss[top].astype(np.float32)}))
-    stats = {"mined": int(len(top)), "top_k": di.top_k, "biased_train_accuracy": float((probs.argmax(1) == tr["y"]).mean())}
+    stats = {"mined": int(len(top)), "top_k": di.top_k,
+             "biased_train_accuracy": float((probs.argmax(1) == tr["y"]).mean())}
     if info["num_bias"] is not None and (tr["a"] >= 0).all():
         conf = conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"])
         picked = np.zeros(len(conf), bool)

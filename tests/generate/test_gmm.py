@@ -170,6 +170,7 @@ def test_forward_latents_are_noised_to_the_resume_level(tiny):
     blank = np.zeros((64, 16, 16, 3), np.uint8)
     z = forward_latents(tiny, blank, 4, 0.5, seed=0)
     assert z.shape == (64, *latent_shape(tiny))
-    assert float(z.mean()) == pytest.approx(-ab**0.5, abs=0.02) and float(z.std()) == pytest.approx((1 - ab) ** 0.5, abs=0.02)
+    assert float(z.mean()) == pytest.approx(-ab**0.5, abs=0.02)
+    assert float(z.std()) == pytest.approx((1 - ab) ** 0.5, abs=0.02)
     torch.testing.assert_close(z, forward_latents(tiny, blank, 4, 0.5, seed=0))
     assert continue_reverse(tiny, z[:2], 4, 0.5).shape == (2, 16, 16, 3)
