@@ -173,11 +173,13 @@ def test_erm_loss_is_torch_cross_entropy_and_ignores_groups():
 
 
 def test_recipe_registry():
-    from raydebias.debias import SupConCE
+    from raydebias.debias import GCE, FrozenBiasLfF, SupConCE
 
-    assert RECIPES == {"erm": ERM, "groupdro": GroupDRO, "supcon_ce": SupConCE}
+    assert RECIPES == {"erm": ERM, "groupdro": GroupDRO, "supcon_ce": SupConCE, "gce": GCE,
+                       "lff_frozen": FrozenBiasLfF}
     assert ERM.name == "erm" and GroupDRO.name == "groupdro"
-    # the train loop builds every recipe the same way
-    for cls in RECIPES.values():
-        cls(6, eta=0.05)
+    # the train loop builds every recipe the same way (plus the phase's recipe_args)
+    args = {"lff_frozen": {"bias_loss": [0.1] * 6}}
+    for name, cls in RECIPES.items():
+        cls(6, eta=0.05, **args.get(name, {}))
     assert GroupDRO(6, eta=0.05).eta == 0.05
