@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import atomic_write_json, atomic_write_table
 
 
 def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
@@ -76,8 +76,7 @@ def run_amplifier(ctx):
     x_syn = np.concatenate(ray.get(refs))
     tbl = pa.table({"label": y_syn.astype(np.int64), "seed": np.asarray(seeds, np.int64), "prompt": prompts,
                     "pixels": [np.ascontiguousarray(im).tobytes() for im in x_syn]})
-    with atomic_path(out / "synthetic.parquet") as tmp:
-        pq.write_table(tbl, tmp)
+    atomic_write_table(out / "synthetic.parquet", tbl)
     ctx.log(f"[amplifier] sampled {len(y_syn)} bias-amplified images ({d.images_per_class} per class)")
 
     synth = {"x": x_syn, "y": y_syn.astype(np.int64), "a": np.full(len(y_syn), -1, np.int64)}
@@ -93,8 +92,7 @@ def run_amplifier(ctx):
     loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
     groups = pa.table({"id": tr["id"].tolist(), "label": tr["y"], "amplifier_correct": correct,
                        "amplifier_loss": loss.astype(np.float32)})
-    with atomic_path(out / "pseudo_groups.parquet") as tmp:
-        pq.write_table(groups, tmp)
+    atomic_write_table(out / "pseudo_groups.parquet", groups)
     stats: dict[str, Any] = {"synthetic": int(len(y_syn)), "train_rows": int(len(correct)),
                              "amplifier_train_accuracy": float(correct.mean()),
                              "pseudo_group_sizes": {f"{c},{k}": int(((tr['y'] == c) & (correct == bool(k))).sum())

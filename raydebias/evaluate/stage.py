@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import atomic_write_json, atomic_write_table
 from raydebias.debias.train import load_classifier, load_split, predict
 from raydebias.evaluate import metrics as M
 
@@ -97,8 +96,7 @@ def run_evaluate(ctx):
                 pred_path = out / f"predictions_{method}.parquet"
                 tbl = pa.table({"id": d["id"].tolist(), "label": d["y"], "bias": d["a"], "pred": probs.argmax(1),
                                 "probs": [p.tolist() for p in probs.astype(np.float32)]})
-                with atomic_path(pred_path) as tmp:
-                    pq.write_table(tbl, tmp)
+                atomic_write_table(pred_path, tbl)
                 outputs.append(ctx.rel(pred_path))
             else:
                 row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
