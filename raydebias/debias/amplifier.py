@@ -53,9 +53,8 @@ def conflicting_mask(y: np.ndarray, a: np.ndarray, train_group_counts) -> np.nda
 
 def run_amplifier(ctx):
     import ray
-    import torch
 
-    from raydebias.debias.train import fit_classifier, load_classifier, load_split, predict
+    from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.generate.plan import describe
     from raydebias.pipeline import StageResult
 
@@ -84,12 +83,8 @@ def run_amplifier(ctx):
                "sampler": "uniform"}]  # no val selection: the amplifier should stay biased; the last epoch is kept
     fit_classifier(ctx, "amplifier", phases, extra_data={"synthetic": synth}, out_name="amplifier/model")
 
-    model, _ = load_classifier(out / "model")
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-    probs = predict(model, tr["x"])
+    tr, probs, loss = score_train_split(ctx, out / "model")
     correct = probs.argmax(1) == tr["y"]
-    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
     groups = pa.table({"id": tr["id"].tolist(), "label": tr["y"], "amplifier_correct": correct,
                        "amplifier_loss": loss.astype(np.float32)})
     atomic_write_table(out / "pseudo_groups.parquet", groups)

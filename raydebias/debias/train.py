@@ -55,6 +55,17 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The run's training split, a trained classifier's softmax on it and each row's CE (−log p_y): how the
+    bias amplifier, DiffInject's GCE model and the ERM error set are read."""
+    torch.set_num_threads(max(1, int(ctx.cfg.ray.num_cpus or 2)))
+    model, _ = load_classifier(model_dir)
+    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", ctx.data_info["image_size"])
+    probs = predict(model, tr["x"])
+    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
+    return tr, probs, loss
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translation of each image by up to ``pad`` pixels (zero/background padding + crop)."""
     n, _, h, w = x.shape

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table
-from raydebias.debias.train import load_classifier, load_split, predict
+from raydebias.debias.train import load_classifier, load_split, predict, score_train_split
 from raydebias.evaluate import metrics as M
 
 
@@ -66,9 +66,8 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
                           "bias-conflicting training samples", "diffusing_debias_amplifier": amp}
     erm_dir = ctx.run_dir / "stages" / "train" / "erm"
     if (erm_dir / "model.safetensors").exists():
-        tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-        model, _ = load_classifier(erm_dir)
-        correct = predict(model, tr["x"]).argmax(1) == tr["y"]
+        tr, probs, _ = score_train_split(ctx, erm_dir)
+        correct = probs.argmax(1) == tr["y"]
         out["erm_on_real"] = error_set_quality(correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
     return out
 

@@ -218,19 +218,15 @@ def run_mine(ctx):
     from raydebias._internal.io import atomic_write_json, atomic_write_table
     from raydebias.debias.amplifier import conflicting_mask, error_set_quality
     from raydebias.debias.lff import mine_conflicting
-    from raydebias.debias.train import fit_classifier, load_classifier, load_split, predict
+    from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.pipeline import StageResult
 
-    cfg, info, di = ctx.cfg, ctx.data_info, ctx.cfg.diffinject
+    info, di = ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("mine")
     phases = [{"name": "gce", "data": "train", "recipe": "gce", "epochs": di.biased_epochs, "sampler": "uniform",
                "recipe_args": {"q": di.gce_q}}]
     fit_classifier(ctx, "biased_gce", phases, out_name="mine/model")
-    model, _ = load_classifier(out / "model")
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-    probs = predict(model, tr["x"])
-    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
+    tr, probs, loss = score_train_split(ctx, out / "model")
     top = mine_conflicting(loss, tr["y"], k=di.top_k)
     atomic_write_table(out / "mined.parquet", pa.table({
         "id": tr["id"][top].tolist(), "label": tr["y"][top], "loss": loss[top].astype(np.float32)}))
