@@ -99,14 +99,15 @@ def run_tiw(ctx):
 
     from raydebias._internal.io import atomic_write_json, atomic_write_text
     from raydebias.debias.train import load_split
-    from raydebias.diffusion.tiw_train import fit_tiw, proportions
+    from raydebias.debias.amplifier import conflicting_mask
+    from raydebias.diffusion.tiw_train import fit_tiw
     from raydebias.pipeline import StageResult
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
     if info["num_bias"] is None:
         raise ValueError("tiw measures subgroup proportions: the dataset needs `bias` labels on the reference split")
     out = ctx.stage_dir("tiw")
-    size, B = info["image_size"], info["num_bias"]
+    size = info["image_size"]
     tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", size)
     ref_split = load_split(ctx.run_dir / "stages" / "data" / f"{t.reference_split}.parquet", size)
     rng = np.random.default_rng(cfg.seed)
@@ -130,9 +131,7 @@ def run_tiw(ctx):
     task = ray.remote(num_cpus=t.cpus_per_worker * t.num_workers, max_retries=1, retry_exceptions=True)(measure_task)
     measured = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), summary["model"],
                                    max(1, int(t.cpus_per_worker * t.num_workers))))
-    p_train = proportions(tr["y"] * B + tr["a"], info["num_classes"] * B)
-    aligned_train = float(sum(p_train[y * B + int(np.argmax(info["group_counts"]["train"][y]))]
-                              for y in range(info["num_classes"])))
+    aligned_train = float((~conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"])).mean())
     stats: dict[str, Any] = {
         "reference": {"split": t.reference_split, "size": int(len(pick)),
                       "aligned_fraction": measured["reference_aligned_fraction"]},
