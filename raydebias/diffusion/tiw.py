@@ -80,6 +80,20 @@ def _perturb(x: torch.Tensor, schedule: VPSchedule, generator: torch.Generator |
     return x_t, t, eps
 
 
+class FourierTime(nn.Module):
+    """Time features [t, sin(2^k·π·t), cos(2^k·π·t)] for k < ``n_freq``, shape (N, ``dim`` = 2·n_freq + 1)."""
+
+    def __init__(self, n_freq: int) -> None:
+        super().__init__()
+        self.dim = 2 * n_freq + 1
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = t.reshape(-1, 1).to(dtype)
+        tf = t * self.freqs.to(dtype)
+        return torch.cat([t, tf.sin(), tf.cos()], dim=1)
+
+
 class TimeMLP(nn.Module):
     """MLP f(x, t) for fixed-shape inputs (N, *shape): flattens x, appends Fourier features of t, reshapes back.
 
@@ -92,9 +106,9 @@ class TimeMLP(nn.Module):
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         d_in = math.prod(self.shape)
         self.out_features = out_features
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
+        self.time = FourierTime(n_freq)
         layers: list[nn.Module] = []
-        width = d_in + 2 * n_freq + 1
+        width = d_in + self.time.dim
         for _ in range(depth):
             layers += [nn.Linear(width, hidden), nn.SiLU()]
             width = hidden
@@ -102,8 +116,7 @@ class TimeMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tf = t.reshape(-1, 1).to(x.dtype) * self.freqs.to(x.dtype)
-        h = torch.cat([x.reshape(x.shape[0], -1), t.reshape(-1, 1).to(x.dtype), tf.sin(), tf.cos()], dim=1)
+        h = torch.cat([x.reshape(x.shape[0], -1), self.time(t, x.dtype)], dim=1)
         out = self.net(h)
         return out.reshape(x.shape) if self.out_features is None else out
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from raydebias._internal.io import atomic_path
 from raydebias.data.transforms import to_model_input
-from raydebias.diffusion.tiw import TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample, tiw_dsm_loss
+from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
+                                     tiw_dsm_loss)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
 DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": 1000, "disc_lr": 3e-4,
@@ -67,15 +68,13 @@ class ConvTimeBackbone(nn.Module):
             nn.Conv2d(channels * factor**2, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU())
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * width + 2 * n_freq + 1, hidden), nn.SiLU(),
+        self.time = FourierTime(n_freq)
+        self.mlp = nn.Sequential(nn.Linear(2 * width + self.time.dim, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h = self.convs(F.pixel_unshuffle(x, self.factor)).mean(dim=(2, 3))
-        t = t.reshape(-1, 1).to(x.dtype)
-        tf = t * self.freqs.to(x.dtype)
-        return self.mlp(torch.cat([h, t, tf.sin(), tf.cos()], dim=1)).reshape(-1)
+        return self.mlp(torch.cat([h, self.time(t, x.dtype)], dim=1)).reshape(-1)
 
 
 class DiscriminatorObjective(nn.Module):
