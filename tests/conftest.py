@@ -27,6 +27,26 @@ def ray_module():
     yield _init_ray()
 
 
+@pytest.fixture(scope="module")
+def tiny_diffusion_config():
+    """The smallest bootstrap text-to-image config the diffusion tests use (16×16 images, 12×8×8 latents)."""
+    from raydebias.config import DiffusionModelConfig
+
+    return DiffusionModelConfig(resolution=16, unshuffle=2, block_out_channels=[16, 32], layers_per_block=1,
+                                attention_head_dim=8, text_width=32, text_layers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusion(tiny_diffusion_config):
+    """An untrained bundle of that config, built from seed 0 (one per test module)."""
+    import torch
+
+    from raydebias.models.diffusion import bootstrap_diffusion
+
+    torch.manual_seed(0)
+    return bootstrap_diffusion(tiny_diffusion_config)
+
+
 def pytest_sessionfinish(session, exitstatus):
     import ray
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from raydebias.config import DiffusionModelConfig
 from raydebias.generate.gmm import (
     bic_plot,
     collect_latents,
@@ -18,23 +17,11 @@ from raydebias.generate.gmm import (
     sample_components,
     split_index,
 )
-from raydebias.models.diffusion import DiffusionBundle, bootstrap_diffusion, sample
+from raydebias.models.diffusion import sample
 
 torch.set_num_threads(1)
 
-TINY = DiffusionModelConfig(
-    resolution=16, unshuffle=2, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, text_width=32,
-    text_layers=1,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> DiffusionBundle:
-    torch.manual_seed(0)
-    return bootstrap_diffusion(TINY)
-
-
-def test_split_index_and_timesteps(tiny):
+def test_split_index_and_timesteps(tiny_diffusion):
     assert split_index(20, 0.5) == 10
     assert split_index(4, 0.0) == 1 and split_index(4, 1.0) == 3  # clamped: at least one step on each side
     assert split_index(10, 0.26) == 3
@@ -42,33 +29,33 @@ def test_split_index_and_timesteps(tiny):
         split_index(1, 0.5)
     with pytest.raises(ValueError):
         split_index(10, 1.5)
-    sched, ts = reverse_timesteps(tiny, 5)
+    sched, ts = reverse_timesteps(tiny_diffusion, 5)
     assert len(ts) == 5 and int(ts[0]) == 999  # trailing spacing starts from pure noise
-    assert sched.config.prediction_type == tiny.noise_scheduler.config.prediction_type
+    assert sched.config.prediction_type == tiny_diffusion.noise_scheduler.config.prediction_type
 
 
 @pytest.mark.parametrize("prompt,guidance", [("", 1.0), ("a red digit 1", 3.0)])
 @pytest.mark.parametrize("t_frac", [0.25, 0.5])
-def test_collect_then_continue_equals_sample(tiny, prompt, guidance, t_frac):
+def test_collect_then_continue_equals_sample(tiny_diffusion, prompt, guidance, t_frac):
     seeds = [3, 7, 11]
-    z = collect_latents(tiny, seeds, num_steps=4, t_frac=t_frac, prompt=prompt, guidance_scale=guidance)
-    assert z.shape == (3, *latent_shape(tiny)) and z.dtype == tiny.dtype
-    got = continue_reverse(tiny, z, 4, t_frac, prompt=prompt, guidance_scale=guidance)
-    ref = sample(tiny, [prompt] * 3, num_steps=4, guidance_scale=guidance, seeds=seeds)
+    z = collect_latents(tiny_diffusion, seeds, num_steps=4, t_frac=t_frac, prompt=prompt, guidance_scale=guidance)
+    assert z.shape == (3, *latent_shape(tiny_diffusion)) and z.dtype == tiny_diffusion.dtype
+    got = continue_reverse(tiny_diffusion, z, 4, t_frac, prompt=prompt, guidance_scale=guidance)
+    ref = sample(tiny_diffusion, [prompt] * 3, num_steps=4, guidance_scale=guidance, seeds=seeds)
     assert got.dtype == np.uint8 and got.shape == ref.shape == (3, 16, 16, 3)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
     assert np.array_equal(got, ref)  # exact in practice: the same ops in the same order
-    wrong_split = continue_reverse(tiny, z, 4, 0.75, prompt=prompt, guidance_scale=guidance)  # negative control
+    wrong_split = continue_reverse(tiny_diffusion, z, 4, 0.75, prompt=prompt, guidance_scale=guidance)  # negative control
     assert np.abs(wrong_split.astype(int) - ref.astype(int)).max() > 10
 
 
-def test_collect_latents_is_per_seed(tiny):
-    z = collect_latents(tiny, [5, 6, 7, 8], num_steps=4, batch_size=4)
-    z2 = collect_latents(tiny, [7, 5], num_steps=4, batch_size=1)
+def test_collect_latents_is_per_seed(tiny_diffusion):
+    z = collect_latents(tiny_diffusion, [5, 6, 7, 8], num_steps=4, batch_size=4)
+    z2 = collect_latents(tiny_diffusion, [7, 5], num_steps=4, batch_size=1)
     torch.testing.assert_close(z2, z[[2, 0]])
     assert not torch.equal(z[0], z[1])
     with pytest.raises(ValueError):
-        continue_reverse(tiny, z[:, :3], 4, 0.5)
+        continue_reverse(tiny_diffusion, z[:, :3], 4, 0.5)
 
 
 def blobs(centers, n, d, scale, seed):
@@ -126,25 +113,25 @@ def test_sample_components_moments_and_determinism():
         sample_components(GaussianMixture(1, covariance_type="full").fit(np.random.rand(10, 3)), 2, 0)
 
 
-def test_generate_balanced(tiny):
-    d = int(np.prod(latent_shape(tiny)))
+def test_generate_balanced(tiny_diffusion):
+    d = int(np.prod(latent_shape(tiny_diffusion)))
     gmm = _fixed_gmm([np.full(d, -2.0), np.full(d, 2.0)], np.full((2, d), 0.01))
-    imgs, ids = generate_balanced(tiny, gmm, per_component=2, seed=0, num_steps=4, t_frac=0.5)
+    imgs, ids = generate_balanced(tiny_diffusion, gmm, per_component=2, seed=0, num_steps=4, t_frac=0.5)
     assert imgs.shape == (4, 16, 16, 3) and imgs.dtype == np.uint8
     assert ids.tolist() == [0, 0, 1, 1]
     assert np.abs(imgs[ids == 0].astype(float).mean() - imgs[ids == 1].astype(float).mean()) > 20
-    again, _ = generate_balanced(tiny, gmm, per_component=2, seed=0, num_steps=4, t_frac=0.5)
+    again, _ = generate_balanced(tiny_diffusion, gmm, per_component=2, seed=0, num_steps=4, t_frac=0.5)
     assert np.array_equal(imgs, again)
     with pytest.raises(ValueError, match="latent shape"):
-        generate_balanced(tiny, _fixed_gmm([[0.0, 1.0]], [[1.0, 1.0]]), 1, 0, 4, 0.5)
+        generate_balanced(tiny_diffusion, _fixed_gmm([[0.0, 1.0]], [[1.0, 1.0]]), 1, 0, 4, 0.5)
 
 
-def test_pipeline_end_to_end(tiny):
+def test_pipeline_end_to_end(tiny_diffusion):
     """collect → flatten → BIC fit → balanced generation, on the real (random-weight) model."""
-    z = collect_latents(tiny, list(range(8)), num_steps=4, t_frac=0.5)
+    z = collect_latents(tiny_diffusion, list(range(8)), num_steps=4, t_frac=0.5)
     gmm, bics = fit_gmm_bic(z.flatten(1).numpy(), k_max=3)
     assert len(bics) == 3 and all(np.isfinite(bics))
-    imgs, ids = generate_balanced(tiny, gmm, per_component=1, seed=1, num_steps=4, t_frac=0.5)
+    imgs, ids = generate_balanced(tiny_diffusion, gmm, per_component=1, seed=1, num_steps=4, t_frac=0.5)
     assert imgs.shape == (gmm.n_components, 16, 16, 3)
     assert np.bincount(ids).tolist() == [1] * gmm.n_components
 
@@ -159,18 +146,18 @@ def test_bic_plot():
     assert ax.get_xlabel() and ax.get_ylabel() == "BIC"
 
 
-def test_forward_latents_are_noised_to_the_resume_level(tiny):
+def test_forward_latents_are_noised_to_the_resume_level(tiny_diffusion):
     """Forward latents sit at timesteps[split]: for a blank image (z_0 = −1 everywhere) their mean is −√ᾱ_t and
     their std √(1 − ᾱ_t); continuing the reverse process from them returns images."""
     from raydebias.generate.gmm import forward_latents
 
-    sched, ts = reverse_timesteps(tiny, 4)
+    sched, ts = reverse_timesteps(tiny_diffusion, 4)
     t = ts[split_index(4, 0.5)]
     ab = float(sched.alphas_cumprod[t])
     blank = np.zeros((64, 16, 16, 3), np.uint8)
-    z = forward_latents(tiny, blank, 4, 0.5, seed=0)
-    assert z.shape == (64, *latent_shape(tiny))
+    z = forward_latents(tiny_diffusion, blank, 4, 0.5, seed=0)
+    assert z.shape == (64, *latent_shape(tiny_diffusion))
     assert float(z.mean()) == pytest.approx(-ab**0.5, abs=0.02)
     assert float(z.std()) == pytest.approx((1 - ab) ** 0.5, abs=0.02)
-    torch.testing.assert_close(z, forward_latents(tiny, blank, 4, 0.5, seed=0))
-    assert continue_reverse(tiny, z[:2], 4, 0.5).shape == (2, 16, 16, 3)
+    torch.testing.assert_close(z, forward_latents(tiny_diffusion, blank, 4, 0.5, seed=0))
+    assert continue_reverse(tiny_diffusion, z[:2], 4, 0.5).shape == (2, 16, 16, 3)

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from raydebias.generate.inject import asymmetric_ddim_step, inject_h, slerp
+from raydebias.models.diffusion import initial_noise
 
 torch.set_num_threads(1)
 
@@ -171,33 +172,16 @@ def test_asymmetric_step_per_sample_alphas_and_generator_noise():
 
 # ---- h-space injection on a (tiny, untrained) diffusers UNet --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_bundle():
-    from raydebias.config import DiffusionModelConfig
-    from raydebias.models.diffusion import bootstrap_diffusion
-
-    torch.manual_seed(0)
-    return bootstrap_diffusion(DiffusionModelConfig(
-        resolution=16, unshuffle=2, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8,
-        text_width=32, text_layers=1))
-
-
-def _noise(bundle, seeds):
-    c = bundle.unet.config
-    return torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
-                                    generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_bundle):
+def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_diffusion):
     """γ = 0 and no stochastic tail → exactly diffusers' DDIM sampling (``models.diffusion.sample``) from the
     same noise: the hook, the asymmetric step and the v→ε conversion add nothing."""
     from raydebias.generate.inject import inject_generate, record_h
     from raydebias.models.diffusion import _to_uint8, sample
 
-    b, seeds, steps = tiny_bundle, [3, 4, 5], 6
+    b, seeds, steps = tiny_diffusion, [3, 4, 5], 6
     ctx = b.embed_prompts([""])
-    z = _noise(b, seeds)
-    h_c = record_h(b, _noise(b, [9]).expand(3, -1, -1, -1), steps, ctx, t_edit=500)
+    z = initial_noise(b, seeds)
+    h_c = record_h(b, initial_noise(b, [9]).expand(3, -1, -1, -1), steps, ctx, t_edit=500)
     assert h_c.shape[0] == 3  # t = 999, 832, 666 ≥ 500 with 6 trailing steps
     ours = _to_uint8(b.decode(inject_generate(b, z, h_c, steps, ctx, t_edit=500, t_boost=0, gamma=0.0)))
     ref = sample(b, [""] * 3, num_steps=steps, guidance_scale=1.0, seeds=seeds)
@@ -211,12 +195,12 @@ def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_bundle):
     assert not b.unet.mid_block._forward_hooks  # the hook is removed
 
 
-def test_stochastic_tail_is_seeded_per_row(tiny_bundle):
+def test_stochastic_tail_is_seeded_per_row(tiny_diffusion):
     from raydebias.generate.inject import inject_generate
 
-    b, steps = tiny_bundle, 4
+    b, steps = tiny_diffusion, 4
     ctx = b.embed_prompts([""])
-    z = _noise(b, [1, 2])
+    z = initial_noise(b, [1, 2])
     empty = torch.zeros(0)
     a = inject_generate(b, z, empty, steps, ctx, t_edit=1000, t_boost=600, gamma=0.3, eta=1.0, seeds=[7, 8])
     a2 = inject_generate(b, z[:1], empty, steps, ctx, t_edit=1000, t_boost=600, gamma=0.3, eta=1.0, seeds=[7])
@@ -225,11 +209,11 @@ def test_stochastic_tail_is_seeded_per_row(tiny_bundle):
     assert not torch.allclose(a[0], c[0]) and torch.allclose(a[1], c[1])
 
 
-def test_ddim_inversion_round_trips(tiny_bundle):
+def test_ddim_inversion_round_trips(tiny_diffusion):
     """Inversion (diffusers DDIMInverseScheduler) then DDIM sampling returns close to the start latent."""
     from raydebias.generate.inject import ddim_invert, inject_generate
 
-    b, steps = tiny_bundle, 50
+    b, steps = tiny_diffusion, 50
     ctx = b.embed_prompts([""])
     z0 = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     z_T = ddim_invert(b, z0, steps, ctx)

@@ -10,7 +10,6 @@ import torch
 
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
 from raydebias.models.diffusion import (
-    DiffusionBundle,
     bootstrap_diffusion,
     diffusion_loss,
     load_diffusion,
@@ -21,21 +20,9 @@ from raydebias.models.diffusion import (
 
 torch.set_num_threads(1)
 
-TINY = DiffusionModelConfig(
-    resolution=16, unshuffle=2, block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, text_width=32,
-    text_layers=1,
-)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> DiffusionBundle:
-    torch.manual_seed(0)
-    return bootstrap_diffusion(TINY)
-
-
 @pytest.fixture(scope="module")
 def tiny_sd_dir(tmp_path_factory):
-    d = save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd")
+    d = save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny_diffusion-sd")
     # A tokenizer saved without a length limit (as a file-built one is) must still load with 77 (DESIGN trap).
     cfg_path = d / "tokenizer" / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -44,27 +31,27 @@ def tiny_sd_dir(tmp_path_factory):
     return d
 
 
-def test_bootstrap_shapes_and_loss(tiny):
-    assert tiny.vae is None and tiny.resolution == 16
-    assert tiny.unet.config.in_channels == 12 and tiny.unet.config.sample_size == 8
+def test_bootstrap_shapes_and_loss(tiny_diffusion, tiny_diffusion_config):
+    assert tiny_diffusion.vae is None and tiny_diffusion.resolution == 16
+    assert tiny_diffusion.unet.config.in_channels == 12 and tiny_diffusion.unet.config.sample_size == 8
     x = torch.rand(3, 3, 16, 16) * 2 - 1
-    z = tiny.encode(x)
+    z = tiny_diffusion.encode(x)
     assert z.shape == (3, 12, 8, 8)
-    assert torch.equal(tiny.decode(z), x)  # the pixel-space latent is lossless
-    emb = tiny.embed_prompts(["a red digit 1", "", "a blue digit 7"])
-    assert emb.shape == (3, TINY.max_tokens, 32)
+    assert torch.equal(tiny_diffusion.decode(z), x)  # the pixel-space latent is lossless
+    emb = tiny_diffusion.embed_prompts(["a red digit 1", "", "a blue digit 7"])
+    assert emb.shape == (3, tiny_diffusion_config.max_tokens, 32)
     with torch.no_grad():
-        out = tiny.unet(z, torch.tensor([0, 500, 999]), encoder_hidden_states=emb).sample
+        out = tiny_diffusion.unet(z, torch.tensor([0, 500, 999]), encoder_hidden_states=emb).sample
         assert out.shape == z.shape
         g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-        loss = diffusion_loss(tiny, z, emb, generator=g())
+        loss = diffusion_loss(tiny_diffusion, z, emb, generator=g())
         assert loss.ndim == 0 and torch.isfinite(loss)
-        assert torch.equal(loss, diffusion_loss(tiny, z, emb, generator=g()))  # reproducible from the generator
+        assert torch.equal(loss, diffusion_loss(tiny_diffusion, z, emb, generator=g()))  # reproducible from the generator
         # per-sample weights: mean_i(w_i · mse_i), with the same t and noise for the same generator seed
-        per_row = [float(diffusion_loss(tiny, z, emb, generator=g(), weights=3 * torch.eye(3)[i])) for i in range(3)]
+        per_row = [float(diffusion_loss(tiny_diffusion, z, emb, generator=g(), weights=3 * torch.eye(3)[i])) for i in range(3)]
         assert np.mean(per_row) == pytest.approx(float(loss), rel=1e-5)
         w = torch.tensor([0.5, 2.0, 0.0])
-        weighted = diffusion_loss(tiny, z, emb, generator=g(), weights=w)
+        weighted = diffusion_loss(tiny_diffusion, z, emb, generator=g(), weights=w)
         assert float(weighted) == pytest.approx(float((w * torch.tensor(per_row)).sum() / 3), rel=1e-5)
 
 
@@ -78,9 +65,10 @@ class _ZeroUNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
-def test_loss_target_matches_the_closed_form(tiny, kind):
+def test_loss_target_matches_the_closed_form(tiny_diffusion, tiny_diffusion_config, kind):
     """v-prediction regresses v = √ᾱ·ε − √(1−ᾱ)·x₀, ε-prediction the noise ε."""
-    b = bootstrap_diffusion(TINY.model_copy(update={"prediction_type": kind}), tokenizer=tiny.tokenizer)
+    b = bootstrap_diffusion(tiny_diffusion_config.model_copy(update={"prediction_type": kind}),
+                            tokenizer=tiny_diffusion.tokenizer)
     assert b.noise_scheduler.config.prediction_type == kind
     b = dataclasses.replace(b, unet=_ZeroUNet())
     z = torch.randn(4, 12, 8, 8)
@@ -93,28 +81,28 @@ def test_loss_target_matches_the_closed_form(tiny, kind):
     assert float(loss) == pytest.approx(float(target.square().mean()), rel=1e-5)
 
 
-def test_pixel_encode_decode_is_exact(tiny):
+def test_pixel_encode_decode_is_exact(tiny_diffusion):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.equal(tiny.decode(tiny.encode(x)), x)
+    assert torch.equal(tiny_diffusion.decode(tiny_diffusion.encode(x)), x)
 
 
-def test_save_and_load_gives_identical_outputs(tiny, tmp_path):
-    out = tiny.save(tmp_path / "bundle")
+def test_save_and_load_gives_identical_outputs(tiny_diffusion, tmp_path):
+    out = tiny_diffusion.save(tmp_path / "bundle")
     assert sorted(p.name for p in out.iterdir()) == ["scheduler", "text_encoder", "tokenizer", "unet"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     loaded = load_diffusion(str(out))
     assert loaded.vae is None and loaded.resolution == 16
     assert loaded.noise_scheduler.config.prediction_type == "v_prediction"
     prompts = ["a red digit 1", "a green digit 2"]
-    assert torch.equal(loaded.tokenize(prompts), tiny.tokenize(prompts))
+    assert torch.equal(loaded.tokenize(prompts), tiny_diffusion.tokenize(prompts))
     z = torch.randn(2, 12, 8, 8)
     t = torch.tensor([10, 900])
     with torch.no_grad():
-        e1, e2 = tiny.embed_prompts(prompts), loaded.embed_prompts(prompts)
+        e1, e2 = tiny_diffusion.embed_prompts(prompts), loaded.embed_prompts(prompts)
         assert torch.equal(e1, e2)
-        assert torch.equal(tiny.unet(z, t, e1).sample, loaded.unet(z, t, e2).sample)
+        assert torch.equal(tiny_diffusion.unet(z, t, e1).sample, loaded.unet(z, t, e2).sample)
     # the sampler sees the same model too
-    assert np.array_equal(sample(tiny, prompts, num_steps=2), sample(loaded, prompts, num_steps=2))
+    assert np.array_equal(sample(tiny_diffusion, prompts, num_steps=2), sample(loaded, prompts, num_steps=2))
 
 
 def test_stable_diffusion_layout_loads_and_samples(tiny_sd_dir):
@@ -134,21 +122,21 @@ def test_stable_diffusion_layout_loads_and_samples(tiny_sd_dir):
     assert torch.isfinite(loss)
 
 
-def test_sample_is_deterministic_per_seed(tiny):
+def test_sample_is_deterministic_per_seed(tiny_diffusion):
     prompts = ["a red digit 1", "a blue digit 2", "a red digit 1", "a pink digit 9"]
     seeds = [11, 12, 13, 14]
-    ref = sample(tiny, prompts, num_steps=3, seeds=seeds, batch_size=4)
+    ref = sample(tiny_diffusion, prompts, num_steps=3, seeds=seeds, batch_size=4)
     assert ref.shape == (4, 16, 16, 3) and ref.dtype == np.uint8
     # other batch sizes / orders / companions: every (prompt, seed) row gives the same image
     order = [2, 0, 3, 1]
-    shuffled = sample(tiny, [prompts[i] for i in order], num_steps=3, seeds=[seeds[i] for i in order], batch_size=3)
+    shuffled = sample(tiny_diffusion, [prompts[i] for i in order], num_steps=3, seeds=[seeds[i] for i in order], batch_size=3)
     assert np.array_equal(shuffled, ref[order])
-    alone = sample(tiny, [prompts[3]], num_steps=3, seeds=[14], batch_size=1)
+    alone = sample(tiny_diffusion, [prompts[3]], num_steps=3, seeds=[14], batch_size=1)
     assert np.array_equal(alone[0], ref[3])
     # same prompt, different seed → different image
     assert not np.array_equal(ref[0], ref[2])
     with pytest.raises(ValueError):
-        sample(tiny, prompts, seeds=[1])
+        sample(tiny_diffusion, prompts, seeds=[1])
 
 
 def _colored_mnist(n: int):
@@ -163,29 +151,29 @@ def _colored_mnist(n: int):
 
 
 @pytest.mark.parametrize("f", [1, 4])
-def test_unshuffle_factor_round_trips_through_save(tmp_path, f):
-    b = bootstrap_diffusion(TINY.model_copy(update={"unshuffle": f, "cross_attention": "all"}))
+def test_unshuffle_factor_round_trips_through_save(tiny_diffusion_config, tmp_path, f):
+    b = bootstrap_diffusion(tiny_diffusion_config.model_copy(update={"unshuffle": f, "cross_attention": "all"}))
     assert b.unet.config.in_channels == 3 * f * f and b.unet.config.sample_size == 16 // f
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert b.encode(x).shape == (2, 3 * f * f, 16 // f, 16 // f)
     loaded = load_diffusion(str(b.save(tmp_path / "m")))
     assert loaded.unshuffle == f and loaded.resolution == 16
     assert torch.equal(loaded.decode(loaded.encode(x)), x)
-    assert loaded.tokenizer.model_max_length == TINY.max_tokens
+    assert loaded.tokenizer.model_max_length == tiny_diffusion_config.max_tokens
     assert loaded.unet.config.addition_embed_type == "text"  # pooled caption → time embedding
 
 
-def test_min_snr_weighting_matches_the_formula(tiny):
+def test_min_snr_weighting_matches_the_formula(tiny_diffusion):
     """Min-SNR-γ for v-prediction: per-sample weight min(SNR, γ)/(SNR + 1), SNR = ᾱ/(1 − ᾱ)."""
     z = torch.randn(4, 12, 8, 8)
-    emb = tiny.embed_prompts(["a"] * 4)
+    emb = tiny_diffusion.embed_prompts(["a"] * 4)
     t = torch.tensor([10, 300, 700, 990])
-    ab = tiny.noise_scheduler.alphas_cumprod[t]
+    ab = tiny_diffusion.noise_scheduler.alphas_cumprod[t]
     snr = ab / (1 - ab)
     with torch.no_grad():
-        per = torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+        per = torch.stack([diffusion_loss(tiny_diffusion, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
                                           timesteps=t[i : i + 1]) for i in range(4)])
-        weighted = torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+        weighted = torch.stack([diffusion_loss(tiny_diffusion, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
                                                timesteps=t[i : i + 1], min_snr_gamma=5.0) for i in range(4)])
     torch.testing.assert_close(weighted, per * snr.clamp(max=5.0) / (snr + 1), rtol=1e-4, atol=1e-7)
 
@@ -221,17 +209,17 @@ def test_training_reduces_loss_on_colored_mnist():
     assert not b.unet.training
 
 
-def test_p2_weighting_matches_the_formula(tiny):
+def test_p2_weighting_matches_the_formula(tiny_diffusion):
     """P2 (DiffInject: γ = 1, k = 1) on the ε-loss is 1/(k + SNR)^γ; for v-prediction that is
     (k + SNR)^−γ · SNR/(SNR + 1) on the v-loss, since ‖ε̂ − ε‖² = SNR/(SNR + 1)·‖v̂ − v‖²."""
     z = torch.randn(4, 12, 8, 8)
-    emb = tiny.embed_prompts(["a"] * 4)
+    emb = tiny_diffusion.embed_prompts(["a"] * 4)
     t = torch.tensor([10, 300, 700, 990])
-    ab = tiny.noise_scheduler.alphas_cumprod[t]
+    ab = tiny_diffusion.noise_scheduler.alphas_cumprod[t]
     snr = ab / (1 - ab)
 
     def per(**kw):
-        return torch.stack([diffusion_loss(tiny, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
+        return torch.stack([diffusion_loss(tiny_diffusion, z[i : i + 1], emb[i : i + 1], torch.Generator().manual_seed(0),
                                            timesteps=t[i : i + 1], **kw) for i in range(4)])
 
     with torch.no_grad():
