@@ -205,6 +205,9 @@ class DiffusionTrainConfig(_Block):
     word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class word (and the bias word unless set)")
     bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
+    group_balance: float = Field(
+        0.0, ge=0, le=1, description="draw training images with weight n_g^-τ over (class, bias) groups: 0 = as in "
+                                     "the data, 1 = every group equally often (needs bias labels)")
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
     p2_gamma: float = Field(0.0, ge=0, description="P2 weighting 1/(k + SNR)^γ (Choi et al. 2022; DiffInject "
                                                    "uses γ = 1); 0 = off")
@@ -260,7 +263,10 @@ class TwoStageConfig(_Block):
     temperature: float = Field(0.07, gt=0)
     epochs_synthetic: int = Field(10, ge=1)
     epochs_llr: int = Field(10, ge=1)
-    llr: Literal["all", "balanced", "groupdro"] = "all"
+    llr: Literal["all", "balanced", "groupdro", "ft_balanced"] = Field(
+        "all", description="stage 2 on the real train split: last layer with class-balanced (LLR_all) or "
+                           "group-balanced batches (LLR_b), last layer with GroupDRO, or the whole network with "
+                           "group-balanced batches (FT_b, the paper's ablation)")
     lr: float = Field(2e-3, gt=0)
     llr_lr: float = Field(1e-2, gt=0)
 

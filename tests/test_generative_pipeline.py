@@ -11,12 +11,7 @@ from raydebias.config import load_config
 from raydebias.pipeline import run_pipeline
 
 VARIANTS = ["clustered_dreambooth", "vanilla", "lora", "dreambooth"]
-TINY = ["data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=20", "data.builtin.aligned=0.9",
-        "models.classifier.width=8", "models.diffusion.block_out_channels=[16, 32]", "clip.steps=30",
-        "diffusion.steps=30", "diffusion.num_cpus=1", "cluster.k_max=2", "finetune.steps=2",
-        "finetune.min_images=15", "generate.images_per_group=2", "generate.num_steps=2", "generate.batch_size=50",
-        "filter.dedup_threshold=1.0", "two_stage.epochs_synthetic=1", "two_stage.epochs_llr=1", "train.epochs=1",
-        "method=clustered_dreambooth", "baselines=[vanilla, lora, dreambooth]"]
+VARIANT_OVERRIDES = ["method=clustered_dreambooth", "baselines=[vanilla, lora, dreambooth]"]
 
 
 def manifest(run_dir):
@@ -24,9 +19,9 @@ def manifest(run_dir):
 
 
 @pytest.fixture(scope="module")
-def gen_run(ray_module, tmp_path_factory):
+def gen_run(ray_module, tmp_path_factory, tiny_generative):
     run_dir = tmp_path_factory.mktemp("genrun")
-    run_pipeline(load_config(None, [*TINY, f"run_dir={run_dir}"]), log=lambda m: None)
+    run_pipeline(load_config(None, [*tiny_generative, *VARIANT_OVERRIDES, f"run_dir={run_dir}"]), log=lambda m: None)
     return run_dir
 
 
@@ -67,7 +62,7 @@ def test_generated_rows_are_group_balanced_and_unique(gen_run):
     assert stats["kept_by_score"] == 200  # ceil(0.75 · 2) = 2 per group, 100 groups
 
 
-def test_generate_resumes_exactly_the_missing_rows(gen_run):
+def test_generate_resumes_exactly_the_missing_rows(gen_run, tiny_generative):
     """Simulate a run killed during `generate`: some batch files are gone and the stage is marked running."""
     v = "dreambooth"
     gen_dir = gen_run / "stages" / "generate" / v
@@ -80,7 +75,7 @@ def test_generate_resumes_exactly_the_missing_rows(gen_run):
     m["stages"][f"generate/{v}"]["status"] = "running"
     (gen_run / "manifest.json").write_text(json.dumps(m))
     logs = []
-    run_pipeline(load_config(None, [*TINY, f"run_dir={gen_run}"]), log=logs.append)
+    run_pipeline(load_config(None, [*tiny_generative, *VARIANT_OVERRIDES, f"run_dir={gen_run}"]), log=logs.append)
     line = next(l for l in logs if l.startswith(f"[generate/{v}]") and "to go" in l)
     assert f"{len(removed)} to go" in line
     after = pq.read_table(gen_dir / "synthetic.parquet").sort_by("id")

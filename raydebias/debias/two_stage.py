@@ -1,10 +1,30 @@
 """Two-stage classifier of "Harnessing diffusion" (METHODS.md §1): β·CE + (1−β)·SupCon on the filtered synthetic
-set, then last-layer retraining (LLR) on the real training split with the encoder frozen."""
+set, then last-layer retraining (LLR) on the real training split with the encoder frozen (or, FT_b, the whole
+network on group-balanced real batches)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+# stage 2 variants: (recipe, sampler, whole network trained?)
+_STAGE2 = {"all": ("erm", "class_balanced", False), "balanced": ("erm", "group_balanced", False),
+           "groupdro": ("groupdro", "recipe", False), "ft_balanced": ("erm", "group_balanced", True)}
+
+
+def two_stage_phases(ts) -> list[dict[str, Any]]:
+    """The two phases of :func:`raydebias.debias.train.fit_classifier` for a ``TwoStageConfig``: synthetic
+    pre-training, then stage 2 on the real train split (the only phase whose epochs are selected on val)."""
+    recipe, sampler, full = _STAGE2[ts.llr]
+    return [
+        {"name": "synthetic", "data": "synthetic", "recipe": "supcon_ce", "epochs": ts.epochs_synthetic,
+         "sampler": "uniform", "lr": ts.lr, "recipe_args": {"beta": ts.beta, "temperature": ts.temperature}},
+        {"name": "ft_balanced" if full else f"llr_{ts.llr}", "data": "train", "recipe": recipe,
+         "epochs": ts.epochs_llr, "sampler": sampler, "lr": ts.lr if full else ts.llr_lr,
+         "freeze_encoder": not full, "select": True},
+    ]
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

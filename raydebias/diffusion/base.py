@@ -48,6 +48,13 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
     return fn
 
 
+def tempered_group_weights(groups: np.ndarray, tau: float) -> np.ndarray:
+    """Per-image weights n_g^-τ: group g is drawn ∝ n_g^(1-τ) (τ = 0: as in the data, τ = 1: every group equally).
+    Between the two, the generator sees the rare (class, bias) pairs often enough to learn that the words vary
+    independently without memorising the few conflicting images outright."""
+    return np.bincount(groups)[groups].astype(np.float64) ** -float(tau)
+
+
 def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
                batch_size: int, lr: float, use_bias: bool = True) -> dict:
     """Train a bootstrap text-to-image model on the train split's captions and save it (diffusers layout) to
@@ -70,6 +77,9 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
                         cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
+    weights = None
+    if has_bias and cfg.diffusion.group_balance > 0:
+        weights = tempered_group_weights(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_balance)
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
@@ -77,7 +87,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
         freeze_token_embedding=cfg.diffusion.freeze_token_embedding, p2_gamma=cfg.diffusion.p2_gamma,
-        p2_k=cfg.diffusion.p2_k,
+        p2_k=cfg.diffusion.p2_k, sample_weights=weights,
     )
     out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:

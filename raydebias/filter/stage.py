@@ -73,6 +73,7 @@ def run_filter(ctx, variant: str):
 def run_train_generative(ctx, variant: str):
     """The two-stage classifier on the filtered synthetic set of ``variant`` (METHODS.md §1)."""
     from raydebias.debias.train import fit_classifier
+    from raydebias.debias.two_stage import two_stage_phases
 
     cfg, info = ctx.cfg, ctx.data_info
     from raydebias.data.transforms import pixels_from_column
@@ -80,14 +81,6 @@ def run_train_generative(ctx, variant: str):
     t = pq.read_table(ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet")
     synth = {"x": pixels_from_column(t.column("pixels").to_pylist(), info["image_size"]),
              "y": t.column("label").to_numpy().astype(np.int64), "a": t.column("bias").to_numpy().astype(np.int64)}
-    ts = cfg.two_stage
-    llr_recipe, llr_sampler = {"all": ("erm", "class_balanced"), "balanced": ("erm", "group_balanced"),
-                               "groupdro": ("groupdro", "recipe")}[ts.llr]
-    phases = [
-        {"name": "synthetic", "data": "synthetic", "recipe": "supcon_ce", "epochs": ts.epochs_synthetic,
-         "sampler": "uniform", "lr": ts.lr, "recipe_args": {"beta": ts.beta, "temperature": ts.temperature}},
-        {"name": f"llr_{ts.llr}", "data": "train", "recipe": llr_recipe, "epochs": ts.epochs_llr,
-         "sampler": llr_sampler, "lr": ts.llr_lr, "freeze_encoder": True, "select": True},
-    ]
+    phases = two_stage_phases(cfg.two_stage)
     return fit_classifier(ctx, variant, phases, extra_data={"synthetic": synth},
                           summary={"synthetic_rows": int(len(synth["y"]))})

@@ -359,6 +359,7 @@ def train_bootstrap_diffusion(
     freeze_token_embedding: bool = False,
     p2_gamma: float = 0.0,
     p2_k: float = 1.0,
+    sample_weights: np.ndarray | None = None,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
@@ -369,12 +370,16 @@ def train_bootstrap_diffusion(
     an exponential moving average of the weights (diffusers ``EMAModel`` with warm-up, decay capped at
     ``ema_decay``) and leaves the averaged weights in the model at the end (no measurable gain in 1,000-step CPU runs; meant for long runs).
     ``freeze_token_embedding`` leaves the text encoder's token table at its (random) initial values.
+    ``sample_weights`` (one per image) draws each batch with those relative probabilities instead of uniformly.
     Returns loss statistics and the speed.
     """
     if len(pixels) != len(captions):
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
     if len(pixels) == 0 or steps <= 0:
         raise ValueError("need at least one image and one step")
+    if sample_weights is not None and len(sample_weights) != len(pixels):
+        raise ValueError(f"{len(sample_weights)} sample weights for {len(pixels)} images")
+    probs = None if sample_weights is None else np.asarray(sample_weights, np.float64) / np.sum(sample_weights)
     p_all = float((drop_probs or {"all": 0.1}).get("all", 0.0))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -407,7 +412,8 @@ def train_bootstrap_diffusion(
     t0 = time.perf_counter()
     try:
         for step in range(steps):
-            idx = rng.integers(0, len(pixels), size=min(batch_size, len(pixels)))
+            size = min(batch_size, len(pixels))
+            idx = rng.integers(0, len(pixels), size=size) if probs is None else rng.choice(len(pixels), size, p=probs)
             x = to_model_input(pixels[idx]).to(device)
             if shift > 0:
                 h, w = x.shape[-2:]

@@ -60,3 +60,18 @@ def test_stage1_objective_mixes_ce_and_supcon():
     want = 0.25 * F.cross_entropy(logits, y) + 0.75 * supcon_loss(feats, y, 0.1)
     torch.testing.assert_close(obj(logits, y, y, features=feats), want)
     assert SupConCE(9, beta=1.0)(logits, y, y, features=feats) == F.cross_entropy(logits, y)
+
+
+def test_stage_two_variants():
+    from raydebias.config import TwoStageConfig
+    from raydebias.debias.two_stage import two_stage_phases
+
+    pre, llr = two_stage_phases(TwoStageConfig(llr="all", lr=1e-3, llr_lr=1e-2))
+    assert pre["data"] == "synthetic" and pre["recipe"] == "supcon_ce" and not pre.get("select")
+    assert (llr["data"], llr["sampler"], llr["freeze_encoder"], llr["lr"], llr["select"]) == (
+        "train", "class_balanced", True, 1e-2, True)
+    _, ft = two_stage_phases(TwoStageConfig(llr="ft_balanced", lr=1e-3, llr_lr=1e-2))
+    # FT_b: the whole network, group-balanced real batches, at the pre-training learning rate
+    assert (ft["sampler"], ft["freeze_encoder"], ft["lr"], ft["recipe"]) == ("group_balanced", False, 1e-3, "erm")
+    _, dro = two_stage_phases(TwoStageConfig(llr="groupdro"))
+    assert (dro["recipe"], dro["sampler"], dro["freeze_encoder"]) == ("groupdro", "recipe", True)

@@ -1,5 +1,6 @@
 """Diffusion bundle: bootstrap pixel-space model and the Stable Diffusion (pretrained) path through one loader."""
 
+import copy
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -225,3 +226,23 @@ def test_p2_weighting_matches_the_formula(tiny_diffusion):
     with torch.no_grad():
         plain, p2 = per(), per(p2_gamma=0.5, p2_k=2.0)
     torch.testing.assert_close(p2, plain * (2.0 + snr) ** -0.5 * snr / (snr + 1), rtol=1e-4, atol=1e-7)
+
+
+def test_training_draws_images_by_sample_weights(tiny_diffusion):
+    """Only images with non-zero weight are drawn (seen through the per-caption dropout hook)."""
+    pixels, captions = _colored_mnist(64)
+    weights = np.zeros(64)
+    weights[[3, 10, 40]] = [1.0, 2.0, 1.0]
+    seen: list[str] = []
+
+    def record(c, rng):
+        seen.append(c)
+        return c
+
+    bundle = copy.deepcopy(tiny_diffusion)  # the fixture is shared: train a copy
+    train_bootstrap_diffusion(bundle, pixels, [f"{c} #{i}" for i, c in enumerate(captions)], steps=3,
+                              batch_size=16, drop_probs={"all": 0.0}, caption_dropout_fn=record, log=None,
+                              sample_weights=weights)
+    assert len(seen) == 48 and {c.split("#")[1] for c in seen} <= {"3", "10", "40"}
+    with pytest.raises(ValueError, match="sample weights"):
+        train_bootstrap_diffusion(bundle, pixels, captions, steps=1, sample_weights=np.ones(3), log=None)
