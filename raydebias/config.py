@@ -254,6 +254,10 @@ class FilterConfig(_Block):
     min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
     label_prompt: str = "a photo of a {class}"
     dedup_threshold: float = Field(0.98, gt=0, le=1)
+    dedup_real_quantile: float = Field(
+        0.5, ge=0, le=1, description="raise dedup_threshold to this quantile of the real images' similarity to their "
+                                     "nearest other real image (an image is a copy only if closer than real images "
+                                     "are to each other)")
 
 
 class TwoStageConfig(_Block):

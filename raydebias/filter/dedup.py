@@ -13,3 +13,26 @@ def max_similarity(queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
     index.add(np.ascontiguousarray(corpus, dtype=np.float32))
     sims, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     return sims[:, 0]
+
+
+def self_similarity(corpus: np.ndarray) -> np.ndarray:
+    """Each (L2-normalised) corpus row's cosine similarity to its nearest *other* row."""
+    import faiss
+
+    if len(corpus) < 2:
+        return np.zeros(len(corpus), np.float32)
+    x = np.ascontiguousarray(corpus, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, ids = index.search(x, 2)
+    # the row itself is normally the first hit; with exact duplicates it may come second
+    return np.where(ids[:, 0] == np.arange(len(x)), sims[:, 1], sims[:, 0])
+
+
+def duplicate_threshold(threshold: float, real_self_sim: np.ndarray, quantile: float) -> float:
+    """The similarity above which a synthetic image counts as a copy of a real one: ``threshold``, raised to the
+    ``quantile`` of how close distinct real images are to each other. An embedding that cannot tell real images
+    apart (a tiny bootstrap CLIP on a few captions puts them all within 1e-4) otherwise flags every image."""
+    if len(real_self_sim) == 0:
+        return float(threshold)
+    return float(max(threshold, np.quantile(real_self_sim, quantile)))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
 from raydebias.filter.clip_score import clip_scores, top_q
-from raydebias.filter.dedup import max_similarity
+from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
 def run_filter(ctx, variant: str):
@@ -39,13 +39,15 @@ def run_filter(ctx, variant: str):
     scores = clip_scores(emb, groups, label_emb, y, centroids, cfg.filter.alpha)
     keep = top_q(scores, groups, cfg.filter.keep)
     sim = max_similarity(emb, real["emb"])
-    dup = sim >= cfg.filter.dedup_threshold
+    threshold = duplicate_threshold(cfg.filter.dedup_threshold, self_similarity(real["emb"]),
+                                    cfg.filter.dedup_real_quantile)
+    dup = sim >= threshold
     final = keep & ~dup
     tbl = t.filter(pa.array(final)).append_column("score", pa.array(scores[final], pa.float32()))
     with atomic_path(out / "synthetic.parquet") as tmp:
         pq.write_table(tbl, tmp)
     stats = {"generated": int(len(final)), "kept_by_score": int(keep.sum()),
-             "near_duplicates_of_real": int(dup.sum()), "dropped_as_duplicates_after_score": int((keep & dup).sum()),
+             "dedup_threshold": threshold, "near_duplicates_of_real": int(dup.sum()), "dropped_as_duplicates_after_score": int((keep & dup).sum()),
              "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
              "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
     # Generation quality of the kept set: FID/KID against the real training images (CLIP features offline),

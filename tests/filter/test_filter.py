@@ -1,7 +1,7 @@
 import numpy as np
 
 from raydebias.filter.clip_score import clip_scores, top_q
-from raydebias.filter.dedup import max_similarity
+from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
 def unit(v):
@@ -32,3 +32,35 @@ def test_max_similarity_matches_brute_force():
     q, c = unit(rng.normal(size=(20, 6))), unit(rng.normal(size=(50, 6)))
     np.testing.assert_allclose(max_similarity(q, c), (q @ c.T).max(1), rtol=1e-5)
     assert max_similarity(c[:3], c)[0] > 0.9999  # an exact copy of a real image is caught
+
+
+def _unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_self_similarity_is_leave_one_out_and_matches_brute_force():
+    rng = np.random.default_rng(1)
+    x = _unit(rng.normal(size=(40, 8)))
+    x[7] = x[3]  # an exact duplicate pair: each is the other's nearest neighbour at similarity 1
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    np.testing.assert_allclose(self_similarity(x), sims.max(1), atol=1e-5)
+    assert abs(self_similarity(x)[3] - 1.0) < 1e-5 and self_similarity(x[:1]).tolist() == [0.0]
+
+
+def test_duplicate_threshold_rises_with_a_collapsed_embedding():
+    rng = np.random.default_rng(0)
+    spread = _unit(rng.normal(size=(200, 16)))
+    # distinct images far apart: the configured threshold stands
+    assert duplicate_threshold(0.98, self_similarity(spread), 0.5) == 0.98
+    # every real image within ~1e-4 of the others (a collapsed tiny CLIP): the threshold rises above 0.98 ...
+    collapsed = _unit(np.ones((200, 16)) + 1e-3 * rng.normal(size=(200, 16)))
+    real_nn = self_similarity(collapsed)
+    t = duplicate_threshold(0.98, real_nn, 0.5)
+    assert t == float(np.quantile(real_nn, 0.5)) > 0.98
+    # ... so that synthetic images as close to the real set as real images are to each other are not all copies
+    synth = _unit(np.ones((100, 16)) + 1e-3 * rng.normal(size=(100, 16)))
+    dup = max_similarity(synth, collapsed) >= t
+    assert (max_similarity(synth, collapsed) >= 0.98).all() and 0 < dup.mean() < 1
+    assert duplicate_threshold(0.98, np.zeros(0), 0.5) == 0.98
