@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table
+from raydebias.evaluate.metrics import conflicting_mask
 
 
 def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
@@ -43,12 +44,6 @@ def error_set_quality(correct: np.ndarray, conflicting: np.ndarray) -> dict[str,
     f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
     return {"errors": int(err.sum()), "conflicting": int(conf.sum()), "precision": precision, "recall": recall,
             "f1": f1}
-
-
-def conflicting_mask(y: np.ndarray, a: np.ndarray, train_group_counts) -> np.ndarray:
-    """True where (y, a) is not the majority (aligned) bias value of class y in train."""
-    aligned = np.asarray(train_group_counts).argmax(1)
-    return a != aligned[y]
 
 
 def run_amplifier(ctx):

@@ -24,14 +24,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydebias._internal.io import atomic_path
+from raydebias.config import TIWConfig
 from raydebias.data.transforms import to_model_input
 from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
                                      tiw_dsm_loss)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
-DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": 1000, "disc_lr": 3e-4,
-                            "steps": 5000, "lr": 2e-4, "batch_size": 64, "objectives": ["dsm", "tiw_paper"],
-                            "schedule": {}, "log_every": 100}
+_TIW = TIWConfig()  # one source of the defaults: the stage's config
+DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": _TIW.disc_steps,
+                            "disc_lr": _TIW.disc_lr, "steps": _TIW.steps, "lr": _TIW.lr,
+                            "batch_size": _TIW.batch_size, "objectives": list(_TIW.objectives), "schedule": {},
+                            "log_every": 100}
 
 
 class EpsUNet(nn.Module):

@@ -491,3 +491,9 @@ def multiclass_ba(
     ]
     vals = [v for v in vals if not np.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def conflicting_mask(y: np.ndarray, a: np.ndarray, train_group_counts) -> np.ndarray:
+    """True where (y, a) is not the majority (aligned) bias value of class y in train."""
+    aligned = np.asarray(train_group_counts).argmax(1)
+    return a != aligned[y]

@@ -54,7 +54,8 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
     """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
     synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
     trained on the real training split (which memorises the conflicting samples)."""
-    from raydebias.debias.amplifier import conflicting_mask, error_set_quality
+    from raydebias.debias.amplifier import error_set_quality
+    from raydebias.evaluate.metrics import conflicting_mask
 
     stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
     if not stats_path.exists():

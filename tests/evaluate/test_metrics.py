@@ -353,3 +353,11 @@ def test_multiclass_ba_takes_its_signs_from_the_training_correlation():
     assert M.multiclass_ba(y, follows_bias, b, 2, form="zhao", train_group_counts=train) == pytest.approx(0.5)
     assert M.multiclass_ba(y, follows_bias, b, 2, form="zhao") == pytest.approx(0.0)  # own signs: all −1
     assert M.multiclass_ba(y, y, b, 2, form="zhao", train_group_counts=train) == pytest.approx(0.0)  # unbiased
+
+
+def test_conflicting_mask_uses_the_training_majority():
+    from raydebias.evaluate.metrics import conflicting_mask
+
+    counts = [[5, 1, 0], [0, 2, 9]]  # class 0 aligned with bias 0, class 1 with bias 2
+    y, a = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 2, 0, 1])
+    assert conflicting_mask(y, a, counts).tolist() == [False, True, False, True, True]
