@@ -50,8 +50,8 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
 
 def tempered_group_weights(groups: np.ndarray, tau: float) -> np.ndarray:
     """Per-image weights n_g^-τ: group g is drawn ∝ n_g^(1-τ) (τ = 0: as in the data, τ = 1: every group equally).
-    Between the two, the generator sees the rare (class, bias) pairs often enough to learn that the words vary
-    independently without memorising the few conflicting images outright."""
+    Between the two, the generator sees the rare (class, bias) pairs more often without only replaying the few
+    conflicting images (one run each on Colored MNIST showed no gain beyond noise; BENCHMARKS.md)."""
     return np.bincount(groups)[groups].astype(np.float64) ** -float(tau)
 
 

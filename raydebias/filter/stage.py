@@ -47,7 +47,8 @@ def run_filter(ctx, variant: str):
     with atomic_path(out / "synthetic.parquet") as tmp:
         pq.write_table(tbl, tmp)
     stats = {"generated": int(len(final)), "kept_by_score": int(keep.sum()),
-             "dedup_threshold": threshold, "near_duplicates_of_real": int(dup.sum()), "dropped_as_duplicates_after_score": int((keep & dup).sum()),
+             "dedup_threshold": threshold, "near_duplicates_of_real": int(dup.sum()),
+             "dropped_as_duplicates_after_score": int((keep & dup).sum()),
              "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
              "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
     # Generation quality of the kept set: FID/KID against the real training images (CLIP features offline),

@@ -217,9 +217,9 @@ def run_mine(ctx):
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table
     from raydebias.debias.amplifier import error_set_quality
-    from raydebias.evaluate.metrics import conflicting_mask
     from raydebias.debias.lff import mine_conflicting
     from raydebias.debias.train import fit_classifier, score_train_split
+    from raydebias.evaluate.metrics import conflicting_mask
     from raydebias.pipeline import StageResult
 
     info, di = ctx.data_info, ctx.cfg.diffinject
