@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 
-def group_balanced_weights(groups: np.ndarray) -> np.ndarray:
-    """Per-sample sampling weights 1 / n_g so that every present group is drawn equally often."""
+def group_balanced_weights(groups: np.ndarray, tau: float = 1.0) -> np.ndarray:
+    """Per-sample sampling weights n_g^-τ: group g is drawn ∝ n_g^(1-τ). τ = 1 (default): every present group
+    equally often; τ = 0: as in the data; in between, tempered (the bootstrap generator's ``group_balance``)."""
     counts = np.bincount(groups)
-    return 1.0 / counts[groups]
+    return 1.0 / counts[groups] ** float(tau)
 
 
 class GroupDRO:

@@ -48,13 +48,6 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
     return fn
 
 
-def tempered_group_weights(groups: np.ndarray, tau: float) -> np.ndarray:
-    """Per-image weights n_g^-τ: group g is drawn ∝ n_g^(1-τ) (τ = 0: as in the data, τ = 1: every group equally).
-    Between the two, the generator sees the rare (class, bias) pairs more often without only replaying the few
-    conflicting images (one run each on Colored MNIST showed no gain beyond noise; BENCHMARKS.md)."""
-    return np.bincount(groups)[groups].astype(np.float64) ** -float(tau)
-
-
 def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
                batch_size: int, lr: float, use_bias: bool = True) -> dict:
     """Train a bootstrap text-to-image model on the train split's captions and save it (diffusers layout) to
@@ -63,6 +56,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     import torch
 
     from raydebias.config import RunConfig
+    from raydebias.debias.groupdro import group_balanced_weights
     from raydebias.debias.train import load_split
     from raydebias.models.clip import captions_for, clip_tokenizer
     from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
@@ -79,7 +73,9 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     weights = None
     if has_bias and cfg.diffusion.group_balance > 0:
-        weights = tempered_group_weights(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_balance)
+        # drawing the rare (class, bias) pairs more often without only replaying the few conflicting images; one
+        # run each on Colored MNIST showed no gain beyond noise (BENCHMARKS.md)
+        weights = group_balanced_weights(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_balance)
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(

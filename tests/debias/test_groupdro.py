@@ -183,3 +183,12 @@ def test_recipe_registry():
     for name, cls in RECIPES.items():
         cls(6, eta=0.05, **args.get(name, {}))
     assert GroupDRO(6, eta=0.05).eta == 0.05
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_tempered_group_mass_is_count_to_the_one_minus_tau(tau):
+    groups = np.repeat([0, 1, 2, 5], [400, 100, 4, 1])
+    w = group_balanced_weights(groups, tau)
+    mass = np.array([w[groups == g].sum() for g in (0, 1, 2, 5)])
+    counts = np.array([400, 100, 4, 1], float)
+    np.testing.assert_allclose(mass / mass.sum(), counts ** (1 - tau) / (counts ** (1 - tau)).sum())
