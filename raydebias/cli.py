@@ -32,7 +32,24 @@ def _print_table(run_dir: Path) -> None:
         for obj, v in tiw["objectives"].items():
             print(f"  {obj:<12} aligned fraction {v['aligned_fraction']:.3f}  TV to reference {v['tv_groups']:.3f}  "
                   f"FID {v['fid']:.2f}")
+    fid = report.get("generation", {}).get("fidelity")
+    if fid:
+        acc = fid["probes"]["probe_test_accuracy"]
+        print(f"\ngeneration fidelity (probes trained on val; on real test: class {_f(acc.get('class'))}, "
+              f"bias {_f(acc.get('bias'))}):")
+        keys = [("class_aligned", "class aligned"), ("class_conflicting", "class conflicting"),
+                ("bias_aligned", "bias aligned"), ("bias_conflicting", "bias conflicting")]
+        print(f"{'synthetic set':<28}" + "".join(f"{n:>19}" for _, n in keys) + f"{'CAS':>8}")
+        for name, fs in fid["sets"].items():
+            if "objectives" in fs:
+                continue
+            print(f"{name:<28}" + "".join(f"{_f(fs.get(k)):>19}" for k, _ in keys)
+                  + f"{_f((fs.get('cas') or {}).get('aga')):>8}")
     print(f"\nreport:  {run_dir / 'report.html'}\nmetrics: {run_dir / 'metrics.json'}")
+
+
+def _f(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "–"
 
 
 def _run(config: Path | None, overrides: list[str], run_dir: str | None) -> int:

@@ -36,6 +36,16 @@ def test_every_variant_has_a_metrics_row(gen_run):
             assert m["stages"][f"{stage}/{v}"]["status"] == "completed", (stage, v)
     for shared in ("clip", "embed", "cluster", "diffusion"):
         assert m["stages"][shared]["status"] == "completed"
+    fid = report["generation"]["fidelity"]
+    assert set(fid["probes"]["probe_test_accuracy"]) == {"class", "bias"}
+    for v in VARIANTS:  # every generated and every kept set is measured; CAS on the set the classifier trained on
+        gen, kept = fid["sets"][f"generate/{v}"], fid["sets"][f"filter/{v}"]
+        assert gen["images"] == 10 * 10 * 2 and len(gen["per_group"]) == 100 and "cas" not in gen
+        assert kept["images"] <= gen["images"] and kept["cas"]["aga"] is not None
+        for k in ("class_aligned", "class_conflicting", "bias_aligned", "bias_conflicting"):
+            assert 0.0 <= gen[k] <= 1.0
+        row = next(r for r in report["rows"] if r["method"] == v)
+        assert row["synthetic_cas"] == kept["cas"]["aga"]
 
 
 def test_adapters_round_trip_and_units(gen_run):

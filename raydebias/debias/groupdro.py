@@ -14,6 +14,17 @@ def group_balanced_weights(groups: np.ndarray, tau: float = 1.0) -> np.ndarray:
     return 1.0 / counts[groups] ** float(tau)
 
 
+def group_mixture_probs(groups: np.ndarray, mix: float, tau: float = 0.0) -> np.ndarray:
+    """Per-sample draw probabilities (sum 1): a fraction ``mix`` of draws uniform over the present groups, the rest
+    by :func:`group_balanced_weights` with ``tau`` (0: as in the data)."""
+    base = group_balanced_weights(groups, tau)
+    base = base / base.sum()
+    if mix <= 0:
+        return base
+    uniform = group_balanced_weights(groups)
+    return (1.0 - mix) * base + mix * uniform / uniform.sum()
+
+
 class GroupDRO:
     """q_g ← q_g·exp(η·L_g), normalised; loss = Σ_g q_g L_g with L_g the batch's mean loss on group g.
 

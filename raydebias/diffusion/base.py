@@ -56,7 +56,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     import torch
 
     from raydebias.config import RunConfig
-    from raydebias.debias.groupdro import group_balanced_weights
+    from raydebias.debias.groupdro import group_mixture_probs
     from raydebias.debias.train import load_split
     from raydebias.models.clip import captions_for, clip_tokenizer
     from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
@@ -72,10 +72,11 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     weights = None
-    if has_bias and cfg.diffusion.group_balance > 0:
-        # drawing the rare (class, bias) pairs more often without only replaying the few conflicting images; one
-        # run each on Colored MNIST showed no gain beyond noise (BENCHMARKS.md)
-        weights = group_balanced_weights(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_balance)
+    if has_bias and (cfg.diffusion.group_balance > 0 or cfg.diffusion.group_mix > 0):
+        # draw the rare (class, bias) pairs more often: with group_mix 0.5 about a third of each 99 %-aligned batch
+        # is bias-conflicting, so the class word, not the bias word, has to explain the shape there
+        weights = group_mixture_probs(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_mix,
+                                      cfg.diffusion.group_balance)
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(

@@ -89,6 +89,61 @@ def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_gro
     return _png(fig)
 
 
+def fidelity_heatmaps(fs: dict, info: dict) -> str:
+    """Two C×B heat maps of one synthetic set: per-group class fidelity and bias fidelity (blank = no image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C, B = info["num_classes"], info["num_bias"]
+    kinds = [k for k in ("class", "bias") if any(k in g for g in fs["per_group"].values())]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(0.45 * B * len(kinds) + 2.5, 0.4 * C + 1.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        m = np.full((C, B), np.nan)
+        for key, g in fs["per_group"].items():
+            yy, aa = map(int, key.split(","))
+            m[yy, aa] = g.get(kind, np.nan)
+        ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        for yy in range(C):
+            for aa in range(B):
+                if np.isfinite(m[yy, aa]) and C * B <= 144:
+                    ax.text(aa, yy, f"{m[yy, aa]:.1f}", ha="center", va="center", fontsize=6,
+                            color="white" if m[yy, aa] < 0.6 else "black")
+        ax.set_xticks(range(B), [str(b)[:6] for b in info["bias_names"]], fontsize=6, rotation=90)
+        ax.set_yticks(range(C), [str(c)[:10] for c in info["class_names"]], fontsize=6)
+        ax.set_title(f"{kind} fidelity (probe on val)", fontsize=8)
+    return _png(fig)
+
+
+def fidelity_section(report: dict, info: dict) -> str:
+    """The generation-fidelity table of every synthetic set, with the probes' own accuracy as the ceiling."""
+    fid = report.get("generation", {}).get("fidelity")
+    if not fid:
+        return ""
+    cols = [("images", "images"), ("class_aligned", "class fid. aligned"), ("class_conflicting", "class fid. conflicting"),
+            ("bias_aligned", "bias fid. aligned"), ("bias_conflicting", "bias fid. conflicting"),
+            ("class_fidelity", "class fid. (all)"), ("aligned_fraction", "drawn in an aligned pairing")]
+    body = ""
+    for name, fs in fid["sets"].items():
+        if "objectives" in fs:
+            for obj, v in fs["objectives"].items():
+                body += (f"<tr><td>{html.escape(name)}/{html.escape(obj)}</td><td>none</td>"
+                         + "".join(f"<td>{_fmt(v.get(k))}</td>" for k, _ in cols) + "<td>–</td></tr>")
+            continue
+        body += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(fs['target'])}</td>"
+                 + "".join(f"<td>{_fmt(fs.get(k))}</td>" for k, _ in cols)
+                 + f"<td>{_fmt((fs.get('cas') or {}).get('aga'))}</td></tr>")
+    acc = fid["probes"]["probe_test_accuracy"]
+    return ("<h2>Generation fidelity</h2><p>Does an image generated for group (y, a) show class y and bias a? A class "
+            "probe and a bias probe (the run's classifier backbone, trained on the real <b>val</b> split with "
+            f"group-balanced batches) score every synthetic image; their own accuracy on real test — class "
+            f"{_fmt(acc.get('class'))}, bias {_fmt(acc.get('bias'))} — is what a perfect generator would score. "
+            "Means are over groups. CAS: the backbone trained on the synthetic set alone, unbiased accuracy on real "
+            "test.</p><table><tr><th>synthetic set</th><th>target</th>"
+            + "".join(f"<th>{n}</th>" for _, n in cols) + "<th>CAS (AGA)</th></tr>" + body + "</table>")
+
+
 def image_rows(rows: list[tuple[str, np.ndarray]], title: str, per_row: int = 10) -> str:
     """A grid with one labelled row of up to ``per_row`` uint8 NHWC images per (label, images) entry."""
     import matplotlib
@@ -190,6 +245,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
                  + "".join("<tr><td>" + html.escape(r["method"]) + "</td>"
                            + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
                  + "</table>")
+    parts.append(fidelity_section(report, info))
     if info["num_bias"] is not None and rows and rows[0].get("per_group"):
         parts.append(f"<h2>Per-group test accuracy</h2><img src='{accuracy_bars(rows, info)}'>")
         tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
@@ -201,8 +257,13 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
                 grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
                                    samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
                 stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
-                parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><p>filter: "
-                             + html.escape(json.dumps(stats)) + f"</p><img src='{grid}'>")
+                fs = report.get("generation", {}).get("fidelity", {}).get("sets", {}).get(f"filter/{r['method']}")
+                heat = f"<img src='{fidelity_heatmaps(fs, info)}'>" if fs and fs.get("per_group") else ""
+                shown = {k: v for k, v in stats.items() if not isinstance(v, dict)}
+                parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><table><tr>"
+                             + "".join(f"<th>{html.escape(k)}</th>" for k in shown) + "</tr><tr>"
+                             + "".join(f"<td>{_fmt(v)}</td>" for v in shown.values()) + "</tr></table>"
+                             + f"<img src='{grid}'>{heat}")
         apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
         if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
             t, sx = _pixels(apath, info)

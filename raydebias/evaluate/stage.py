@@ -101,10 +101,6 @@ def run_evaluate(ctx):
             else:
                 row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
         row["selected_epoch"] = meta["best_epoch"]
-        fstats = ctx.run_dir / "stages" / "filter" / method / "stats.json"
-        if fstats.exists():  # generative methods: quality of the synthetic set they trained on
-            fk = json.loads(fstats.read_text()).get("fid_kid") or {}
-            row.update(synthetic_fid=fk.get("fid"), synthetic_kid=fk.get("kid"))
         rows.append(row)
         ctx.log(f"[evaluate] {method:>10}: test acc {row.get('accuracy')}  wga {row.get('wga')}  aga {row.get('aga')}")
     # BPC of every method against ERM (GAMMA-FACE eq. 13); ERM itself is 0 by definition.
@@ -130,6 +126,21 @@ def run_evaluate(ctx):
     detection = bias_detection(ctx, info)
     if detection:
         report["bias_detection"] = detection
+    # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods
+    from raydebias.evaluate.fidelity import measure_run
+
+    fidelity = None
+    if cfg.evaluate.fidelity:
+        train = load_split(data_dir / "train.parquet", info["image_size"])
+        fidelity = measure_run(ctx.run_dir, cfg.methods, info, splits["val"], splits["test"], cfg.models.classifier,
+                               train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log)
+    if fidelity:
+        report.setdefault("generation", {})["fidelity"] = fidelity
+        for r in rows:  # the set each classifier trained on, in its row
+            fs = next((v for v in fidelity["sets"].values() if v["method"] == r["method"] and "cas" in v), None)
+            if fs:
+                r.update(synthetic_class_conflicting=fs.get("class_conflicting", fs.get("class_fidelity")),
+                         synthetic_bias_conflicting=fs.get("bias_conflicting"), synthetic_cas=fs["cas"].get("aga"))
     # what the synthetic-data stages of this run's methods measured (mining precision, GMM K, TIW proportions)
     for stage, method in (("mine", "diffinject"), ("inject", "diffinject"), ("gmm", "gamma_face"), ("tiw", "tiw")):
         path = ctx.run_dir / "stages" / stage / "stats.json"

@@ -44,6 +44,7 @@ class Row:
     prompt: str
     seed: int
     transferred: bool
+    partial_prompt: str = ""  # the prompt without the class word (compositional guidance)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,17 @@ class Row:
 def describe(template: str, class_name: str, bias_name: str | None) -> str:
     text = template.replace("{bias} ", "") if bias_name is None else template.replace("{bias}", bias_name)
     return " ".join(text.replace("{class}", class_name).split())
+
+
+def dreambooth_prompt(template: str, identifier: str, class_name: str, bias_name: str | None) -> str:
+    """The group's description with the [V] token before the class: "a photo of a red sks digit 0".
+
+    The paper's prompt is "a photo of a [V] {class}". The bootstrap base model is trained on half group-balanced
+    batches, so the class word alone no longer implies the aligned bias value, and 20 LoRA steps do not teach [V]
+    it: with the paper's prompt, the aligned groups' samples had the right bias 16 % of the time (README,
+    "Generation fidelity"); the bias word keeps it.
+    """
+    return describe(template, f"{identifier} {class_name}", bias_name)
 
 
 def row_seed(seed: int, row_id: str) -> int:
@@ -79,7 +91,7 @@ def plan_units(variant: str, ids: np.ndarray, y: np.ndarray, a: np.ndarray, clus
             units.append(Unit(f"g{yy}_{aa}", yy, aa, 0, describe(template, class_names[yy], bias_names[aa]),
                               sorted(ids[pick].tolist())))
             continue
-        prompt = f"a photo of a {identifier} {class_names[yy]}"
+        prompt = dreambooth_prompt(template, identifier, class_names[yy], bias_names[aa])
         if variant == "dreambooth":
             pick = rng.choice(idx, size=DREAMBOOTH_MAX_IMAGES, replace=False) if len(idx) > DREAMBOOTH_MAX_IMAGES else idx
             units.append(Unit(f"g{yy}_{aa}", yy, aa, 0, prompt, sorted(ids[pick].tolist())))
@@ -114,16 +126,18 @@ def plan_rows(variant: str, units: list[Unit], y: np.ndarray, a: np.ndarray, cla
                 sources, prompt, transferred = [None], target, False
             elif own:
                 sources = [u.name for u in own]
-                prompt = target if variant == "lora" else f"a photo of a {identifier} {class_names[yy]}"
+                prompt = target if variant == "lora" else dreambooth_prompt(template, identifier, class_names[yy],
+                                                                             bias_names[aa])
                 transferred = False
             else:  # severe-bias transfer from the aligned group of the same class
                 donor = by_group.get((yy, int(align[yy])), [])
                 sources = [u.name for u in donor] or [None]
                 prompt, transferred = target, True
+            partial = describe(template, "" if prompt == target else identifier, bias_names[aa])
             per = np.full(len(sources), images_per_group // len(sources))
             per[: images_per_group % len(sources)] += 1
             for c, (src, n) in enumerate(zip(sources, per)):
                 for j in range(int(n)):
                     rid = f"{variant}:{yy},{aa}:{c}:{j}"
-                    rows.append(Row(rid, yy, aa, c, src, prompt, row_seed(seed, rid), transferred))
+                    rows.append(Row(rid, yy, aa, c, src, prompt, row_seed(seed, rid), transferred, partial))
     return rows

@@ -24,7 +24,8 @@ ROW_SCHEMA = pa.schema([("row_id", pa.string()), ("label", pa.int64()), ("bias",
 class GenerateBatch:
     """Ray Data UDF: one base model per actor; adapters loaded on first use and switched per row group."""
 
-    def __init__(self, run_dir: str, variant: str, num_steps: int, guidance_scale: float, out_dir: str):
+    def __init__(self, run_dir: str, variant: str, num_steps: int, guidance_scale: float, out_dir: str,
+                 class_guidance_scale: float | None = None):
         import torch
 
         from raydebias.diffusion.base import load_base
@@ -34,6 +35,7 @@ class GenerateBatch:
         self.bundle = load_base(self.run_dir)
         self.loaded: set[str] = set()
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
+        self.class_guidance_scale = class_guidance_scale
 
     def _activate(self, adapter: str | None) -> None:
         from raydebias.finetune.dreambooth_lora import load_lora, set_active
@@ -55,8 +57,11 @@ class GenerateBatch:
         for adapter in dict.fromkeys(adapters):
             idx = [i for i in range(n) if adapters[i] == adapter]
             self._activate(adapter)
+            compose = self.class_guidance_scale is not None
             imgs = sample(self.bundle, [str(batch["prompt"][i]) for i in idx], num_steps=self.num_steps,
-                          guidance_scale=self.guidance_scale, seeds=[int(batch["seed"][i]) for i in idx])
+                          guidance_scale=self.guidance_scale, seeds=[int(batch["seed"][i]) for i in idx],
+                          partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
+                          partial_guidance_scale=self.class_guidance_scale)
             for i, img in zip(idx, imgs):
                 pixels[i] = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
         tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
@@ -123,7 +128,7 @@ def run_generate(ctx, variant: str):
         res = ds.map_batches(
             GenerateBatch,
             fn_constructor_args=(str(ctx.run_dir), variant, cfg.generate.num_steps, cfg.generate.guidance_scale,
-                                 str(rows_dir)),
+                                 str(rows_dir), cfg.generate.class_guidance_scale),
             batch_size=cfg.generate.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.generate.num_actors),

@@ -285,26 +285,38 @@ def initial_noise(bundle: DiffusionBundle, seeds: list[int], init_noise_sigma: f
 
 
 def cfg_context(bundle: DiffusionBundle, prompts: list[str], guidance_scale: float,
-                negative_prompt: str = "") -> torch.Tensor:
-    """Cross-attention context for :func:`ddim_denoise`: [uncond; cond] when guiding, else cond."""
+                negative_prompt: str = "", partial_prompts: list[str] | None = None) -> torch.Tensor:
+    """Cross-attention context for :func:`ddim_denoise`: [uncond; cond] when guiding, else cond;
+    [uncond; partial; cond] with ``partial_prompts`` (compositional guidance)."""
     cond = bundle.embed_prompts(list(prompts)).to(bundle.dtype)
-    if guidance_scale == 1.0:
+    if guidance_scale == 1.0 and partial_prompts is None:
         return cond
-    uncond = bundle.embed_prompts([negative_prompt]).to(bundle.dtype)
-    return torch.cat([uncond.expand(len(prompts), -1, -1), cond])
+    uncond = bundle.embed_prompts([negative_prompt]).to(bundle.dtype).expand(len(prompts), -1, -1)
+    if partial_prompts is None:
+        return torch.cat([uncond, cond])
+    return torch.cat([uncond, bundle.embed_prompts(list(partial_prompts)).to(bundle.dtype), cond])
 
 
 @torch.no_grad()
 def ddim_denoise(bundle: DiffusionBundle, z: torch.Tensor, sched: DDIMScheduler, timesteps, context: torch.Tensor,
-                 guidance_scale: float) -> torch.Tensor:
-    """DDIM (η = 0) over ``timesteps`` (all or a slice of ``sched.timesteps``) with classifier-free guidance."""
-    use_cfg = guidance_scale != 1.0
+                 guidance_scale: float, partial_guidance_scale: float | None = None) -> torch.Tensor:
+    """DDIM (η = 0) over ``timesteps`` (all or a slice of ``sched.timesteps``) with classifier-free guidance.
+
+    With ``partial_guidance_scale`` (context [uncond; partial; cond]) the guidance is compositional:
+    ε = ε_u + g·(ε_partial − ε_u) + g_p·(ε_cond − ε_partial) — with partial = the prompt without the class word,
+    g_p scales what the class word adds *given* the bias word (g_p = g is plain CFG). README, "Generation fidelity".
+    """
+    ways = 1 if guidance_scale == 1.0 and partial_guidance_scale is None else \
+        (2 if partial_guidance_scale is None else 3)
     for t in timesteps:
-        inp = sched.scale_model_input(torch.cat([z, z]) if use_cfg else z, t)
+        inp = sched.scale_model_input(torch.cat([z] * ways) if ways > 1 else z, t)
         pred = bundle.predict(inp, t.to(bundle.device), context)
-        if use_cfg:
+        if ways == 2:
             pu, pc = pred.chunk(2)
             pred = pu + guidance_scale * (pc - pu)
+        elif ways == 3:
+            pu, pp, pc = pred.chunk(3)
+            pred = pu + guidance_scale * (pp - pu) + partial_guidance_scale * (pc - pp)
         z = sched.step(pred, t, z, eta=0.0).prev_sample
     return z
 
@@ -318,24 +330,33 @@ def sample(
     seeds: list[int] | None = None,
     negative_prompt: str = "",
     batch_size: int = 64,
+    partial_prompts: list[str] | None = None,
+    partial_guidance_scale: float | None = None,
 ) -> np.ndarray:
     """DDIM (η = 0) sampling with classifier-free guidance → uint8 NHWC images.
 
     Row i starts from noise drawn by ``torch.Generator().manual_seed(seeds[i])``, so its image depends only on
-    (model, prompt, seed), not on the batch it shares (default seeds: 0..N−1).
+    (model, prompt, seed), not on the batch it shares (default seeds: 0..N−1). ``partial_prompts`` (one per row)
+    with ``partial_guidance_scale``: compositional guidance (:func:`ddim_denoise`).
     """
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if (partial_prompts is None) != (partial_guidance_scale is None):
+        raise ValueError("compositional guidance needs both partial_prompts and partial_guidance_scale")
+    if partial_prompts is not None and len(partial_prompts) != len(prompts):
+        raise ValueError(f"{len(partial_prompts)} partial prompts for {len(prompts)} prompts")
     sched = DDIMScheduler.from_config(bundle.noise_scheduler.config)
     sched.set_timesteps(num_steps)
     out: list[np.ndarray] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
         z = initial_noise(bundle, seeds[lo : lo + len(chunk)], sched.init_noise_sigma)
-        ctx = cfg_context(bundle, chunk, guidance_scale, negative_prompt)
-        out.append(_to_uint8(bundle.decode(ddim_denoise(bundle, z, sched, sched.timesteps, ctx, guidance_scale))))
+        part = None if partial_prompts is None else list(partial_prompts[lo : lo + len(chunk)])
+        ctx = cfg_context(bundle, chunk, guidance_scale, negative_prompt, part)
+        out.append(_to_uint8(bundle.decode(ddim_denoise(bundle, z, sched, sched.timesteps, ctx, guidance_scale,
+                                                        partial_guidance_scale))))
     if not out:
         return np.zeros((0, bundle.resolution, bundle.resolution, 3), np.uint8)
     return np.concatenate(out)

@@ -192,3 +192,15 @@ def test_tempered_group_mass_is_count_to_the_one_minus_tau(tau):
     mass = np.array([w[groups == g].sum() for g in (0, 1, 2, 5)])
     counts = np.array([400, 100, 4, 1], float)
     np.testing.assert_allclose(mass / mass.sum(), counts ** (1 - tau) / (counts ** (1 - tau)).sum())
+
+
+def test_group_mixture_probs_mass_per_group():
+    from raydebias.debias.groupdro import group_mixture_probs
+
+    groups = np.array([0] * 90 + [1] * 9 + [2])
+    p = group_mixture_probs(groups, mix=0.5)
+    assert p.sum() == pytest.approx(1.0)
+    mass = np.bincount(groups, weights=p)
+    np.testing.assert_allclose(mass, 0.5 * np.array([90, 9, 1]) / 100 + 0.5 / 3)
+    np.testing.assert_allclose(group_mixture_probs(groups, mix=0.0), np.full(100, 0.01))
+    np.testing.assert_allclose(np.bincount(groups, weights=group_mixture_probs(groups, mix=1.0)), [1 / 3] * 3)

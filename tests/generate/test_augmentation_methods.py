@@ -49,9 +49,14 @@ def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     rows = {r["method"]: r for r in metrics["rows"]}
     assert set(rows) == {"diffinject", "gamma_face", "erm"} and all(r["aga"] is not None for r in rows.values())
-    assert {"mine", "inject", "gmm"} <= set(metrics["generation"])
+    assert {"mine", "inject", "gmm", "fidelity"} <= set(metrics["generation"])
+    fid = metrics["generation"]["fidelity"]["sets"]
+    # DiffInject's target is (content's class, style's bias); GAMMA-FACE's samples have pseudo-labels only
+    assert fid["inject"]["images"] == n and set(fid["inject"]["per_group"]) and "cas" in fid["inject"]
+    assert fid["gmm"]["images"] == 15 and sum(fid["gmm"]["class_histogram"]) == 15
+    assert rows["diffinject"]["synthetic_cas"] == fid["inject"]["cas"]["aga"]
     html = (run / "report.html").read_text()
-    assert "<h3>DiffInject</h3>" in html and "GAMMA-FACE</h3><p>K = " in html
+    assert "<h3>DiffInject</h3>" in html and "GAMMA-FACE</h3><p>K = " in html and "Generation fidelity" in html
 
     # resume: lose one finished inject part and the merged output → only that part is regenerated, same rows
     before = syn.column("pixels").to_pylist()

@@ -30,7 +30,7 @@ def test_units_per_variant(biased):
     assert [(u.y, u.a) for u in lora] == [(0, 0), (1, 1), (2, 2)]
     assert all(len(u.ids) == 30 and u.prompt == describe(T, CLASSES[u.y], BIASES[u.a]) for u in lora)
     db = units("dreambooth", biased)
-    assert [u.prompt for u in db] == ["a photo of a sks zero", "a photo of a sks one", "a photo of a sks two"]
+    assert [u.prompt for u in db] == ["a photo of a red sks zero", "a photo of a green sks one", "a photo of a blue sks two"]
     cdb = units("clustered_dreambooth", biased)
     assert len(cdb) == 6 and sorted(len(u.ids) for u in cdb) == [15] * 6
     assert len({u.name for u in cdb}) == 6
@@ -67,8 +67,10 @@ def test_severe_bias_transfer_uses_the_aligned_model_and_the_target_description(
     assert conflicting and all(r.transferred for r in conflicting)
     assert {r.adapter for r in conflicting} == {u.name for u in us if u.y == 0}  # class 0's aligned clusters
     assert all(r.prompt == "a photo of a blue zero" and "sks" not in r.prompt for r in conflicting)
+    assert all(r.partial_prompt == "a photo of a blue" for r in conflicting)  # the prompt without the class word
     own = [r for r in rows if r.y == 1 and r.a == 1]
-    assert not any(r.transferred for r in own) and all(r.prompt == "a photo of a sks one" for r in own)
+    assert not any(r.transferred for r in own) and all(r.prompt == "a photo of a green sks one" for r in own)
+    assert all(r.partial_prompt == "a photo of a green sks" for r in own)
     # M / k_D per cluster
     assert sorted(sum(r.adapter == n for r in own) for n in {r.adapter for r in own}) == [3, 3]
 

@@ -88,3 +88,17 @@ def test_safetensors_round_trip_gives_identical_outputs(arch, tmp_path):
         assert torch.equal(loaded(x), model(x))
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_cnn_keeps_a_4x4_map_at_any_image_size():
+    """The ``cnn`` backbone flattens a 4×4 map (no global pooling): the feature size is 2w·16 for 32 px and for
+    other sizes, and a pixel's position changes the features (global average pooling would not see a shift)."""
+    torch.manual_seed(0)
+    model = create_classifier(ClassifierModelConfig(arch="cnn", width=4), C).eval()
+    assert model.feat_dim == 2 * 4 * 16
+    for size in (32, 48, 28):
+        assert model.features(torch.zeros(1, 3, size, size)).shape == (1, 128)
+    a, b = torch.full((1, 3, 32, 32), -1.0), torch.full((1, 3, 32, 32), -1.0)
+    a[..., 2:6, 2:6], b[..., 26:30, 26:30] = 1.0, 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model.features(a), model.features(b))

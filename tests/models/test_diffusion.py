@@ -151,6 +151,42 @@ def _colored_mnist(n: int):
     return pixels, captions
 
 
+def test_default_text_encoder_keeps_each_word_at_its_own_position():
+    """text_layers = 0 (the default): the class word changes the context at its own position only, by a margin,
+    so a dominant bias word earlier in the caption cannot drown it (README, "Generation fidelity")."""
+    from raydebias.config import DiffusionModelConfig
+
+    b = bootstrap_diffusion(DiffusionModelConfig(block_out_channels=[16, 32], text_width=32))
+    with torch.no_grad():
+        e = b.embed_prompts(["a photo of a red digit 0", "a photo of a red digit 5"])
+    change = (e[0] - e[1]).norm(dim=-1)
+    pos = int(change.argmax())
+    assert change[pos] > 1.0 and float(change.sum() - change[pos]) < 1e-5
+
+
+def test_compositional_guidance_reduces_to_cfg_and_uses_the_partial_prompt(tiny_diffusion):
+    """ε_u + g(ε_p − ε_u) + g_c(ε_c − ε_p): with g_c = g it is plain CFG whatever the partial prompt; with
+    g_c ≠ g the partial prompt matters."""
+    import torch
+
+    from raydebias.models.diffusion import DDIMScheduler, cfg_context, ddim_denoise, initial_noise
+
+    prompts, partial = ["a red digit 1", "a blue digit 2"], ["a red", "a blue"]
+    sched = DDIMScheduler.from_config(tiny_diffusion.noise_scheduler.config)
+    sched.set_timesteps(3)
+    z = initial_noise(tiny_diffusion, [1, 2])
+    plain = ddim_denoise(tiny_diffusion, z, sched, sched.timesteps, cfg_context(tiny_diffusion, prompts, 2.0), 2.0)
+    same = ddim_denoise(tiny_diffusion, z, sched, sched.timesteps,
+                        cfg_context(tiny_diffusion, prompts, 2.0, partial_prompts=partial), 2.0, 2.0)
+    torch.testing.assert_close(same, plain, atol=1e-4, rtol=1e-4)
+    a = sample(tiny_diffusion, prompts, num_steps=3, seeds=[1, 2], partial_prompts=partial, partial_guidance_scale=4.0)
+    b = sample(tiny_diffusion, prompts, num_steps=3, seeds=[1, 2], partial_prompts=["a green", "a pink"],
+               partial_guidance_scale=4.0)
+    assert a.shape == (2, 16, 16, 3) and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="both"):
+        sample(tiny_diffusion, prompts, partial_prompts=partial)
+
+
 @pytest.mark.parametrize("f", [1, 4])
 def test_unshuffle_factor_round_trips_through_save(tiny_diffusion_config, tmp_path, f):
     b = bootstrap_diffusion(tiny_diffusion_config.model_copy(update={"unshuffle": f, "cross_attention": "all"}))

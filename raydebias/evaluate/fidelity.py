@@ -1,0 +1,242 @@
+"""Generation fidelity: does an image generated for group (y, a) show class y and bias value a?
+
+Two probes, the run's classifier backbone trained on the real **val** split (never test) with group-balanced
+batches, so that neither can read one attribute off the other: a class probe (y) and a bias probe (a). Every
+synthetic image made for (y, a) is scored by both; per-group fractions are summarised over the bias-aligned and
+the bias-conflicting groups (unweighted means over groups). CAS (classification accuracy score, Ravuri & Vinyals
+2019) trains the same backbone on the synthetic set alone and reports its unbiased accuracy (AGA) on real test —
+a measurement, never used to select anything. Generators without a target group (Diffusing DeBias's class-only
+prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead (``describe_unconditional``).
+README, "Generation fidelity".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydebias.config import ClassifierModelConfig
+from raydebias.data.transforms import to_model_input
+from raydebias.evaluate.metrics import conflicting_mask, group_key, group_metrics
+from raydebias.models.classifier import create_classifier
+
+
+def fit_backbone(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: ClassifierModelConfig,
+                 groups: np.ndarray | None = None, epochs: int = 10, lr: float = 1e-3, batch_size: int = 128,
+                 seed: int = 0) -> torch.nn.Module:
+    """Train ``cfg``'s backbone in-process (seconds on a val-sized set) on uint8 NHWC ``x``; with ``groups``,
+    every epoch draws each group equally often (with replacement)."""
+    from raydebias.debias.groupdro import group_balanced_weights
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = create_classifier(cfg, num_classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    xs, ys = to_model_input(x), torch.as_tensor(np.asarray(y, np.int64))
+    w = None if groups is None else group_balanced_weights(np.asarray(groups))
+    n = len(ys)
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(n) if w is None else rng.choice(n, n, replace=True, p=w / w.sum())
+        for i in range(0, n, batch_size):
+            b = order[i : i + batch_size]
+            if len(b) < 2:
+                continue
+            loss = F.cross_entropy(model(xs[b]), ys[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_labels(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    out = [model(to_model_input(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
+
+@dataclass
+class Probes:
+    """A class probe and (with bias labels in val) a bias probe, with their own accuracy on real test."""
+
+    class_probe: torch.nn.Module
+    bias_probe: torch.nn.Module | None
+    info: dict[str, Any]
+    accuracy: dict[str, float | None]
+
+    def summary(self) -> dict[str, Any]:
+        return {"trained_on": "val (group-balanced batches)", "probe_test_accuracy": self.accuracy}
+
+
+def train_probes(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, info: dict[str, Any],
+                 cfg: ClassifierModelConfig, epochs: int = 10, seed: int = 0) -> Probes:
+    """Fit the class and bias probes on ``val`` (``x``, ``y``, ``a``); their accuracy on ``test`` is the ceiling
+    a perfect generator would score."""
+    C, B = info["num_classes"], info["num_bias"]
+    has_bias = B is not None and len(val["a"]) > 0 and bool((val["a"] >= 0).all())
+    groups = val["y"] * B + val["a"] if has_bias else val["y"]
+    cp = fit_backbone(val["x"], val["y"], C, cfg, groups=groups, epochs=epochs, seed=seed)
+    bp = fit_backbone(val["x"], val["a"], B, cfg, groups=groups, epochs=epochs, seed=seed + 1) if has_bias else None
+    acc: dict[str, float | None] = {"class": None, "bias": None}
+    if test is not None and len(test["y"]):
+        acc["class"] = float((predict_labels(cp, test["x"]) == test["y"]).mean())
+        known = test["a"] >= 0
+        if bp is not None and known.any():
+            acc["bias"] = float((predict_labels(bp, test["x"][known]) == test["a"][known]).mean())
+    return Probes(cp, bp, info, acc)
+
+
+def _mean(v: list[float]) -> float | None:
+    return float(np.mean(v)) if v else None
+
+
+def group_fidelity(probes: Probes, x: np.ndarray, y: np.ndarray, a: np.ndarray | None) -> dict[str, Any]:
+    """Per-group class and bias fidelity of images generated for groups (y, a) (``a`` = −1 or None: no bias
+    target), and their means over the bias-aligned and bias-conflicting groups."""
+    info = probes.info
+    y = np.asarray(y, np.int64)
+    pc = predict_labels(probes.class_probe, x)
+    out: dict[str, Any] = {"images": int(len(y)), "class_fidelity": float((pc == y).mean()) if len(y) else None}
+    if a is None or info["num_bias"] is None or not (np.asarray(a) >= 0).any():
+        out["per_class"] = {str(c): float((pc[y == c] == c).mean()) for c in np.unique(y)}
+        return out
+    a = np.asarray(a, np.int64)
+    known = a >= 0
+    pb = predict_labels(probes.bias_probe, x) if probes.bias_probe is not None else None
+    conflicting = conflicting_mask(y, np.maximum(a, 0), info["group_counts"]["train"])
+    per_group, summ = {}, {k: [] for k in ("class_aligned", "class_conflicting", "bias_aligned", "bias_conflicting")}
+    for yy, aa in sorted(set(zip(y[known].tolist(), a[known].tolist()))):
+        sel = known & (y == yy) & (a == aa)
+        kind = "conflicting" if conflicting[sel][0] else "aligned"
+        g = {"n": int(sel.sum()), "class": float((pc[sel] == yy).mean()), "kind": kind}
+        summ[f"class_{kind}"].append(g["class"])
+        if pb is not None:
+            g["bias"] = float((pb[sel] == aa).mean())
+            summ[f"bias_{kind}"].append(g["bias"])
+        per_group[group_key(yy, aa)] = g
+    out.update({k: _mean(v) for k, v in summ.items()})
+    if pb is None:
+        out["note"] = "val has no bias labels: bias fidelity skipped"
+    else:
+        out["bias_fidelity"] = float((pb[known] == a[known]).mean())
+    out["per_group"] = per_group
+    return out
+
+
+def describe_unconditional(probes: Probes, x: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """For images made without a target group: the probes' class and bias histograms, the fraction the probes
+    put in a bias-aligned pairing, and (with ``labels``, e.g. pseudo-labels) the class probe's agreement."""
+    info = probes.info
+    pc = predict_labels(probes.class_probe, x)
+    out: dict[str, Any] = {"images": int(len(x)),
+                           "class_histogram": np.bincount(pc, minlength=info["num_classes"]).tolist()}
+    if labels is not None:
+        out["class_fidelity"] = float((pc == np.asarray(labels)).mean()) if len(x) else None
+    if probes.bias_probe is not None:
+        pb = predict_labels(probes.bias_probe, x)
+        out["bias_histogram"] = np.bincount(pb, minlength=info["num_bias"]).tolist()
+        y_ref = pc if labels is None else np.asarray(labels, np.int64)
+        counts = np.asarray(info["group_counts"]["train"])
+        # "aligned" needs bias labels in train: without them no pairing is the aligned one
+        out["aligned_fraction"] = float((~conflicting_mask(y_ref, pb, counts)).mean()) \
+            if len(x) and counts.sum() > 0 else None
+    return out
+
+
+def cas(x: np.ndarray, y: np.ndarray, test: dict[str, np.ndarray], info: dict[str, Any],
+        cfg: ClassifierModelConfig, epochs: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Classification accuracy score: the backbone trained on the synthetic set alone, unbiased accuracy (AGA)
+    and WGA on real test (plain accuracy without bias labels)."""
+    C, B = info["num_classes"], info["num_bias"]
+    if len(np.unique(y)) < 2:
+        return {"aga": None, "wga": None, "accuracy": None, "note": "fewer than two classes in the synthetic set"}
+    model = fit_backbone(x, y, C, cfg, groups=np.asarray(y), epochs=epochs, seed=seed)
+    pred = predict_labels(model, test["x"])
+    if B is None or not (test["a"] >= 0).any():
+        return {"accuracy": float((pred == test["y"]).mean()), "aga": None, "wga": None}
+    known = test["a"] >= 0
+    m = group_metrics(test["y"][known], pred[known], test["a"][known], C, B)
+    return {"aga": m["aga"], "wga": m["wga"], "accuracy": float((pred == test["y"]).mean())}
+
+
+# What each generating method's stages write: (method, set name, file under stages/, target). ``group``: rows
+# carry ``label`` and ``bias`` (the group they were generated for); ``class``: ``label`` only; ``style``: ``label``
+# (the content's) with the bias of the ``style_id`` training row (DiffInject); ``pseudo``: a labeller's
+# ``label`` (GAMMA-FACE); ``samples``: unlabelled ``.npy`` samples (TIW). CAS is computed for the set a
+# classifier trains on.
+def synthetic_sets(methods: list[str]) -> list[dict[str, Any]]:
+    from raydebias.config import AMPLIFIED, GENERATIVE
+
+    sets: list[dict[str, Any]] = []
+    for m in methods:
+        if m in GENERATIVE:
+            sets += [{"method": m, "name": f"generate/{m}", "path": f"generate/{m}/synthetic.parquet",
+                      "target": "group", "cas": False},
+                     {"method": m, "name": f"filter/{m}", "path": f"filter/{m}/synthetic.parquet",
+                      "target": "group", "cas": True}]
+        elif m in AMPLIFIED and not any(s["name"] == "amplifier" for s in sets):
+            sets.append({"method": m, "name": "amplifier", "path": "amplifier/synthetic.parquet", "target": "class",
+                         "cas": True})
+        elif m == "diffinject":
+            sets.append({"method": m, "name": "inject", "path": "inject/synthetic.parquet", "target": "style",
+                         "cas": True})
+        elif m == "gamma_face":
+            sets.append({"method": m, "name": "gmm", "path": "gmm/generated.parquet", "target": "pseudo",
+                         "cas": False})
+        elif m == "tiw":
+            sets.append({"method": m, "name": "tiw", "path": "tiw", "target": "samples", "cas": False})
+    return sets
+
+
+def measure_run(run_dir, methods: list[str], info: dict[str, Any], val: dict, test: dict,
+                cfg: ClassifierModelConfig, train: dict | None = None, seed: int = 0, epochs: int = 8,
+                log=None) -> dict[str, Any] | None:
+    """Fidelity (and CAS) of every synthetic set the run's ``methods`` wrote under ``run_dir/stages``."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from raydebias.data.transforms import pixels_from_column
+
+    st = Path(run_dir) / "stages"
+    sets = [s for s in synthetic_sets(methods) if (st / s["path"]).exists()]
+    if not sets or not len(val["y"]):
+        return None
+    probes = train_probes(val, test, info, cfg, epochs=epochs, seed=seed)
+    out: dict[str, Any] = {"probes": probes.summary(), "sets": {}}
+    for s in sets:
+        if s["target"] == "samples":
+            res = {obj.stem.removeprefix("samples_"): describe_unconditional(probes, np.load(obj))
+                   for obj in sorted((st / s["path"]).glob("samples_*.npy"))}
+            out["sets"][s["name"]] = {"method": s["method"], "target": "none (unconditional)", "objectives": res}
+            continue
+        t = pq.read_table(st / s["path"])
+        x = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"]) if t.num_rows else \
+            np.zeros((0, info["image_size"], info["image_size"], 3), np.uint8)
+        y = t.column("label").to_numpy().astype(np.int64)
+        if s["target"] == "pseudo":
+            res = describe_unconditional(probes, x, labels=y)
+        else:
+            a = None
+            if s["target"] == "group":
+                a = t.column("bias").to_numpy().astype(np.int64)
+            elif s["target"] == "style" and train is not None:
+                row = {i: k for k, i in enumerate(train["id"].tolist())}
+                a = train["a"][[row[i] for i in t.column("style_id").to_pylist()]]
+            res = group_fidelity(probes, x, y, a)
+            if s["target"] == "class":
+                res.update({k: v for k, v in describe_unconditional(probes, x, labels=y).items()
+                            if k in ("bias_histogram", "aligned_fraction")})
+        if s["cas"] and len(y):
+            res["cas"] = cas(x, y, test, info, cfg, epochs=epochs, seed=seed)
+        out["sets"][s["name"]] = {"method": s["method"], "target": s["target"], **res}
+        if log:
+            keys = ("class_aligned", "class_conflicting", "bias_aligned", "bias_conflicting", "class_fidelity")
+            log(f"[evaluate] fidelity {s['name']}: " + ", ".join(
+                f"{k} {res[k]:.3f}" for k in keys if isinstance(res.get(k), float))
+                + (f", CAS {res['cas']['aga']:.3f}" if isinstance(res.get("cas", {}).get("aga"), float) else ""))
+    return out
