@@ -111,4 +111,6 @@ def test_tiw_stage_end_to_end(ray_module, tmp_path):
     assert stats["reference"]["aligned_fraction"] == pytest.approx(0.1)  # val: every digit in every colour
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["method"] for r in metrics["rows"]] == ["erm"] and "tiw" in metrics["generation"]
+    tiw_fid = metrics["generation"]["fidelity"]["sets"]["tiw"]["objectives"]  # the val probes' view of the samples
+    assert set(tiw_fid) == {"dsm", "tiw_paper"} and all(sum(v["class_histogram"]) == 16 for v in tiw_fid.values())
     assert "TIW: generated samples vs the unbiased reference" in (run / "report.html").read_text()
