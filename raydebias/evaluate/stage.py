@@ -139,7 +139,8 @@ def run_evaluate(ctx):
         for r in rows:  # the set each classifier trained on, in its row
             fs = next((v for v in fidelity["sets"].values() if v["method"] == r["method"] and "cas" in v), None)
             if fs:
-                r.update(synthetic_class_conflicting=fs.get("class_conflicting", fs.get("class_fidelity")),
+                r.update(synthetic_class_fidelity=fs.get("class_fidelity"),
+                         synthetic_class_conflicting=fs.get("class_conflicting"),
                          synthetic_bias_conflicting=fs.get("bias_conflicting"), synthetic_cas=fs["cas"].get("aga"))
     # what the synthetic-data stages of this run's methods measured (mining precision, GMM K, TIW proportions)
     for stage, method in (("mine", "diffinject"), ("inject", "diffinject"), ("gmm", "gamma_face"), ("tiw", "tiw")):
