@@ -127,11 +127,13 @@ def run_evaluate(ctx):
     if detection:
         report["bias_detection"] = detection
     # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods
-    from raydebias.evaluate.fidelity import measure_run
+    from raydebias.evaluate.fidelity import measure_run, synthetic_sets
 
     fidelity = None
     if cfg.evaluate.fidelity:
-        train = load_split(data_dir / "train.parquet", info["image_size"])
+        # only DiffInject's target (the style row's bias) reads the train split
+        needs_train = any(st["target"] == "style" for st in synthetic_sets(cfg.methods))
+        train = load_split(data_dir / "train.parquet", info["image_size"]) if needs_train else None
         fidelity = measure_run(ctx.run_dir, cfg.methods, info, splits["val"], splits["test"], cfg.models.classifier,
                                train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log)
     if fidelity:
