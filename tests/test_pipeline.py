@@ -58,6 +58,26 @@ def test_rerun_skips_everything(tiny_run):
     assert model.stat().st_mtime_ns == before
 
 
+def test_run_dir_lock(tiny_run):
+    import socket
+    import subprocess
+
+    lock = tiny_run / ".lock"
+    holder = subprocess.Popen(["sleep", "120"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
+        with pytest.raises(PipelineError, match=f"in use by another run \\(pid {holder.pid} on "):
+            run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
+        assert json.loads(lock.read_text())["pid"] == holder.pid  # the holder's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # its holder is dead: the lock is taken over, the run proceeds and releases it
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
+    assert not lock.exists()
+    assert all(e["last_action"] == "skipped" for e in manifest(tiny_run)["stages"].values())
+
+
 def test_changed_block_reruns_only_dependents(tiny_run):
     # a new report setting reruns only the report
     run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}", "report.samples_per_group=2"]), log=lambda m: None)

@@ -139,3 +139,11 @@ def fingerprint_uri(uri: str, content_limit: int = 2 << 30) -> str:
             meta = {k: str(info.get(k)) for k in ("size", "ETag", "etag", "mtime", "LastModified", "md5")}
             field(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def local_weights_fingerprint(path: str | None) -> str | None:
+    """:func:`fingerprint_uri` of pretrained weights on local disk (a stage key then changes when the weights
+    do, not only when the path string does); ``None`` for no path or a hub id / tag."""
+    if not path or not os.path.exists(os.path.expanduser(path)):
+        return None
+    return fingerprint_uri(os.path.expanduser(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable
 
 from raydebias.config import RayConfig
@@ -10,7 +11,8 @@ from raydebias.config import RayConfig
 
 def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
     """``address`` null → ``$RAY_ADDRESS`` (set by ``ray job submit``) or a new local cluster; ``local`` → a new
-    local cluster; anything else is passed to ``ray.init(address=...)``. Reuses an already initialised Ray."""
+    local cluster, whatever else runs on the machine; ``auto`` or an address → attach (``ray.init(address=...)``).
+    Reuses an already initialised Ray."""
     import ray
 
     if ray.is_initialized():
@@ -20,6 +22,7 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
         address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         ray.init(
+            address="local",  # a new cluster even when `ray start` left one (and its address file) on this host
             num_cpus=cfg.num_cpus or os.cpu_count(),
             num_gpus=cfg.num_gpus,
             object_store_memory=cfg.object_store_memory,
@@ -37,3 +40,19 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
+
+
+def keyed_train_run(storage: Path, base: str, key: str | None) -> str:
+    """The Ray Train run name for one stage run: ``<base>-<key[:12]>``. Ray Train resumes a run from the
+    checkpoints under ``storage/<name>``, so keying the name by the stage key means a rerun after a killed driver
+    resumes only the same inputs and config; runs of ``base`` under other keys (stale: another lr, epochs,
+    width or dataset) are deleted here, so they are neither resumed nor left behind."""
+    import shutil
+
+    name = f"{base}-{key[:12]}" if key else base
+    storage = Path(storage)
+    if storage.is_dir():
+        for d in storage.iterdir():
+            if d.is_dir() and d.name != name and (d.name == base or d.name.startswith(f"{base}-")):
+                shutil.rmtree(d, ignore_errors=True)
+    return name

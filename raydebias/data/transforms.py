@@ -10,6 +10,34 @@ from PIL import Image
 
 MEAN = 0.5
 STD = 0.5
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as a browser shows them
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB ``uint8`` by value, not by PIL's clipping ``convert``: 16-bit (``I;16*``) and 32-bit integer (``I``)
+    images are scaled from their bit depth (``I``: 16-bit when every value fits, else its own max), float
+    (``F``) images from [0, 1] (or [0, 255] when values exceed 1) — PIL's ``convert("RGB")`` turns a 16-bit
+    PNG white and a [0, 1] float TIFF black. Alpha (and palette transparency) is composited on ``BACKGROUND``."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            if not np.isfinite(arr).all():
+                raise ImageError("float image with NaN or infinite values")
+            scale = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        elif mode.startswith("I;16") or arr.max(initial=0) <= 65535:
+            scale = 65535.0
+        else:
+            scale = float(arr.max())
+        arr = np.clip(arr / scale, 0, 1) * 255.0
+        img = Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class ImageError(ValueError):
@@ -19,7 +47,8 @@ class ImageError(ValueError):
 def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to an RGB ``uint8`` array of shape (size, size, 3).
 
-    The pixel count is checked from the header *before* decoding (decompression-bomb guard).
+    The pixel count is checked from the header *before* decoding (decompression-bomb guard). High bit-depth and
+    float images are scaled by value (:func:`_to_rgb`); transparency is composited on white (``BACKGROUND``).
     """
     if data is None or len(data) == 0:
         raise ImageError("empty image bytes")
@@ -33,7 +62,7 @@ def decode_image(data: bytes | None, size: int, max_pixels: int) -> np.ndarray:
     if w * h > max_pixels:
         raise ImageError(f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
     try:
-        img = img.convert("RGB")
+        img = _to_rgb(img)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)

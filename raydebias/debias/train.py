@@ -227,6 +227,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                   f"loss {metrics['train_loss']:.4f}{msg}", flush=True)
         metrics["best_epoch"] = best_epoch
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # report() persisted it to the run's storage
     return {"best_epoch": best_epoch, "best_score": best_score}
 
 
@@ -246,6 +248,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydebias._internal.ray_utils import keyed_train_run
     from raydebias.pipeline import StageResult
 
     cfg = ctx.cfg
@@ -272,12 +275,13 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     if use_gpu:
         resources["GPU"] = cfg.ray.num_gpus_per_worker
     storage = ctx.run_dir / "stages" / "train" / "_ray"
+    run_name = keyed_train_run(storage, method.replace("/", "_"), getattr(ctx, "node_key", None))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=method.replace("/", "_"),
+            name=run_name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -309,7 +313,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         **(summary or {}),
     }
     atomic_write_json(out / "meta.json", meta)
-    shutil.rmtree(storage / method.replace("/", "_"), ignore_errors=True)  # Ray Train's copies; the selected model stays
+    shutil.rmtree(storage / run_name, ignore_errors=True)  # Ray Train's copies; the selected model stays
     if any(p.get("select") for p in phases):
         ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
     else:

@@ -16,8 +16,11 @@ from raydebias.config import RunConfig
 
 
 def diffusion_key(cfg: RunConfig) -> Any:
+    from raydebias._internal.io import local_weights_fingerprint
+
     return {"model": cfg.models.diffusion.model_dump(), "source": cfg.models.source,
-            "train": cfg.diffusion.model_dump(), "template": cfg.data.prompt_template, "seed": cfg.seed}
+            "train": cfg.diffusion.model_dump(), "template": cfg.data.prompt_template, "seed": cfg.seed,
+            "weights": local_weights_fingerprint(cfg.models.diffusion.pretrained)}
 
 
 def load_base(run_dir: Path):
@@ -25,7 +28,13 @@ def load_base(run_dir: Path):
     from raydebias.models.diffusion import load_diffusion
 
     spec = json.loads((Path(run_dir) / "stages" / "diffusion" / "model.json").read_text())
-    return load_diffusion(spec["path"], spec.get("dtype", "float32"))
+    return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
+
+
+def model_path(run_dir: Path, spec: dict) -> str:
+    """A ``model.json``'s model: ``run_relative`` paths live in the run dir (a copied run dir loads its own
+    model), anything else is the user's folder or hub id."""
+    return str(Path(run_dir) / spec["path"]) if spec.get("run_relative") else spec["path"]
 
 
 def word_dropout(template: str, class_names: list[str], bias_names: list[str] | None, p_word: float,
@@ -98,10 +107,13 @@ def _train_loop(config: dict) -> None:
 
     import ray.train
 
+    import shutil
+
     stats = train_task(**config)
     tmp = Path(tempfile.mkdtemp(prefix="diffusion-stats-"))
     atomic_write_json(tmp / "stats.json", stats)
     ray.train.report({"loss_last": stats["loss_last"]}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    shutil.rmtree(tmp, ignore_errors=True)  # persisted to the run's storage by report()
 
 
 def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, lr: float, num_cpus: float,
@@ -117,14 +129,17 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
     ctx.ensure_ray()
     gpus = ctx.cfg.ray.num_gpus_per_worker
     resources = {"CPU": num_cpus, **({"GPU": gpus} if gpus else {})}
+    from raydebias._internal.ray_utils import keyed_train_run
+
     storage = ctx.run_dir / "stages" / stage / "_ray"
+    name = keyed_train_run(storage, stage, getattr(ctx, "node_key", None))
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"run_dir": str(ctx.run_dir), "cfg_json": ctx.cfg.model_dump_json(),
                            "threads": max(1, int(num_cpus)), "out_stage": stage, "template": template,
                            "steps": steps, "batch_size": batch_size, "lr": lr, "use_bias": use_bias},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=stage, storage_path=str(storage), failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=1)),
     )
     result = trainer.fit()
     if result.error:
@@ -144,11 +159,12 @@ def run_diffusion(ctx):
         if not cfg.models.diffusion.pretrained:
             raise ValueError("models.source=pretrained needs models.diffusion.pretrained (a diffusers folder or id)")
         atomic_write_json(out / "model.json", {"path": cfg.models.diffusion.pretrained,
-                                               "dtype": cfg.models.diffusion.dtype})
+                                               "dtype": cfg.models.diffusion.dtype,
+                                               "revision": cfg.models.diffusion.revision})
         return StageResult([ctx.rel(out / "model.json")], {"source": "pretrained"})
     d = cfg.diffusion
     ctx.log(f"[diffusion] training the bootstrap text-to-image model: {d.steps} steps, batch {d.batch_size}")
     stats = run_train_task(ctx, "diffusion", cfg.data.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus)
-    atomic_write_json(out / "model.json", {"path": str(out / "model"), "dtype": "float32"})
+    atomic_write_json(out / "model.json", {"path": ctx.rel(out / "model"), "run_relative": True, "dtype": "float32"})
     ctx.log(f"[diffusion] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

@@ -12,8 +12,10 @@ from pathlib import Path
 def load_ddpm(run_dir: Path):
     from raydebias.models.diffusion import load_diffusion
 
+    from raydebias.diffusion.base import model_path
+
     spec = json.loads((Path(run_dir) / "stages" / "ddpm" / "model.json").read_text())
-    return load_diffusion(spec["path"])
+    return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
 
 
 def run_ddpm(ctx):
@@ -31,6 +33,6 @@ def run_ddpm(ctx):
     ctx.log(f"[ddpm] class-conditional diffusion on the biased train split: {d.steps} steps, batch {d.batch_size}, "
             f"captions {d.prompt_template!r}")
     stats = run_train_task(ctx, "ddpm", d.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus, use_bias=False)
-    atomic_write_json(out / "model.json", {"path": str(out / "model")})
+    atomic_write_json(out / "model.json", {"path": ctx.rel(out / "model"), "run_relative": True})
     ctx.log(f"[ddpm] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

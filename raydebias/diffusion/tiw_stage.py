@@ -123,7 +123,7 @@ def run_tiw(ctx):
         summary = fit_tiw(
             tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers,
             cpus_per_worker=t.cpus_per_worker, use_gpu=cfg.ray.num_gpus_per_worker > 0,
-            storage_path=ctx.run_dir / "stages" / "tiw" / "_ray", seed=cfg.seed,
+            storage_path=ctx.run_dir / "stages" / "tiw" / "_ray", run_key=ctx.node_key, seed=cfg.seed,
             model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},
             disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
             objectives=list(t.objectives))

@@ -233,22 +233,25 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
 
 
 def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
-            use_gpu: bool = False, storage_path: Path, **loop_kwargs: Any) -> dict[str, Any]:
+            use_gpu: bool = False, storage_path: Path, run_key: str | None = None, **loop_kwargs: Any) -> dict[str, Any]:
     """Run ``tiw_train_loop`` with ``TorchTrainer`` (Ray must be initialised); the checkpoint files land in
     ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydebias._internal.ray_utils import keyed_train_run
+
     _check_objectives(loop_kwargs.get("objectives", DEFAULTS["objectives"]))
     config = {**DEFAULTS, "threads": cpus_per_worker, "image_size": int(x_bias.shape[1]), **loop_kwargs,
               "data_refs": {"bias": ray.put(np.ascontiguousarray(x_bias, np.uint8)),
                             "ref": ray.put(np.ascontiguousarray(x_ref, np.uint8))}}
     resources: dict[str, float] = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    name = keyed_train_run(Path(storage_path), "tiw", run_key)
     trainer = TorchTrainer(
         tiw_train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(storage_path), name="tiw", failure_config=FailureConfig(max_failures=1)))
+        run_config=RunConfig(storage_path=str(storage_path), name=name, failure_config=FailureConfig(max_failures=1)))
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -256,7 +259,7 @@ def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers
         raise RuntimeError("tiw: no checkpoint was reported")
     with result.checkpoint.as_directory() as d, atomic_path(out_dir) as tmp:
         shutil.copytree(d, tmp)
-    shutil.rmtree(Path(storage_path) / "tiw", ignore_errors=True)  # Ray Train's copies; out_dir keeps the files
+    shutil.rmtree(Path(storage_path) / name, ignore_errors=True)  # Ray Train's copies; out_dir keeps the files
     return json.loads((Path(out_dir) / "losses.json").read_text())
 
 

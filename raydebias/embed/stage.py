@@ -15,8 +15,11 @@ from raydebias.config import RunConfig
 
 
 def clip_key(cfg: RunConfig):
+    from raydebias._internal.io import local_weights_fingerprint
+
     return {"clip": cfg.models.clip.model_dump(), "source": cfg.models.source, "train": cfg.clip.model_dump(),
-            "template": cfg.data.prompt_template, "seed": cfg.seed}
+            "template": cfg.data.prompt_template, "seed": cfg.seed,
+            "weights": local_weights_fingerprint(cfg.models.clip.pretrained)}
 
 
 def load_clip(run_dir: Path):

@@ -163,7 +163,8 @@ def group_metrics(
     ``aligned`` is an optional (C, B) bool array marking bias-aligned (y, a); if ``None``
     it is inferred from ``train_group_counts`` as the most frequent bias value of each
     class (first on ties; classes with no training samples have no aligned group).
-    If ``bias`` is ``None`` only ``accuracy`` is filled; every group field is ``None``.
+    If ``bias`` is ``None`` only ``accuracy`` is filled; every group field is ``None``. Rows with an unknown bias
+    (negative) count in ``accuracy`` and in ``unknown_bias`` but in no group.
     """
     if num_classes < 1 or num_bias < 1:
         raise ValueError(f"num_classes and num_bias must be >= 1, got {num_classes}, {num_bias}")
@@ -187,6 +188,11 @@ def group_metrics(
 
     a = _as_1d("bias", bias)
     _check_same_length(y_true=yt, bias=a)
+    known = np.asarray(a) >= 0  # an unknown bias (-1) is in no group: counted, left out of the group metrics
+    out["unknown_bias"] = int((~known).sum())
+    if not known.any():
+        return out
+    yt, yp, a = yt[known], np.asarray(yp)[known], np.asarray(a)[known]
     g = group_ids(yt, a, num_bias)
     accs = group_accuracy(yt, yp, g)  # sorted by group id
     gids = np.array(sorted(accs), dtype=np.int64)

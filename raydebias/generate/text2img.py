@@ -81,6 +81,21 @@ def existing_rows(rows_dir: Path) -> set[str]:
     return done
 
 
+def exact_rows(ids: np.ndarray, planned: set[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of ``ids`` that make exactly the planned rows, each once (the first copy of a duplicated row id:
+    rows are deterministic per id), and the counts repaired. Raises ``RuntimeError`` naming missing rows."""
+    ids = np.asarray(ids, dtype=object)
+    in_plan = np.isin(ids, list(planned))
+    _, first = np.unique(ids, return_index=True)
+    is_first = np.zeros(len(ids), bool)
+    is_first[first] = True
+    keep = np.flatnonzero(in_plan & is_first)
+    missing = planned - set(ids[keep].tolist())
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned rows are missing, e.g. {sorted(missing)[:5]}")
+    return keep, {"duplicates": int((in_plan & ~is_first).sum()), "extra": int((~in_plan).sum())}
+
+
 def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:
     from raydebias.data.transforms import pixels_from_column
 
@@ -141,9 +156,12 @@ def run_generate(ctx, variant: str):
     missing = planned - have
     if missing:
         raise RuntimeError(f"generate/{variant}: {len(missing)} planned rows are missing after generation")
-    # One canonical file for downstream stages (stale row files from an older plan are left out).
+    # One canonical file for downstream stages: exactly the planned rows, each once.
     gen = load_generated(rows_dir, info["image_size"])
-    keep = np.isin(gen["id"], list(planned))
+    keep, repaired = exact_rows(gen["id"], planned)
+    if repaired["duplicates"] or repaired["extra"]:
+        ctx.log(f"[generate/{variant}] dropped {repaired['duplicates']} duplicated rows (a retried batch writes its "
+                f"rows again: same seeds, same images) and {repaired['extra']} rows not in the plan")
     tbl = pa.table({"id": gen["id"][keep].tolist(), "label": gen["y"][keep], "bias": gen["a"][keep],
                     "transferred": gen["transferred"][keep],
                     "pixels": [x.tobytes() for x in gen["x"][keep]]})
@@ -152,4 +170,4 @@ def run_generate(ctx, variant: str):
     atomic_write_json(out / "plan.json", {"rows": len(rows), "transferred_groups": len({(r.y, r.a) for r in rows if r.transferred}),
                                           "adapters": len(units)})
     return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "plan.json")],
-                       {"rows": len(rows), "generated_now": len(todo)})
+                       {"rows": len(rows), "generated_now": len(todo), **repaired})

@@ -189,23 +189,25 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
     return DiffusionBundle(unet, text_encoder, tokenizer, scheduler, None, cfg.resolution)
 
 
-def load_diffusion(path_or_id: str, dtype: str = "float32") -> DiffusionBundle:
+def load_diffusion(path_or_id: str, dtype: str = "float32", revision: str | None = None) -> DiffusionBundle:
     """Load a diffusers-layout model: real Stable Diffusion weights (local dir or hub id) or a saved bundle.
 
-    ``vae/`` is loaded when the local folder has one (hub ids are assumed to); without it the model is a
-    pixel-space bootstrap bundle.
+    Weights load from safetensors only (``use_safetensors=True``: a folder with only pickled ``.bin`` weights is
+    an error, never unpickled). ``revision`` pins a hub id to a commit. ``vae/`` is loaded when the local folder
+    has one (hub ids are assumed to); without it the model is a pixel-space bootstrap bundle.
     """
     torch_dtype = _DTYPES[dtype]
     p = str(path_or_id)
-    unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype)
-    text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", torch_dtype=torch_dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer")
+    kw = {"use_safetensors": True, "revision": revision}
+    unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=torch_dtype, **kw)
+    text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer", revision=revision)
     limit = min(MAX_TOKENS, text_encoder.config.max_position_embeddings)
     if tokenizer.model_max_length is None or tokenizer.model_max_length > limit:
         tokenizer.model_max_length = limit  # a file-built tokenizer has none: the pipeline then overflows
-    scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
+    scheduler = DDPMScheduler.from_pretrained(p, subfolder="scheduler", revision=revision)
     has_vae = (Path(p) / "vae").is_dir() if os.path.isdir(p) else True
-    vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=torch_dtype) if has_vae else None
+    vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=torch_dtype, **kw) if has_vae else None
     sample_size = unet.config.sample_size
     sample_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else _unshuffle_factor(unet)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -32,6 +33,7 @@ class ServeArgs(BaseModel):
     min_replicas: int = 1
     max_replicas: int = 2
     max_ongoing_requests: int = 64
+    max_queued_requests: int = Field(256, description="requests waiting beyond max_ongoing_requests; more → 503")
     max_request_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 16_000_000
     max_batch_images: int = 64
@@ -84,7 +86,7 @@ class Ingress:
         self.run_dir = Path(run_dir)
         self.method = _resolve_method(self.run_dir, method)
         self.limits = Limits(**limits)
-        self._info: dict[str, Any] | None = None
+        self._info: dict[str, Any] | None = None  # image size and model version, fixed for the replica's life
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -137,7 +139,8 @@ class Ingress:
         try:
             blobs, batch = await self._blobs(request)
             info = await self._model_info()
-            images = decode_images(blobs, info["image_size"], self.limits)
+            # decoding is CPU work: off the event loop, so one large upload does not stall every other request
+            images = await run_in_threadpool(decode_images, blobs, info["image_size"], self.limits)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         results = [await r for r in [self.classifier.predict.remote(img) for img in images]]
@@ -149,7 +152,8 @@ class Ingress:
 
     @api.get("/v1/model", summary="Classes, training run and per-group test accuracy / WGA of the served model")
     async def model(self):
-        return model_card(self.run_dir, self.method)
+        # the version the predictions carry (hashed once at the Classifier's start), not a re-hash of the file
+        return model_card(self.run_dir, self.method, version=(await self._model_info())["model_version"])
 
     @api.get("/healthz")
     async def healthz(self):
@@ -161,11 +165,12 @@ def build(args: dict[str, Any] | None = None):
     a = ServeArgs(**(args or {}))
     classifier = Classifier.options(
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
-        max_ongoing_requests=a.max_ongoing_requests,
+        max_ongoing_requests=a.max_ongoing_requests, max_queued_requests=a.max_queued_requests,
         autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                             "target_ongoing_requests": max(1, a.max_batch_size // 2)},
     ).bind(a.run_dir, a.method, a.max_batch_size, a.batch_wait_timeout_s)
     limits = {"max_request_bytes": a.max_request_bytes, "max_image_pixels": a.max_image_pixels,
               "max_batch_images": a.max_batch_images}
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=a.max_ongoing_requests).bind(
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=a.max_ongoing_requests,
+                           max_queued_requests=a.max_queued_requests).bind(
         classifier, a.run_dir, a.method, limits)

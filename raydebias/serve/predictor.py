@@ -46,8 +46,12 @@ def _decode(data: bytes, size: int, limits: Limits, what: str) -> np.ndarray:
 def _b64(s: Any, what: str) -> bytes:
     if not isinstance(s, str):
         raise RequestError(400, f"{what}: expected a base64 string, got {type(s).__name__}")
+    if s.startswith("data:"):  # a data URL: data:[<mediatype>][;base64],<data>
+        head, comma, s = s.partition(",")
+        if not comma or not head.endswith(";base64"):
+            raise RequestError(400, f"{what}: a data URL must be 'data:<type>;base64,<data>'")
     try:
-        return base64.b64decode(s.split(",", 1)[1] if s.startswith("data:") else s, validate=True)
+        return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, f"{what}: invalid base64") from None
 
@@ -58,6 +62,8 @@ def parse_json_images(body: bytes) -> tuple[list[bytes], bool]:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(400, "body is not valid JSON") from None
+    except RecursionError:  # e.g. 100 k nested '[': the parser's recursion limit, not a server fault
+        raise RequestError(400, "JSON nested too deeply") from None
     if not isinstance(doc, dict) or not ({"image", "images"} & set(doc)):
         raise RequestError(422, 'JSON body must be {"image": <base64>} or {"images": [<base64>, ...]}')
     if "images" in doc:
@@ -95,11 +101,12 @@ def predict_images(model: torch.nn.Module, images: np.ndarray, class_names: list
     ]
 
 
-def model_card(run_dir: Path, method: str) -> dict[str, Any]:
-    """``GET /v1/model``: classes, run id, method and its test metrics from ``metrics.json``."""
+def model_card(run_dir: Path, method: str, version: str | None = None) -> dict[str, Any]:
+    """``GET /v1/model``: classes, run id, method and its test metrics from ``metrics.json``. ``version``: the
+    served model's version (default: hash the weights on disk)."""
     meta = json.loads((run_dir / "stages" / "train" / method / "meta.json").read_text())
     card: dict[str, Any] = {"method": method, "classes": meta["class_names"], "image_size": meta["image_size"],
-                            "model_version": model_version(run_dir, method)}
+                            "model_version": version or model_version(run_dir, method)}
     mpath = run_dir / "metrics.json"
     if mpath.exists():
         report = json.loads(mpath.read_text())

@@ -224,3 +224,25 @@ def test_write_table_uri_local_path_and_file_uri(tmp_path):
     write_table_uri(t, f"file://{tmp_path}/b.parquet")
     assert pq.read_table(tmp_path / "b.parquet").equals(t)
     assert listing(tmp_path) == ["a", "a/t.parquet", "b.parquet"]
+
+
+def test_stage_keys_fingerprint_local_pretrained_weights(tmp_path):
+    from raydebias.config import load_config
+    from raydebias.diffusion.base import diffusion_key
+    from raydebias.embed.stage import clip_key
+
+    sd, ck = tmp_path / "sd", tmp_path / "clip.safetensors"
+    (sd / "unet").mkdir(parents=True)
+    (sd / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    ck.write_bytes(b"clip v1")
+    cfg = load_config(None, ["models.source=pretrained", f"models.diffusion.pretrained={sd}",
+                             f"models.clip.pretrained={ck}"])
+    before = diffusion_key(cfg), clip_key(cfg)
+    (sd / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v2")  # same path, new weights
+    ck.write_bytes(b"clip v2")
+    after = diffusion_key(cfg), clip_key(cfg)
+    assert before[0] != after[0] and before[1] != after[1]
+    assert diffusion_key(cfg) == after[0]  # deterministic
+    hub = load_config(None, ["models.source=pretrained", "models.diffusion.pretrained=org/sd-id",
+                             "models.clip.pretrained=laion2b_s34b_b79k", "method=erm"])
+    assert diffusion_key(hub)["weights"] is None and clip_key(hub)["weights"] is None

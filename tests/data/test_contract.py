@@ -168,3 +168,85 @@ def test_missing_bias_means_unknown_not_quarantined(ray_cluster, tmp_path):
     unknown = {i for i, b in zip(tr["id"], tr["a"]) if b == -1}
     assert unknown == {"r0", "r3", "r6", "r9"}
     assert np.array(res.group_counts["train"]).sum() == 0  # unknown-bias rows belong to no group
+
+
+def test_paths_are_confined_to_the_dataset_roots(ray_cluster, tmp_path):
+    root, other, outside = tmp_path / "ds", tmp_path / "extra", tmp_path / "secret"
+    for d in (root / "imgs", other, outside):
+        d.mkdir(parents=True)
+    (root / "imgs" / "ok.png").write_bytes(png((10, 10, 10)))
+    (other / "ok2.png").write_bytes(png((30, 30, 30)))
+    (outside / "s.png").write_bytes(png((50, 50, 50)))
+    (root / "imgs" / "link.png").symlink_to(outside / "s.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    (root / "imgs" / "big.png").write_bytes(buf.getvalue())  # ~12 kB > the cap below
+    paths = {"ok": "imgs/ok.png", "abs_ok": str(root / "imgs" / "ok.png"), "extra": str(other / "ok2.png"),
+             "absolute": str(outside / "s.png"), "dotdot": "imgs/../../secret/s.png", "symlink": "imgs/link.png",
+             "http": "http://127.0.0.1:9/x.png", "file_scheme": f"file://{outside}/s.png", "dev": "/dev/zero",
+             "big": "imgs/big.png"}
+    data = {"id": list(paths), "path": list(paths.values()), "label": [0] * len(paths), "bias": [0] * len(paths),
+            "split": ["train"] * len(paths)}
+    pq.write_table(pa.table(data), root / "part-0.parquet")
+    res, out, q = run_ingest(tmp_path, str(root), max_image_bytes=5_000, path_roots=[str(other)])
+    reasons = {r["id"]: r["reason"] for r in pq.read_table(q).to_pylist()}
+    assert sorted(load_split(out / "train.parquet", 8)["id"]) == ["abs_ok", "extra", "ok"]
+    for rid in ("absolute", "dotdot", "symlink", "http", "file_scheme", "dev"):
+        assert "outside the dataset root" in reasons[rid], (rid, reasons[rid])
+    assert "too large" in reasons["big"] and "data.max_image_bytes=5000" in reasons["big"]
+    assert next(r for r in pq.read_table(q).to_pylist() if r["id"] == "dotdot")["path"] == paths["dotdot"]
+
+
+def test_deep_and_transparent_images_keep_their_values(ray_cluster, tmp_path):
+    def enc(img, fmt="PNG"):
+        b = io.BytesIO()
+        img.save(b, format=fmt)
+        return b.getvalue()
+
+    grey16 = Image.fromarray(np.full((8, 8), 32768, np.uint16))  # mid-grey at 16 bits (PIL's convert: white)
+    grey_f = Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F")  # mid-grey in [0, 1] (convert: black)
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red → the white background
+    d = good_rows(4, splits=("train",))
+    d["image"] = [enc(grey16), enc(grey_f, "TIFF"), enc(clear), png((1, 2, 3))]
+    res, out, q = run_ingest(tmp_path, write(tmp_path, d))
+    assert res.quarantined == 0
+    px = {i: x[0, 0].tolist() for s in ("train", "val", "test")
+          for i, x in zip(load_split(out / f"{s}.parquet", 8)["id"], load_split(out / f"{s}.parquet", 8)["x"])}
+    assert px["r0"] == [128, 128, 128] and px["r1"] == [128, 128, 128]
+    assert px["r2"] == [255, 255, 255] and px["r3"] == [1, 2, 3]
+
+
+def test_rows_without_a_place_are_quarantined_deterministically(ray_cluster, tmp_path):
+    d = good_rows(12)
+    d["split"][4] = None  # a hole in the split column: not silently train
+    d["id"][7] = d["id"][8] = d["id"][9] = "dup"  # the first in input order is kept
+    d["label"][10] = 10**9  # no class_names below: bounded by data.max_classes, not a 10⁹-row table
+    results = []
+    for run in range(2):
+        sub = tmp_path / f"run{run}"
+        sub.mkdir()
+        res, out, q = run_ingest(sub, write(sub, d), class_names=None, bias_names=None)
+        rows = {r["id"]: r for r in pq.read_table(q).to_pylist()}
+        results.append({k: (v["reason"], v["image"]) for k, v in rows.items()})
+        assert rows["r4"]["reason"] == "missing split"
+        assert "label 1000000000 out of range (0..9999, data.max_classes" in rows["r10"]["reason"]
+        dups = [r for r in pq.read_table(q).to_pylist() if r["id"] == "dup"]
+        assert len(dups) == 2 and all("duplicate id 'dup' (row 7 of the input" in r["reason"] for r in dups)
+        assert all(r["image"] for r in dups)  # the duplicates' pixels are kept
+        kept = [i for s in ("train", "val", "test") for i in load_split(out / f"{s}.parquet", 8)["id"]]
+        assert kept.count("dup") == 1 and len(kept) == 12 - 4
+        assert res.num_classes == 2  # the out-of-range label did not size the class table
+    assert results[0] == results[1]
+
+
+def test_unknown_bias_in_val_is_not_a_crash(ray_cluster, tmp_path):
+    from raydebias.evaluate.metrics import group_metrics
+
+    d = good_rows(12)
+    d["bias"][1] = None  # a val row
+    res, out, q = run_ingest(tmp_path, write(tmp_path, d))
+    va = load_split(out / "val.parquet", 8)
+    assert (va["a"] == -1).sum() == 1
+    m = group_metrics(va["y"], va["y"], va["a"], 2, 2)
+    assert m["unknown_bias"] == 1 and m["wga"] == 1.0

@@ -23,18 +23,26 @@ def sh(args, env, timeout=300, check=True):
 
 @pytest.mark.timeout(600)
 def test_job_submit_against_local_head(tmp_path, tiny_generative):
-    import ray
-
-    if ray.is_initialized():  # `ray stop` below stops every Ray process on the machine
-        ray.shutdown()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": "http://127.0.0.1:8275"}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     run_dir = tmp_path / "jobrun"
-    sh([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--port", "6391",
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", "8275", "--object-store-memory", "200000000",
-        "--disable-usage-stats"], {k: v for k, v in env.items() if k != "RAY_ADDRESS"}, timeout=120)
+    # --block: the head lives as long as this process, so the test stops its own cluster and nothing else
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", "--port", "6391",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", "8275", "--object-store-memory", "200000000",
+         "--disable-usage-stats"], env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        wait_for_jobs_api(env, head)
+
+        # A local run beside a `ray start` cluster starts its own cluster instead of attaching to that one.
+        local_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        local = sh([str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(tmp_path / "local"),
+                    "--set", "stages=[data,clip]", "--set", "clip.steps=2"], local_env, timeout=300, check=False)
+        assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+        assert "started a local cluster" in local.stdout + local.stderr
+
         # Without the token the cluster refuses the job.
         no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
         no_token["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
@@ -55,4 +63,25 @@ def test_job_submit_against_local_head(tmp_path, tiny_generative):
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert all(e["status"] == "completed" for e in manifest["stages"].values())
     finally:
-        sh([str(BIN / "ray"), "stop", "--force"], env, timeout=120, check=False)
+        head.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+
+
+def wait_for_jobs_api(env, head, timeout=120):
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, f"`ray start --head` exited with {head.returncode}"
+        try:
+            if httpx.get("http://127.0.0.1:8275/api/version", timeout=5).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the head's dashboard did not come up")

@@ -75,6 +75,25 @@ def test_group_metrics_match_fairlearn(rand_groups):
     json.dumps(out, allow_nan=False)
 
 
+def test_unknown_bias_is_left_out_of_groups(rand_groups):
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import accuracy_score
+
+    y, pred, a, C, B = rand_groups
+    a = np.array(a, copy=True)
+    a[::7] = -1  # unknown bias in val/test (a null in the dataset)
+    known = a >= 0
+    out = M.group_metrics(y, pred, a, C, B)
+    mf = MetricFrame(metrics=accuracy_score, y_true=y[known], y_pred=pred[known],
+                     sensitive_features={"y": y[known], "a": a[known]})
+    assert out["unknown_bias"] == int((~known).sum()) > 0
+    assert out["accuracy"] == pytest.approx(np.mean(y == pred))  # every row counts in overall accuracy
+    assert out["wga"] == pytest.approx(mf.group_min()) and out["aga"] == pytest.approx(mf.by_group.mean())
+    assert sum(out["group_counts"].values()) == int(known.sum())
+    none = M.group_metrics(y, pred, np.full_like(a, -1), C, B)
+    assert none["wga"] is None and none["unknown_bias"] == len(y)
+
+
 def test_group_metrics_golden(tiny_groups):
     y, p, a, train = tiny_groups
     out = M.group_metrics(y, p, a, 2, 2, train_group_counts=train)

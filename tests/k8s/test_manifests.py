@@ -52,6 +52,7 @@ IMAGE = f"ghcr.io/raydebias/raydebias:{version('raydebias')}-gpu"
 SERVE_APP_NAME = "raydebias"
 SERVE_IMPORT_PATH = "raydebias.serve.app:build"
 SERVE_HTTP_HOST = "0.0.0.0"
+SERVE_REQUEST_TIMEOUT_S = 30
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -481,11 +482,12 @@ def test_serve_config_is_serve_build_output(tmp_path):
     assert exp_app["import_path"] == f"{module}:app"
     exp_app.update(name=SERVE_APP_NAME, import_path=SERVE_IMPORT_PATH, args=app["args"])
     expected["http_options"]["host"] = SERVE_HTTP_HOST
+    expected["http_options"]["request_timeout_s"] = SERVE_REQUEST_TIMEOUT_S
     assert cfg == expected
 
     header = (K8S / "rayservice-classifier.yaml").read_text().split("apiVersion:")[0]
     for documented in ("applications[0].name", "applications[0].import_path", "applications[0].args",
-                       "http_options.host", "127.0.0.1"):
+                       "http_options.host", "http_options.request_timeout_s", "127.0.0.1"):
         assert documented in header, f"difference {documented!r} is not documented in the manifest header"
 
 

@@ -282,3 +282,19 @@ def test_training_draws_images_by_sample_weights(tiny_diffusion):
     assert len(seen) == 48 and {c.split("#")[1] for c in seen} <= {"3", "10", "40"}
     with pytest.raises(ValueError, match="sample weights"):
         train_bootstrap_diffusion(bundle, pixels, captions, steps=1, sample_weights=np.ones(3), log=None)
+
+
+def test_load_refuses_pickled_weights(tiny_sd_dir, tmp_path):
+    """Only safetensors load: a folder whose UNet ships a pickled ``.bin`` instead is an error, never unpickled."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_sd_dir, d)
+    st = d / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), d / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        load_diffusion(str(d))
+    assert load_diffusion(str(tiny_sd_dir)).vae is not None  # the safetensors original loads

@@ -76,6 +76,8 @@ BAD = [
     ("no content type", png_bytes(), None, 415),
     ("bad json", b"{oops", "application/json", 400),
     ("json without image", b'{"x": 1}', "application/json", 422),
+    ("data url without comma", b'{"image": "data:x"}', "application/json", 400),
+    ("json nested 100k deep", b"[" * 100_000, "application/json", 400),
     ("multipart without image", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
      "multipart/form-data; boundary=b", 422),
     ("broken multipart", b"garbage", "multipart/form-data; boundary=b", None),

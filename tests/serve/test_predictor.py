@@ -41,6 +41,9 @@ def test_json_forms():
     (b'{"images": "abc"}', 422),
     (b'{"image": 5}', 400),
     (b'{"image": "@@@not base64@@@"}', 400),
+    (b'{"image": "data:x"}', 400),  # a data URL without a comma (was IndexError → 500)
+    (b'{"image": "data:image/png,AAAA"}', 400),  # not base64-encoded
+    (b"[" * 100_000, 400),  # nested past the parser's recursion limit (was RecursionError → 500)
 ])
 def test_json_errors(body, status):
     with pytest.raises(RequestError) as e:
@@ -81,3 +84,5 @@ def test_model_card(served_run):
     card = model_card(served_run, "groupdro")
     assert card["classes"][3] == "digit 3" and card["training_run_id"] == "demo"
     assert card["test_metrics"]["wga"] == 0.1 and card["model_version"].startswith("demo/groupdro@")
+    # the served version is the one the predictions carry, whatever the file on disk hashes to now
+    assert model_card(served_run, "groupdro", version="demo/groupdro@abc")["model_version"] == "demo/groupdro@abc"

@@ -1,0 +1,97 @@
+"""Real kills: SIGKILL the driver's process tree mid-train, then rerun the same command (it resumes from the last
+epoch checkpoint) or a changed one (training starts over: Ray Train's runs are keyed by the stage key)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+# data → train/erm only, 8 small epochs: long enough to be killed in the middle
+TINY = ["data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_test=20", "data.builtin.aligned=0.9",
+        "models.classifier.width=8", "train.batch_size=32", "train.epochs=8", "method=erm", "baselines=[]",
+        "stages=[data,train]", "ray.include_dashboard=false", "ray.num_cpus=2"]
+EPOCH = re.compile(r"\[train/erm\] erm epoch (\d+)/8")
+
+
+def start(run_dir: Path, *sets: str) -> subprocess.Popen:
+    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir)]
+    for kv in (*TINY, *sets):
+        args += ["--set", kv]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (its local Ray cluster included)."""
+    try:
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        tree = [proc.pid]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def epochs_of(proc: subprocess.Popen, stop_after: int | None = None, timeout: float = 400) -> tuple[list[int], str]:
+    """The erm epochs the run printed (each once), until it ends or (``stop_after``) prints that epoch."""
+    seen, lines, deadline = [], [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        m = EPOCH.search(line)
+        if m and int(m.group(1)) not in seen:
+            seen.append(int(m.group(1)))
+            if stop_after is not None and seen[-1] >= stop_after:
+                return seen, "".join(lines)
+        assert time.time() < deadline, "".join(lines[-40:])
+    proc.wait(timeout=60)
+    return seen, "".join(lines)
+
+
+@pytest.mark.timeout(900)
+def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
+    run_dir = tmp_path / "run"
+    # 1. killed after epoch 3 of 8
+    p = start(run_dir)
+    try:
+        first, log = epochs_of(p, stop_after=3)
+    finally:
+        kill_tree(p)
+    assert first[:3] == [1, 2, 3], log[-3000:]
+    storage = run_dir / "stages" / "train" / "_ray"
+    runs = [d.name for d in storage.iterdir()]
+    assert len(runs) == 1 and runs[0].startswith("erm-"), runs  # one run, named by the stage key
+
+    # 2. the same command: resumes after the last checkpointed epoch, does not start over
+    p = start(run_dir)
+    resumed, log = epochs_of(p)
+    assert p.returncode == 0, log[-3000:]
+    assert resumed and resumed[0] > 1 and resumed[-1] == 8, (resumed, log[-3000:])
+    assert not storage.exists() or not any(storage.iterdir())  # Ray Train's copies removed on success
+
+    # 3. killed again, then rerun with another lr: a stale checkpoint must not be continued
+    p = start(tmp_path / "run2")
+    try:
+        epochs_of(p, stop_after=2)
+    finally:
+        kill_tree(p)
+    p = start(tmp_path / "run2", "train.lr=0.003")
+    changed, log = epochs_of(p)
+    assert p.returncode == 0, log[-3000:]
+    assert changed == list(range(1, 9)), (changed, log[-3000:])
+    runs = [d.name for d in (tmp_path / "run2" / "stages" / "train" / "_ray").iterdir()]
+    assert runs == [], runs  # the stale run was deleted, the finished one cleaned up
+    meta = json.loads((tmp_path / "run2" / "stages" / "train" / "erm" / "meta.json").read_text())
+    assert 1 <= meta["best_epoch"] <= 8
