@@ -375,7 +375,7 @@ def test_secret_template_is_a_placeholder_and_not_applied():
 
 def test_kustomization_lists_existing_manifests():
     resources = load_yaml(K8S / "kustomization.yaml")["resources"]
-    assert set(MANIFESTS.values()) | {"runs-pvc.yaml"} == set(resources)
+    assert set(MANIFESTS.values()) | {"runs-pvc.yaml", "networkpolicy.yaml"} == set(resources)
     for r in resources:
         assert (K8S / r).is_file() and load_yaml(K8S / r)["metadata"]["name"]
 
@@ -568,3 +568,59 @@ def test_dockerfile_ports_and_entrypoint():
     argv = entrypoint + cmd
     assert "raydebias" in argv[0]
     assert argv[1] == "run" and (ROOT / run_argv(argv[2:])[0]).is_file()
+
+
+HARDENED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_every_container_is_hardened(kind):
+    """Non-root, no privilege escalation, read-only root with a size-limited /tmp, ephemeral-storage limits."""
+    doc = manifest(kind)
+    spec = cluster_spec(kind, doc)
+    containers = dict(all_containers(kind, doc))
+    if kind == "rayjob":
+        for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]:
+            containers[f"submitter/{c['name']}"] = c
+    assert "head/autoscaler" in containers
+    for where, c in containers.items():
+        sc = c.get("securityContext", {})
+        assert {k: sc.get(k) for k in HARDENED} == HARDENED, where
+        assert "/tmp" in [m["mountPath"] for m in c.get("volumeMounts", [])], f"{where}: no writable /tmp"
+        if "resources" in c:
+            for part in ("requests", "limits"):
+                assert "ephemeral-storage" in c["resources"][part], f"{where}: {part} without ephemeral-storage"
+    pods = [pod for _, pod in pod_specs(spec)]
+    if kind == "rayjob":
+        pods.append(doc["spec"]["submitterPodTemplate"]["spec"])
+    for pod in pods:
+        tmp = [v for v in pod.get("volumes", []) if v["name"] == "tmp"]
+        assert tmp and tmp[0]["emptyDir"].get("sizeLimit"), "the writable /tmp must be a size-limited emptyDir"
+
+
+def test_network_policy_guards_the_serve_port():
+    pol = load_yaml(K8S / "networkpolicy.yaml")
+    assert pol["apiVersion"] == "networking.k8s.io/v1" and pol["kind"] == "NetworkPolicy"
+    assert "networkpolicy.yaml" in load_yaml(K8S / "kustomization.yaml")["resources"]
+    selected = pol["spec"]["podSelector"]["matchLabels"]
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    # it selects every raydebias pod (head and workers of all three kinds, and the RayJob submitter)
+    for kind in MANIFESTS:
+        doc = manifest(kind)
+        templates = [g["template"] for g in [cluster_spec(kind, doc)["headGroupSpec"],
+                                             *cluster_spec(kind, doc)["workerGroupSpecs"]]]
+        if kind == "rayjob":
+            templates.append(doc["spec"]["submitterPodTemplate"])
+        for t in templates:
+            labels = t.get("metadata", {}).get("labels", {})
+            assert selected.items() <= labels.items(), (kind, labels)
+    # port 8000 is reachable only from an explicit selector: no rule without `from` opens it
+    serve_port = serve_config()["http_options"]["port"]
+    for rule in pol["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if not ports:  # all ports: only from the raydebias pods themselves
+            assert rule["from"] == [{"podSelector": {"matchLabels": selected}}]
+    (serve_rule,) = [r for r in pol["spec"]["ingress"] if serve_port in [p["port"] for p in r.get("ports", [])]]
+    assert serve_rule["from"] == [{"podSelector": {"matchLabels": {"raydebias-client": "true"}}}]
