@@ -259,6 +259,8 @@ class DiffusionTrainConfig(_Block):
         True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
                           "49408×width entries every step; the layers above learn the few caption words)")
     num_cpus: float = Field(2.0, gt=0)
+    checkpoint_every: int = Field(250, ge=0, description="steps between resumable checkpoints (a restarted worker or "
+                                                         "a rerun after a killed driver continues there); 0 = off")
 
 
 class FinetuneConfig(_Block):

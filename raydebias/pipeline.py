@@ -133,7 +133,8 @@ def build_graph(cfg: RunConfig) -> list[Node]:
         add("ddpm", "ddpm", ["data"],
             lambda c: {"ddb": c.ddb.model_dump(include={"prompt_template", "steps", "batch_size", "lr"}),
                        "model": c.models.diffusion.model_dump(), "source": c.models.source,
-                       "diffusion": c.diffusion.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus"}),
+                       "diffusion": c.diffusion.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus",
+                                                                    "checkpoint_every"}),
                        "seed": c.seed}, run_ddpm)
     if any(m in AMPLIFIED for m in cfg.methods):
         add("amplifier", "amplifier", ["ddpm", "data"],

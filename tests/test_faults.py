@@ -95,3 +95,39 @@ def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
     assert runs == [], runs  # the stale run was deleted, the finished one cleaned up
     meta = json.loads((tmp_path / "run2" / "stages" / "train" / "erm" / "meta.json").read_text())
     assert 1 <= meta["best_epoch"] <= 8
+
+
+@pytest.mark.timeout(600)
+def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
+    """SIGKILL the Ray Train worker of the diffusion stage mid-fit: Ray Train restarts it (max_failures=1) and it
+    continues from the last checkpoint, not from step 0."""
+    run_dir = tmp_path / "run"
+    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir)]
+    for kv in ("data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_test=20", "stages=[data,diffusion]",
+               "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=800", "diffusion.batch_size=16",
+               "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false"):
+        args += ["--set", kv]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    lines, killed = [], None
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if killed is None and "diffusion step 200/800" in line:
+                workers = [c for c in psutil.Process(p.pid).children(recursive=True)
+                           if "RayTrainWorker" in " ".join(c.cmdline())]
+                assert workers, "no Ray Train worker found"
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            kill_tree(p)
+    log = "".join(lines)
+    assert killed and p.returncode == 0, log[-3000:]
+    resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/800", log)]
+    assert resumed and 150 <= resumed[0] < 800, log[-3000:]  # the checkpoint of step 200 (or 150)
+    summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["diffusion"]["summary"]
+    assert summary["steps"] == 800 and summary["resumed_at"] == resumed[0]
+    assert (run_dir / "stages" / "diffusion" / "model" / "unet").is_dir()

@@ -19,7 +19,7 @@ def diffusion_key(cfg: RunConfig) -> Any:
     from raydebias._internal.io import local_weights_fingerprint
 
     return {"model": cfg.models.diffusion.model_dump(), "source": cfg.models.source,
-            "train": cfg.diffusion.model_dump(), "template": cfg.data.prompt_template, "seed": cfg.seed,
+            "train": cfg.diffusion.model_dump(exclude={"checkpoint_every"}), "template": cfg.data.prompt_template, "seed": cfg.seed,
             "weights": local_weights_fingerprint(cfg.models.diffusion.pretrained)}
 
 
@@ -58,7 +58,8 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
 
 
 def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
-               batch_size: int, lr: float, use_bias: bool = True) -> dict:
+               batch_size: int, lr: float, use_bias: bool = True, resume: dict | None = None,
+               on_checkpoint=None) -> dict:
     """Train a bootstrap text-to-image model on the train split's captions and save it (diffusers layout) to
     ``stages/<out_stage>/model``. ``use_bias=False`` (or a train split without bias labels) captions the class
     only: a class-conditional model (Diffusing DeBias)."""
@@ -93,7 +94,8 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
         freeze_token_embedding=cfg.diffusion.freeze_token_embedding, p2_gamma=cfg.diffusion.p2_gamma,
-        p2_k=cfg.diffusion.p2_k, sample_weights=weights,
+        p2_k=cfg.diffusion.p2_k, sample_weights=weights, checkpoint_every=cfg.diffusion.checkpoint_every,
+        on_checkpoint=on_checkpoint, resume=resume,
     )
     out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:
@@ -101,15 +103,47 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     return {**stats, "captions": "class + bias" if has_bias else "class only"}
 
 
+def save_train_state(d: Path, state: dict) -> None:
+    """A resumable training state: weights as safetensors, the rest (optimizer, generators) as tensors and plain
+    values that ``torch.load(weights_only=True)`` reads back."""
+    import torch
+    from safetensors.torch import save_file
+
+    for part in ("unet", "text_encoder"):
+        save_file({k: v.detach().cpu().contiguous() for k, v in state[part].items()}, str(d / f"{part}.safetensors"))
+    torch.save({k: v for k, v in state.items() if k not in ("unet", "text_encoder")}, d / "state.pt")
+
+
+def load_train_state(d: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    state = torch.load(d / "state.pt", weights_only=True)
+    return {**state, **{part: load_file(str(d / f"{part}.safetensors")) for part in ("unet", "text_encoder")}}
+
+
 def _train_loop(config: dict) -> None:
-    """Ray Train worker: :func:`train_task`, then its stats as the run's one checkpoint (``stats.json``)."""
+    """Ray Train worker: :func:`train_task`, reporting a resumable checkpoint every ``diffusion.checkpoint_every``
+    steps (a restarted worker continues from the last one), then the stats (``stats.json``) as the final one."""
+    import shutil
     import tempfile
 
     import ray.train
 
-    import shutil
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / "state.pt").exists():
+                resume = load_train_state(Path(d))
 
-    stats = train_task(**config)
+    def on_checkpoint(step: int, state: dict) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="diffusion-ckpt-"))
+        save_train_state(tmp, state)
+        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        shutil.rmtree(tmp, ignore_errors=True)  # persisted to the run's storage by report()
+
+    stats = train_task(**config, resume=resume, on_checkpoint=on_checkpoint)
     tmp = Path(tempfile.mkdtemp(prefix="diffusion-stats-"))
     atomic_write_json(tmp / "stats.json", stats)
     ray.train.report({"loss_last": stats["loss_last"]}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
@@ -119,11 +153,11 @@ def _train_loop(config: dict) -> None:
 def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, lr: float, num_cpus: float,
                    use_bias: bool = True) -> dict:
     """Train the bootstrap model through Ray Train (``TorchTrainer``, one worker of ``num_cpus`` CPUs, on a GPU when
-    ``ray.num_gpus_per_worker``; one restart on failure) and return its stats. The worker writes the model to the
+    ``ray.num_gpus_per_worker``; one restart on failure, resumed from the last checkpoint) and return its stats. The worker writes the model to the
     run directory (the run directory is shared storage on a cluster, as for every stage)."""
     import shutil
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ctx.ensure_ray()
@@ -139,7 +173,8 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
                            "threads": max(1, int(num_cpus)), "out_stage": stage, "template": template,
                            "steps": steps, "batch_size": batch_size, "lr": lr, "use_bias": use_bias},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     if result.error:

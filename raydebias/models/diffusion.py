@@ -383,8 +383,15 @@ def train_bootstrap_diffusion(
     p2_gamma: float = 0.0,
     p2_k: float = 1.0,
     sample_weights: np.ndarray | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
+    resume: dict | None = None,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
+
+    Every ``checkpoint_every`` steps ``on_checkpoint(steps_done, state)`` gets the full training state (weights,
+    optimizer, schedule, EMA, both random generators, losses); ``resume=state`` continues from it, so a run
+    resumed at step k ends with the same weights as an uninterrupted one.
 
     Caption dropout for classifier-free guidance: the whole caption becomes "" with probability
     ``drop_probs["all"]`` (default 0.1); otherwise ``caption_dropout_fn(caption, rng)`` (e.g. per-word
@@ -430,11 +437,25 @@ def train_bootstrap_diffusion(
         return torch.stack([token_cache[c] for c in caps])
 
     losses: list[float] = []
+    start = 0
+    if resume is not None:
+        start = int(resume["step"])
+        unet.load_state_dict(resume["unet"])
+        te.load_state_dict(resume["text_encoder"])
+        opt.load_state_dict(resume["optimizer"])
+        sch.load_state_dict(resume["scheduler"])
+        if ema is not None and resume.get("ema") is not None:
+            ema.load_state_dict(resume["ema"])
+        rng.bit_generator.state = resume["numpy_rng"]
+        gen.set_state(resume["torch_rng"])
+        losses = list(resume["losses"])
+        if log is not None:
+            log(f"diffusion: resumed at step {start}/{steps}")
     unet.train()
     te.train()
     t0 = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             size = min(batch_size, len(pixels))
             idx = rng.integers(0, len(pixels), size=size) if probs is None else rng.choice(len(pixels), size, p=probs)
             x = to_model_input(pixels[idx]).to(device)
@@ -464,8 +485,15 @@ def train_bootstrap_diffusion(
             if ema is not None:
                 ema.step(params)
             losses.append(float(loss.detach()))
+            if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
+                    and step + 1 < steps:
+                on_checkpoint(step + 1, {
+                    "step": step + 1, "unet": unet.state_dict(), "text_encoder": te.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sch.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "losses": losses})
             if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-                rate = (step + 1) / (time.perf_counter() - t0)
+                rate = (step + 1 - start) / (time.perf_counter() - t0)
                 log(f"diffusion step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({rate:.2f} it/s)")
         if ema is not None:
             ema.copy_to(params)
@@ -478,12 +506,13 @@ def train_bootstrap_diffusion(
     k = max(1, steps // 10)
     return {
         "steps": steps,
+        "resumed_at": start,
         "batch_size": int(min(batch_size, len(pixels))),
         "loss_first": float(np.mean(losses[:k])),
         "loss_last": float(np.mean(losses[-k:])),
         "loss_mean": float(np.mean(losses)),
         "seconds": secs,
-        "it_per_s": steps / secs if secs > 0 else float("inf"),
+        "it_per_s": (steps - start) / secs if secs > 0 else float("inf"),
     }
 
 

@@ -298,3 +298,30 @@ def test_load_refuses_pickled_weights(tiny_sd_dir, tmp_path):
     with pytest.raises(OSError, match="safetensors"):
         load_diffusion(str(d))
     assert load_diffusion(str(tiny_sd_dir)).vae is not None  # the safetensors original loads
+
+
+def test_resumed_training_matches_an_uninterrupted_run(tiny_diffusion, tmp_path):
+    """Checkpoint at step 3 of 6, restore it (through the files a Ray Train checkpoint holds) into a fresh copy,
+    finish: the same weights as 6 steps straight (shift, caption dropout, EMA and both generators included)."""
+    from raydebias.diffusion.base import load_train_state, save_train_state
+
+    pixels, captions = _colored_mnist(64)
+    kw = dict(steps=6, batch_size=8, lr=1e-3, log=None, shift=2, ema_decay=0.9, seed=3,
+              caption_dropout_fn=lambda c, rng: c if rng.random() < 0.8 else "")
+    straight = copy.deepcopy(tiny_diffusion)
+    train_bootstrap_diffusion(straight, pixels, captions, **kw)
+
+    saved = []
+    first = copy.deepcopy(tiny_diffusion)
+    train_bootstrap_diffusion(first, pixels, captions, checkpoint_every=3,
+                              on_checkpoint=lambda step, st: (save_train_state(tmp_path, st), saved.append(step)), **kw)
+    assert saved == [3]  # no checkpoint at the last step: the final model is the output
+    resumed = copy.deepcopy(tiny_diffusion)  # a restarted worker: untrained weights + the checkpoint
+    stats = train_bootstrap_diffusion(resumed, pixels, captions, resume=load_train_state(tmp_path), **kw)
+    assert stats["resumed_at"] == 3
+    for a, b in ((straight.unet, resumed.unet), (straight.text_encoder, resumed.text_encoder)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    changed = any(not torch.equal(p, q) for p, q in zip(straight.unet.state_dict().values(),
+                                                         tiny_diffusion.unet.state_dict().values()))
+    assert changed
