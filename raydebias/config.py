@@ -240,6 +240,7 @@ class DiffusionTrainConfig(_Block):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after a linear warm-up")
     word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class word (and the bias word unless set)")
     bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
@@ -250,6 +251,9 @@ class DiffusionTrainConfig(_Block):
     group_balance: float = Field(
         0.0, ge=0, le=1, description="draw training images with weight n_g^-τ over (class, bias) groups: 0 = as in "
                                      "the data, 1 = every group equally often (needs bias labels)")
+    shift: int = Field(0, ge=0, le=8, description="random translation of up to this many pixels (augmentation). "
+                                                  "0: at equal time, 2 px cost the samples their class (README, "
+                                                  "\"Generation fidelity\")")
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
     p2_gamma: float = Field(0.0, ge=0, description="P2 weighting 1/(k + SNR)^γ (Choi et al. 2022; DiffInject "
                                                    "uses γ = 1); 0 = off")

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
+
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
 # data → train/erm only, 8 small epochs: long enough to be killed in the middle

@@ -10,6 +10,8 @@ import pytest
 from raydebias.config import load_config
 from raydebias.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
+
 VARIANTS = ["clustered_dreambooth", "vanilla", "lora", "dreambooth"]
 VARIANT_OVERRIDES = ["method=clustered_dreambooth", "baselines=[vanilla, lora, dreambooth]"]
 

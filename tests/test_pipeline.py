@@ -11,6 +11,8 @@ from raydebias.config import ColoredMNISTConfig, load_config
 from raydebias.data.builtin.colored_mnist import build_colored_mnist
 from raydebias.pipeline import PipelineError, run_pipeline
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
+
 TINY = ["data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=40", "data.builtin.aligned=0.9",
         "train.epochs=1", "train.batch_size=64", "models.classifier.width=8", "method=groupdro", "baselines=[erm]"]
 

@@ -91,10 +91,12 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
         bundle, tr["x"], caps, steps=steps, batch_size=batch_size, lr=lr,
-        caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=2, log_every=100,
+        caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=cfg.diffusion.shift,
+        log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
         freeze_token_embedding=cfg.diffusion.freeze_token_embedding, p2_gamma=cfg.diffusion.p2_gamma,
         p2_k=cfg.diffusion.p2_k, sample_weights=weights, checkpoint_every=cfg.diffusion.checkpoint_every,
+        lr_schedule=cfg.diffusion.lr_schedule,
         on_checkpoint=on_checkpoint, resume=resume,
     )
     out = Path(run_dir) / "stages" / out_stage / "model"

@@ -384,11 +384,13 @@ def train_bootstrap_diffusion(
     p2_k: float = 1.0,
     sample_weights: np.ndarray | None = None,
     checkpoint_every: int = 0,
+    lr_schedule: str = "constant",
     on_checkpoint: Callable[[int, dict], None] | None = None,
     resume: dict | None = None,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
+    ``lr_schedule``: ``constant`` after the warm-up, or ``cosine`` decay to 0 at ``steps``.
     Every ``checkpoint_every`` steps ``on_checkpoint(steps_done, state)`` gets the full training state (weights,
     optimizer, schedule, EMA, both random generators, losses); ``resume=state`` continues from it, so a run
     resumed at step k ends with the same weights as an uninterrupted one.
@@ -421,7 +423,15 @@ def train_bootstrap_diffusion(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     warmup = max(1, min(100, steps // 10))
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
+
+    def lr_factor(i: int) -> float:  # linear warm-up, then constant or cosine decay to 0 at ``steps``
+        if i + 1 < warmup:
+            return (i + 1) / warmup
+        if lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i + 1 - warmup) / max(1, steps - warmup))))
+        return 1.0
+
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema = None
     if ema_decay > 0:
         from diffusers.training_utils import EMAModel

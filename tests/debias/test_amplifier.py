@@ -39,6 +39,7 @@ def _no_train_bias_dataset(path):
                              "bias": pa.array(bias, pa.int64())}), path)
 
 
+@pytest.mark.slow
 def test_diffusing_debias_end_to_end_without_train_bias_labels(ray_cluster, tmp_path):
     uri = tmp_path / "no_train_bias.parquet"
     _no_train_bias_dataset(uri)

@@ -53,6 +53,7 @@ def test_discriminator_learns_brightness():
         assert d_mean(bright) > 0.8 and d_mean(dark) < 0.2
 
 
+@pytest.mark.slow
 def test_fit_tiw_two_workers(ray_module, tmp_path):
     rng = np.random.default_rng(0)
     x_bias = rng.integers(0, 160, (64, 16, 16, 3), dtype=np.uint8)
@@ -89,6 +90,7 @@ def test_proportions_and_total_variation():
         proportions(np.array([0, 2]), 2)
 
 
+@pytest.mark.slow
 def test_tiw_stage_end_to_end(ray_module, tmp_path):
     """The ``tiw`` stage on a tiny Colored MNIST: both objectives trained by 2 DDP workers, samples measured by
     the group probe, a ``tiw`` entry under metrics.json["generation"] and no classifier row for it."""

@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 from raydebias.config import load_config
 from raydebias.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
+
 
 def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     run = tmp_path / "run"

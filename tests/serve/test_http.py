@@ -12,6 +12,8 @@ import pytest
 
 from serve_helpers import png_bytes
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
+
 sys.path.insert(0, str(Path(__file__).parents[2]))
 from bench.serve_load import run_load  # noqa: E402
 
