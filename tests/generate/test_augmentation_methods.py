@@ -5,6 +5,7 @@ and both methods' rows in ``metrics.json``."""
 import json
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from raydebias.config import load_config
