@@ -9,7 +9,8 @@ def _init_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=0, object_store_memory=200_000_000, include_dashboard=False,
+        # address="local": a new cluster even when a `ray start` head (or its stale address file) is on the host
+        ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=200_000_000, include_dashboard=False,
                  logging_level="warning")
     return ray
 

@@ -6,6 +6,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,4 +90,9 @@ def test_job_submit_against_local_head(tmp_path, tiny_generative):
         _, alive = psutil.wait_procs(head, timeout=30)
         for p in alive:
             p.kill()
+        # `ray start` recorded this head as the machine's current cluster (what `ray stop` would clear): a later
+        # `ray.init()` without an address would try to attach to it
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(":6391"):
+            current.unlink()
 
