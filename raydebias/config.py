@@ -6,11 +6,12 @@ Every key has a default and unknown keys are errors (``extra="forbid"``), so a t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "RunConfig",
@@ -48,7 +49,7 @@ class ConfigError(ValueError):
 def _template_with_class(v: str) -> str:
     if "{class}" not in v:
         raise ValueError(f"{v!r} must contain {{class}} (the class name goes there)")
-    unknown = {w for w in __import__("re").findall(r"{([^}]*)}", v)} - {"class", "bias"}
+    unknown = set(re.findall(r"{([^}]*)}", v)) - {"class", "bias"}
     if unknown:
         raise ValueError(f"{v!r}: unknown placeholder(s) {sorted(unknown)}; use {{class}} and {{bias}}")
     return v
@@ -58,6 +59,11 @@ def _channels(v: list[int]) -> list[int]:
     if any(c < 8 or c % 8 for c in v):
         raise ValueError(f"{v}: every entry must be a positive multiple of 8 (GroupNorm groups)")
     return v
+
+
+# a prompt template with {class} (and optionally {bias}); UNet channels per level
+Template = Annotated[str, AfterValidator(_template_with_class)]
+Channels = Annotated[list[int], Field(min_length=1, max_length=6), AfterValidator(_channels)]
 
 
 class _Block(BaseModel):
@@ -105,7 +111,7 @@ class DataConfig(_Block):
     builtin: ColoredMNISTConfig = Field(default_factory=ColoredMNISTConfig)
     class_names: list[str] | None = None
     bias_names: list[str] | None = None
-    prompt_template: str = "a photo of a {bias} {class}"
+    prompt_template: Template = "a photo of a {bias} {class}"
     image_size: int = Field(32, ge=8, le=1024)
     image_column: str = "image"
     path_column: str = "path"
@@ -118,11 +124,6 @@ class DataConfig(_Block):
     max_classes: int = Field(10_000, ge=2, description="labels >= this are quarantined when class_names is unset")
     max_bias: int = Field(10_000, ge=2, description="bias values >= this are quarantined when bias_names is unset")
     batch_size: int = Field(256, ge=1, description="rows per Ray Data decode batch")
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_class(cls, v: str) -> str:
-        return _template_with_class(v)
 
     @field_validator("class_names", "bias_names")
     @classmethod
@@ -143,7 +144,7 @@ class DiffusionModelConfig(_Block):
     resolution: int = Field(32, ge=8, le=2048)
     unshuffle: Literal[1, 2, 4] = Field(
         4, description="pixel-unshuffle factor of the pixel-space latent (4: 32×32×3 → 8×8×48)")
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, max_length=6)
+    block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
     layers_per_block: int = Field(1, ge=1, le=8)
     attention_head_dim: int = Field(8, ge=1)
     text_width: int = Field(64, ge=8, le=4096)
@@ -160,11 +161,6 @@ class DiffusionModelConfig(_Block):
         True, description="also add the attention-pooled caption to the time embedding (diffusers "
                           "addition_embed_type='text'): global conditioning of every ResNet block")
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
-
-    @field_validator("block_out_channels")
-    @classmethod
-    def _channels(cls, v: list[int]) -> list[int]:
-        return _channels(v)
 
 
 class ClipModelConfig(_Block):
@@ -304,12 +300,7 @@ class FilterConfig(_Block):
     alpha: float = Field(0.5, ge=0, le=1)
     keep: float = Field(0.75, gt=0, le=1)
     min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
-    label_prompt: str = "a photo of a {class}"
-
-    @field_validator("label_prompt")
-    @classmethod
-    def _has_class(cls, v: str) -> str:
-        return _template_with_class(v)
+    label_prompt: Template = "a photo of a {class}"
     dedup_threshold: float = Field(0.98, gt=0, le=1)
     dedup_real_quantile: float = Field(
         0.5, ge=0, le=1, description="raise dedup_threshold to this quantile of the real images' similarity to their "
@@ -337,13 +328,8 @@ class DiffusingDebiasConfig(_Block):
     labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
     (y, amplifier correct) on the real training split → GroupDRO."""
 
-    prompt_template: str = "a photo of a {class}"
+    prompt_template: Template = "a photo of a {class}"
     steps: int = Field(1000, ge=1)
-
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_class(cls, v: str) -> str:
-        return _template_with_class(v)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     images_per_class: int = Field(200, ge=1)
@@ -407,17 +393,12 @@ class TIWConfig(_Block):
     steps: int = Field(1000, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=2)
-    block_out_channels: list[int] = Field(default_factory=lambda: [64, 128], min_length=1, max_length=6)
+    block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
     unshuffle: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     num_samples: int = Field(1000, ge=2)
     sample_steps: int = Field(50, ge=2)
-
-    @field_validator("block_out_channels")
-    @classmethod
-    def _channels(cls, v: list[int]) -> list[int]:
-        return _channels(v)
 
 
 class EvaluateConfig(_Block):

@@ -144,6 +144,5 @@ def fingerprint_uri(uri: str, content_limit: int = 2 << 30) -> str:
 def local_weights_fingerprint(path: str | None) -> str | None:
     """:func:`fingerprint_uri` of pretrained weights on local disk (a stage key then changes when the weights
     do, not only when the path string does); ``None`` for no path or a hub id / tag."""
-    if not path or not os.path.exists(os.path.expanduser(path)):
-        return None
-    return fingerprint_uri(os.path.expanduser(path))
+    local = os.path.expanduser(path) if path else None
+    return fingerprint_uri(local) if local and os.path.exists(local) else None
