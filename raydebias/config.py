@@ -261,6 +261,11 @@ class DiffusionTrainConfig(_Block):
     num_cpus: float = Field(2.0, gt=0)
     checkpoint_every: int = Field(250, ge=0, description="steps between resumable checkpoints (a restarted worker or "
                                                          "a rerun after a killed driver continues there); 0 = off")
+    guard_every: int = Field(100, ge=0, description="steps between conditioning-guard checks on the val split "
+                                                    "(README, \"Generation fidelity\"); 0 = off")
+    guard_ratio: float = Field(0.5, gt=0, lt=1, description="roll back when the conditioning gap falls below this "
+                                                            "fraction of its best")
+    guard_images: int = Field(256, ge=1, description="val images (at most) the guard scores")
 
 
 class FinetuneConfig(_Block):

@@ -57,6 +57,25 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
     return fn
 
 
+def guard_set(run_dir: Path, info: dict, template: str, use_bias: bool, n: int, seed: int,
+              train: dict) -> dict:
+    """Up to ``n`` captioned images for the conditioning guard: the val split (held out, as every selection in
+    this engine), or the train split where val is empty or lacks the bias labels the captions need."""
+    from raydebias.debias.train import load_split
+    from raydebias.models.clip import captions_for
+
+    split, rows = "train", train
+    val = Path(run_dir) / "stages" / "data" / "val.parquet"
+    if val.exists():
+        va = load_split(val, info["image_size"])
+        if len(va["y"]) and (not use_bias or bool((va["a"] >= 0).all())):
+            split, rows = "val", va
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rows["y"]))[:n])
+    caps = captions_for(rows["y"][pick], rows["a"][pick] if use_bias else None, info["class_names"],
+                        info["bias_names"], template)
+    return {"x": rows["x"][pick], "captions": caps, "split": split}
+
+
 def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
                batch_size: int, lr: float, use_bias: bool = True, resume: dict | None = None,
                on_checkpoint=None) -> dict:
@@ -87,6 +106,8 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         # is bias-conflicting, so the class word, not the bias word, has to explain the shape there
         weights = group_mixture_probs(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_mix,
                                       cfg.diffusion.group_balance)
+    guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
+        if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
@@ -97,12 +118,18 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         freeze_token_embedding=cfg.diffusion.freeze_token_embedding, p2_gamma=cfg.diffusion.p2_gamma,
         p2_k=cfg.diffusion.p2_k, sample_weights=weights, checkpoint_every=cfg.diffusion.checkpoint_every,
         lr_schedule=cfg.diffusion.lr_schedule,
-        on_checkpoint=on_checkpoint, resume=resume,
+        on_checkpoint=on_checkpoint, resume=resume, guard_every=cfg.diffusion.guard_every,
+        guard_ratio=cfg.diffusion.guard_ratio, guard_pixels=guard.get("x"), guard_captions=guard.get("captions"),
     )
+    if guard:
+        stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"
     out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:
         bundle.save(tmp)
     return {**stats, "captions": "class + bias" if has_bias else "class only"}
+
+
+_WEIGHT_PARTS = ("unet", "text_encoder", "best_unet", "best_text_encoder")  # the conditioning guard's best weights
 
 
 def save_train_state(d: Path, state: dict) -> None:
@@ -111,9 +138,10 @@ def save_train_state(d: Path, state: dict) -> None:
     import torch
     from safetensors.torch import save_file
 
-    for part in ("unet", "text_encoder"):
+    parts = [p for p in _WEIGHT_PARTS if state.get(p) is not None]
+    for part in parts:
         save_file({k: v.detach().cpu().contiguous() for k, v in state[part].items()}, str(d / f"{part}.safetensors"))
-    torch.save({k: v for k, v in state.items() if k not in ("unet", "text_encoder")}, d / "state.pt")
+    torch.save({k: v for k, v in state.items() if k not in parts}, d / "state.pt")
 
 
 def load_train_state(d: Path) -> dict:
@@ -121,7 +149,8 @@ def load_train_state(d: Path) -> dict:
     from safetensors.torch import load_file
 
     state = torch.load(d / "state.pt", weights_only=True)
-    return {**state, **{part: load_file(str(d / f"{part}.safetensors")) for part in ("unet", "text_encoder")}}
+    return {**state, **{part: load_file(str(d / f"{part}.safetensors")) for part in _WEIGHT_PARTS
+                        if (d / f"{part}.safetensors").exists()}}
 
 
 def _train_loop(config: dict) -> None:

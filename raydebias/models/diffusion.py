@@ -9,6 +9,7 @@ into a lossless (32/f)×(32/f)×3f² "latent" (f = 2: 16×16×12, f = 4: 8×8×4
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -364,6 +365,30 @@ def sample(
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def conditioning_gap(bundle: DiffusionBundle, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
+                     seed: int = 0, batch_size: int = 256) -> tuple[float, float]:
+    """Mean denoising loss of ``latents`` with their captions' token ``ids`` and with the empty caption, at the
+    same timesteps and noise (drawn from ``seed``): ``(loss_conditional, loss_unconditional)``. Their relative
+    difference measures how much the model uses its captions; it falls to ~0 when it stops following them."""
+    was_training = bundle.unet.training, bundle.text_encoder.training
+    bundle.unet.eval()
+    bundle.text_encoder.eval()
+    lc = lu = 0.0
+    for i in range(0, len(latents), batch_size):
+        z = latents[i : i + batch_size]
+        for key, rows in (("c", ids), ("u", empty_ids)):
+            g = torch.Generator().manual_seed(seed + i)
+            loss = float(diffusion_loss(bundle, z, bundle.embed_ids(rows[i : i + batch_size]), generator=g)) * len(z)
+            if key == "c":
+                lc += loss
+            else:
+                lu += loss
+    bundle.unet.train(was_training[0])
+    bundle.text_encoder.train(was_training[1])
+    return lc / len(latents), lu / len(latents)
+
+
 def train_bootstrap_diffusion(
     bundle: DiffusionBundle,
     pixels: np.ndarray,
@@ -387,8 +412,18 @@ def train_bootstrap_diffusion(
     lr_schedule: str = "constant",
     on_checkpoint: Callable[[int, dict], None] | None = None,
     resume: dict | None = None,
+    guard_pixels: np.ndarray | None = None,
+    guard_captions: list[str] | None = None,
+    guard_every: int = 0,
+    guard_ratio: float = 0.5,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
+
+    Conditioning guard (``guard_every`` > 0, on held-out ``guard_pixels``/``guard_captions``): every ``guard_every``
+    steps :func:`conditioning_gap` measures how much the captions lower the denoising loss. The weights (and
+    optimizer) with the largest gap so far are kept in memory; when the gap falls below ``guard_ratio`` × that best
+    (the model stopped following its captions: the conditioning collapse of README "Generation fidelity") training
+    rolls back to them and continues at half the learning rate, and a collapsed final model is replaced by them.
 
     ``lr_schedule``: ``constant`` after the warm-up, or ``cosine`` decay to 0 at ``steps``.
     Every ``checkpoint_every`` steps ``on_checkpoint(steps_done, state)`` gets the full training state (weights,
@@ -446,6 +481,46 @@ def train_bootstrap_diffusion(
                 token_cache[c] = row
         return torch.stack([token_cache[c] for c in caps])
 
+    guard = None
+    if guard_every > 0:
+        if guard_pixels is None or guard_captions is None or len(guard_pixels) != len(guard_captions) \
+                or len(guard_pixels) == 0:
+            raise ValueError("guard_every > 0 needs guard_pixels and as many guard_captions")
+        with torch.no_grad():
+            guard_z = bundle.encode(to_model_input(guard_pixels).to(device, unet.dtype))
+        guard_ids = (ids_for(list(guard_captions)), ids_for([""] * len(guard_captions)))
+        guard = {"best_gap": -math.inf, "best_step": 0, "history": [], "rollbacks": [], "restored_best": False}
+    best: dict | None = None
+
+    def snapshot() -> dict:
+        clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+        return {"unet": clone(unet.state_dict()), "text_encoder": clone(te.state_dict()),
+                "optimizer": copy.deepcopy(opt.state_dict()), "ema": copy.deepcopy(ema.state_dict()) if ema else None}
+
+    def restore(snap: dict, optimizer: bool = True) -> None:
+        unet.load_state_dict(snap["unet"])
+        te.load_state_dict(snap["text_encoder"])
+        if optimizer:
+            opt.load_state_dict(snap["optimizer"])
+            if ema is not None and snap["ema"] is not None:
+                ema.load_state_dict(snap["ema"])
+
+    def check_guard(step_done: int) -> float:
+        nonlocal best
+        lc, lu = conditioning_gap(bundle, guard_z, *guard_ids, seed=seed)
+        gap = (lu - lc) / max(lu, 1e-12)
+        guard["history"].append([step_done, round(lc, 5), round(gap, 5)])
+        if gap >= guard["best_gap"]:
+            guard["best_gap"], guard["best_step"], best = gap, step_done, snapshot()
+        elif guard["best_gap"] > 0 and gap < guard_ratio * guard["best_gap"] and step_done < steps:
+            restore(best)
+            sch.base_lrs = [b * 0.5 for b in sch.base_lrs]
+            guard["rollbacks"].append([step_done, guard["best_step"]])
+            if log is not None:
+                log(f"diffusion step {step_done}: conditioning gap {gap:.4f} < {guard_ratio} x best "
+                    f"{guard['best_gap']:.4f} (step {guard['best_step']}): rolled back, lr halved")
+        return gap
+
     losses: list[float] = []
     start = 0
     if resume is not None:
@@ -459,6 +534,9 @@ def train_bootstrap_diffusion(
         rng.bit_generator.state = resume["numpy_rng"]
         gen.set_state(resume["torch_rng"])
         losses = list(resume["losses"])
+        if guard is not None and resume.get("guard") is not None:
+            guard = resume["guard"]
+            best = {k: resume[f"best_{k}"] for k in ("unet", "text_encoder", "optimizer", "ema")}
         if log is not None:
             log(f"diffusion: resumed at step {start}/{steps}")
     unet.train()
@@ -495,18 +573,33 @@ def train_bootstrap_diffusion(
             if ema is not None:
                 ema.step(params)
             losses.append(float(loss.detach()))
+            if guard is not None and (step + 1) % guard_every == 0:
+                check_guard(step + 1)
             if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
                     and step + 1 < steps:
                 on_checkpoint(step + 1, {
                     "step": step + 1, "unet": unet.state_dict(), "text_encoder": te.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sch.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None,
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "losses": losses})
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "losses": losses,
+                    **({"guard": guard, **{f"best_{k}": v for k, v in best.items()}} if best is not None else {})})
             if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
                 rate = (step + 1 - start) / (time.perf_counter() - t0)
                 log(f"diffusion step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} ({rate:.2f} it/s)")
         if ema is not None:
             ema.copy_to(params)
+        if guard is not None:
+            final = guard["history"][-1][2] if guard["history"] and guard["history"][-1][0] == steps \
+                else check_guard(steps)
+            if best is not None and guard["best_gap"] > 0 and final < guard_ratio * guard["best_gap"]:
+                restore(best, optimizer=False)
+                if ema is not None and best["ema"] is not None:
+                    ema.load_state_dict(best["ema"])
+                    ema.copy_to(params)
+                guard["restored_best"] = True
+                if log is not None:
+                    log(f"diffusion: final conditioning gap {final:.4f} < {guard_ratio} x best "
+                        f"{guard['best_gap']:.4f}: kept the step-{guard['best_step']} weights")
     finally:
         unet.eval()
         te.eval()
@@ -523,6 +616,7 @@ def train_bootstrap_diffusion(
         "loss_mean": float(np.mean(losses)),
         "seconds": secs,
         "it_per_s": (steps - start) / secs if secs > 0 else float("inf"),
+        **({"guard": {k: v for k, v in guard.items()}} if guard is not None else {}),
     }
 
 

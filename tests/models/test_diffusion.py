@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
+from raydebias.data.transforms import to_model_input
 from raydebias.models.diffusion import (
     bootstrap_diffusion,
     diffusion_loss,
@@ -325,3 +326,90 @@ def test_resumed_training_matches_an_uninterrupted_run(tiny_diffusion, tmp_path)
     changed = any(not torch.equal(p, q) for p, q in zip(straight.unet.state_dict().values(),
                                                          tiny_diffusion.unet.state_dict().values()))
     assert changed
+
+
+def test_conditioning_gap_is_zero_exactly_when_captions_cannot_matter(tiny_diffusion):
+    """Same timesteps and noise for both losses: identical captions, or a UNet whose caption paths (the
+    cross-attention output and the pooled text-time embedding) are zeroed, give a gap of 0; a random model given
+    real captions does not."""
+    from raydebias.models.diffusion import conditioning_gap
+
+    pixels, captions = _colored_mnist(16)
+    bundle = copy.deepcopy(tiny_diffusion)
+    with torch.no_grad():
+        z = bundle.encode(to_model_input(pixels))
+    ids, empty = bundle.tokenize(captions), bundle.tokenize([""] * len(captions))
+    lc, lu = conditioning_gap(bundle, z, ids, empty)
+    assert lc != lu
+    assert conditioning_gap(bundle, z, empty, empty) == (lu, lu)
+    with torch.no_grad():
+        for name, p in bundle.unet.named_parameters():
+            if "attn2.to_out" in name or name.startswith("add_embedding."):
+                p.zero_()
+    lc0, lu0 = conditioning_gap(bundle, z, ids, empty)
+    assert lc0 == pytest.approx(lu0, rel=1e-6)
+
+
+def _scripted_guard(monkeypatch, gaps: list[float]) -> list[dict]:
+    """Replace the guard's measurement by a script of gaps; record the UNet weights at each check."""
+    import raydebias.models.diffusion as mod
+
+    seen = []
+
+    def fake(bundle, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in bundle.unet.state_dict().items()})
+        return 1.0 - gaps[len(seen) - 1], 1.0
+
+    monkeypatch.setattr(mod, "conditioning_gap", fake)
+    return seen
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_guard_keeps_the_best_weights_when_the_final_model_collapsed(tiny_diffusion, monkeypatch):
+    pixels, captions = _colored_mnist(32)
+    seen = _scripted_guard(monkeypatch, [0.02, 0.03, 0.02, 0.001])  # checks at steps 2, 4, 6, 8
+    bundle = copy.deepcopy(tiny_diffusion)
+    stats = train_bootstrap_diffusion(bundle, pixels, captions, steps=8, batch_size=8, lr=1e-3, log=None,
+                                      guard_every=2, guard_pixels=pixels[:4], guard_captions=captions[:4])
+    g = stats["guard"]
+    assert (g["best_step"], g["restored_best"], g["rollbacks"]) == (4, True, []) and g["best_gap"] == pytest.approx(0.03)
+    assert [h[0] for h in g["history"]] == [2, 4, 6, 8]
+    assert _same(bundle.unet.state_dict(), seen[1]) and not _same(seen[1], seen[3])
+
+
+def test_guard_rolls_back_a_collapse_mid_run_and_keeps_a_recovered_model(tiny_diffusion, monkeypatch):
+    pixels, captions = _colored_mnist(32)
+    seen = _scripted_guard(monkeypatch, [0.02, 0.03, 0.001, 0.025])
+    bundle = copy.deepcopy(tiny_diffusion)
+    stats = train_bootstrap_diffusion(bundle, pixels, captions, steps=8, batch_size=8, lr=1e-3, log=None,
+                                      guard_every=2, guard_pixels=pixels[:4], guard_captions=captions[:4])
+    g = stats["guard"]
+    assert g["rollbacks"] == [[6, 4]] and not g["restored_best"]
+    final = bundle.unet.state_dict()
+    assert not _same(final, seen[1]) and not _same(final, seen[2])  # two more steps from the step-4 weights
+
+
+def test_guard_state_resumes_exactly(tiny_diffusion, monkeypatch, tmp_path):
+    """A checkpoint taken after a rollback carries the guard (best weights, halved lr): resumed = straight."""
+    from raydebias.diffusion.base import load_train_state, save_train_state
+
+    pixels, captions = _colored_mnist(32)
+    gaps = [0.02, 0.03, 0.001, 0.025, 0.03, 0.001]
+    kw = dict(steps=12, batch_size=8, lr=1e-3, log=None, guard_every=2, guard_pixels=pixels[:4],
+              guard_captions=captions[:4], seed=1)
+    _scripted_guard(monkeypatch, gaps)
+    straight = copy.deepcopy(tiny_diffusion)
+    s1 = train_bootstrap_diffusion(straight, pixels, captions, **kw)
+    _scripted_guard(monkeypatch, gaps)
+    train_bootstrap_diffusion(copy.deepcopy(tiny_diffusion), pixels, captions, checkpoint_every=8,
+                              on_checkpoint=lambda step, st: save_train_state(tmp_path, st), **kw)
+    _scripted_guard(monkeypatch, gaps[4:])
+    resumed = copy.deepcopy(tiny_diffusion)
+    s2 = train_bootstrap_diffusion(resumed, pixels, captions, resume=load_train_state(tmp_path), **kw)
+    assert s2["resumed_at"] == 8 and s2["guard"]["rollbacks"] == s1["guard"]["rollbacks"] == [[6, 4]]
+    assert s1["guard"]["restored_best"] and s2["guard"]["restored_best"]
+    for (name, p), q in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
