@@ -1,7 +1,6 @@
 """End-to-end tiny runs: every stage, metrics.json/report.html, resume, quarantine, an unseen contract dataset."""
 
 import json
-import os
 
 import pyarrow.parquet as pq
 import pytest

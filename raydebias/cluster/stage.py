@@ -12,7 +12,7 @@ from raydebias.embed.stage import load_embeddings
 
 
 def run_cluster(ctx):
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info

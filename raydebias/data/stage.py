@@ -21,7 +21,7 @@ def data_key(cfg: RunConfig) -> Any:
 
 
 def run_data(ctx) -> "StageResult":  # noqa: F821
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg.data
     out = ctx.stage_dir("data")

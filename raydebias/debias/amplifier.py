@@ -51,7 +51,7 @@ def run_amplifier(ctx):
 
     from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.generate.plan import describe
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg, info = ctx.cfg, ctx.data_info
     d = cfg.ddb
@@ -99,7 +99,7 @@ def run_amplifier(ctx):
 
 
 def _train_with_pseudo(ctx):
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
 
     info = ctx.data_info
     tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])

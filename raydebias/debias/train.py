@@ -16,26 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json
 from raydebias.config import ClassifierModelConfig
+from raydebias.data.splits import load_split
 from raydebias.data.transforms import pixels_from_column, to_model_input
-from raydebias.models.classifier import create_classifier
-
-
-def load_split(path: str | Path, image_size: int) -> dict[str, np.ndarray]:
-    """A normalised split written by the ``data`` stage as numpy arrays."""
-    t = pq.read_table(path)
-    return {
-        "id": np.asarray(t.column("id").to_pylist(), dtype=object),
-        "x": pixels_from_column(t.column("pixels").to_pylist(), image_size) if t.num_rows else
-        np.zeros((0, image_size, image_size, 3), np.uint8),
-        "y": t.column("label").to_numpy().astype(np.int64),
-        "a": t.column("bias").to_numpy().astype(np.int64),
-    }
+from raydebias.models.classifier import create_classifier, load_classifier, predict
 
 
 def resolve_select_by(select_by: str, num_groups: int) -> str:
@@ -43,16 +31,6 @@ def resolve_select_by(select_by: str, num_groups: int) -> str:
     if select_by != "auto":
         return select_by
     return "wga" if num_groups <= 8 else "aga"
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
-    """Softmax probabilities for uint8 NHWC images."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        out.append(torch.softmax(model(to_model_input(x[i : i + batch_size]).to(device)), dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -249,7 +227,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     from ray.train.torch import TorchTrainer
 
     from raydebias._internal.ray_utils import keyed_train_run
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     ctx.ensure_ray()
@@ -345,13 +323,3 @@ def fit_augmented(ctx, method: str, synthetic):
                "sampler": "uniform", "select": True}]
     return fit_classifier(ctx, method, phases, extra_data={"augmented": data},
                           summary={"synthetic": int(len(ys)), "real": int(len(tr["y"]))})
-
-
-def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a trained classifier (safetensors + meta.json) for evaluation or serving."""
-    model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "meta.json").read_text())
-    model = create_classifier(ClassifierModelConfig(**meta["classifier"]), meta["num_classes"])
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    model.eval()
-    return model, meta

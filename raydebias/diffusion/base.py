@@ -61,7 +61,7 @@ def guard_set(run_dir: Path, info: dict, template: str, use_bias: bool, n: int, 
               train: dict) -> dict:
     """Up to ``n`` captioned images for the conditioning guard: the val split (held out, as every selection in
     this engine), or the train split where val is empty or lacks the bias labels the captions need."""
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
     from raydebias.models.clip import captions_for
 
     split, rows = "train", train
@@ -86,7 +86,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
 
     from raydebias.config import RunConfig
     from raydebias.debias.groupdro import group_mixture_probs
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
     from raydebias.models.clip import captions_for, clip_tokenizer
     from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
 
@@ -217,7 +217,7 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
 
 
 def run_diffusion(ctx):
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     out = ctx.stage_dir("diffusion")

@@ -21,7 +21,7 @@ def load_ddpm(run_dir: Path):
 def run_ddpm(ctx):
     from raydebias._internal.io import atomic_write_json
     from raydebias.diffusion.base import run_train_task
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     d = cfg.ddb

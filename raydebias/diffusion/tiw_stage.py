@@ -60,7 +60,8 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
     from pathlib import Path
 
     from raydebias._internal.io import atomic_path
-    from raydebias.debias.train import load_split, predict
+    from raydebias.data.splits import load_split
+    from raydebias.models.classifier import predict
     from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
     from raydebias.evaluate.metrics import conflicting_mask
@@ -98,10 +99,10 @@ def run_tiw(ctx):
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_text
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
     from raydebias.diffusion.tiw_train import fit_tiw
     from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
     if info["num_bias"] is None:

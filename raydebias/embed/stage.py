@@ -35,9 +35,9 @@ def load_clip(run_dir: Path):
 
 
 def run_clip(ctx):
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
     from raydebias.models.clip import captions_for, create_clip, train_bootstrap_clip
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info
@@ -85,7 +85,7 @@ class EmbedImages:
 def run_embed(ctx):
     import ray
 
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     ctx.ensure_ray()

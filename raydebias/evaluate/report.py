@@ -228,7 +228,7 @@ def _count_table(counts: list[list[int]], info: dict) -> str:
 
 
 def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
 
     report = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "stages" / "data" / "info.json").read_text())
@@ -296,7 +296,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
 
 
 def run_report(ctx):
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     path = ctx.run_dir / "report.html"
     atomic_write_text(path, render_report(ctx.run_dir, ctx.cfg.report.samples_per_group))

@@ -10,7 +10,9 @@ import pyarrow as pa
 import torch
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table
-from raydebias.debias.train import load_classifier, load_split, predict, score_train_split
+from raydebias.models.classifier import load_classifier, predict
+from raydebias.data.splits import load_split
+from raydebias.debias.train import score_train_split
 from raydebias.evaluate import metrics as M
 
 
@@ -74,7 +76,7 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run_evaluate(ctx):
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info

@@ -17,7 +17,7 @@ def run_filter(ctx, variant: str):
 
     from raydebias.embed.stage import load_clip, load_embeddings
     from raydebias.generate.plan import describe
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg, info = ctx.cfg, ctx.data_info
     torch.set_num_threads(max(1, cfg.ray.num_cpus or 2))
@@ -55,7 +55,7 @@ def run_filter(ctx, variant: str):
         # FID/KID of the kept set against the real training images on the pretrained CLIP's features. With the
         # bootstrap CLIP these numbers said nothing (FID 0.21 in the demo); generation fidelity (evaluate,
         # class/bias probes on val) is the measure there.
-        from raydebias.debias.train import load_split
+        from raydebias.data.splits import load_split
         from raydebias.evaluate.fid import ClipFeatures, fid_kid
 
         real_x = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])["x"]

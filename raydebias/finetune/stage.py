@@ -4,7 +4,6 @@ rerun, so a killed stage resumes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,7 @@ def reset_if_stale(out: Path, key: str | None) -> bool:
 def run_finetune(ctx, variant: str):
     import ray
 
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     out = ctx.stage_dir(f"finetune/{variant}")

@@ -190,7 +190,7 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
     bundle = load_ddpm(Path(run_dir))
     if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
-        from raydebias.debias.train import load_split
+        from raydebias.data.splits import load_split
 
         info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
         x = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])["x"]
@@ -218,8 +218,8 @@ def run_gmm(ctx):
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table
-    from raydebias.debias.train import load_classifier, predict
-    from raydebias.pipeline import StageResult
+    from raydebias.models.classifier import load_classifier, predict
+    from raydebias.core import StageResult
 
     cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
     out = ctx.stage_dir("gmm")

@@ -220,7 +220,7 @@ def run_mine(ctx):
     from raydebias.debias.lff import mine_conflicting
     from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     info, di = ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("mine")
@@ -256,7 +256,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
 
     from raydebias._internal.io import atomic_path, atomic_write_table
     from raydebias.data.transforms import to_model_input
-    from raydebias.debias.train import load_split
+    from raydebias.data.splits import load_split
     from raydebias.diffusion.ddpm import load_ddpm
     from raydebias.models.diffusion import _to_uint8
 
@@ -323,8 +323,8 @@ def run_inject(ctx):
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table, sha256_json
-    from raydebias.debias.train import load_split
-    from raydebias.pipeline import StageResult
+    from raydebias.data.splits import load_split
+    from raydebias.core import StageResult
 
     cfg, info, di = ctx.cfg, ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("inject")

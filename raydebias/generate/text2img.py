@@ -111,9 +111,8 @@ def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:
 def run_generate(ctx, variant: str):
     import ray
 
-    from raydebias.finetune.stage import units_for
     from raydebias.generate.plan import Unit
-    from raydebias.pipeline import StageResult
+    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info

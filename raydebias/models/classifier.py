@@ -1,13 +1,19 @@
-"""Classifier backbones: a registry of small ResNets built from config (``create_classifier(cfg, C)``)."""
+"""Classifier backbones: a registry of small ResNets built from config (``create_classifier(cfg, C)``), and a
+trained one loaded (safetensors + ``meta.json``) and applied: what evaluation and Serve need, without training code."""
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from raydebias.config import ClassifierModelConfig
+from raydebias.data.transforms import to_model_input
 
 _REGISTRY: dict[str, Callable[[ClassifierModelConfig, int], nn.Module]] = {}
 
@@ -111,3 +117,23 @@ def create_classifier(cfg: ClassifierModelConfig, num_classes: int) -> Classifie
     if cfg.arch not in _REGISTRY:
         raise ValueError(f"unknown classifier arch {cfg.arch!r}; available: {available()}")
     return _REGISTRY[cfg.arch](cfg, num_classes)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
+    """Softmax probabilities for uint8 NHWC images."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(torch.softmax(model(to_model_input(x[i : i + batch_size]).to(device)), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a trained classifier (safetensors + meta.json) for evaluation or serving."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "meta.json").read_text())
+    model = create_classifier(ClassifierModelConfig(**meta["classifier"]), meta["num_classes"])
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.eval()
+    return model, meta

@@ -53,7 +53,7 @@ class Classifier:
     def __init__(self, run_dir: str, method: str | None, max_batch_size: int, batch_wait_timeout_s: float):
         import torch
 
-        from raydebias.debias.train import load_classifier
+        from raydebias.models.classifier import load_classifier
 
         torch.set_num_threads(1)
         self.run_dir = Path(run_dir)

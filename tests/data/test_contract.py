@@ -1,7 +1,6 @@
 """The dataset contract: good rows land per split, bad rows are quarantined with a reason, fatal problems fail fast."""
 
 import io
-import json
 
 import fsspec
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 
 from raydebias.config import DataConfig
 from raydebias.data.contract import ContractError, ingest
-from raydebias.debias.train import load_split
+from raydebias.data.splits import load_split
 
 
 def png(color=(255, 0, 0), size=(12, 10)) -> bytes:

@@ -36,7 +36,7 @@ def server(ray_module, served_run):
 
 def test_predict_matches_offline(server, served_run, sample_pngs):
     from raydebias.data.transforms import decode_image
-    from raydebias.debias.train import load_classifier, predict
+    from raydebias.models.classifier import load_classifier, predict
 
     model, meta = load_classifier(served_run / "stages" / "train" / "groupdro")
     offline = predict(model, np.stack([decode_image(b, 32, 10**7) for b in sample_pngs])).argmax(1)

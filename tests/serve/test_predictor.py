@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from raydebias.debias.train import load_classifier, predict
+from raydebias.models.classifier import load_classifier, predict
 from raydebias.data.transforms import decode_image
 from raydebias.serve.predictor import (Limits, RequestError, check_content_type, decode_images, model_card,
                                        parse_json_images, predict_images)
