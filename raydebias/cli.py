@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -52,13 +53,35 @@ def _f(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "–"
 
 
-def _run(config: Path | None, overrides: list[str], run_dir: str | None) -> int:
-    from raydebias.pipeline import run_pipeline
+def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose: bool = False) -> int:
+    """Run a config with a quiet console (one line per stage; the full output in ``<run_dir>/logs/run.log``) or,
+    with ``verbose``, everything on the console. A failed stage is one line (stage, cause, log path), exit 1."""
+    import traceback
+
+    from raydebias._internal.console import Console
+    from raydebias.pipeline import PipelineError, run_pipeline
 
     if run_dir:
         overrides = [*overrides, f"run_dir={run_dir}"]
     cfg = load_config(config, overrides)
-    ctx = run_pipeline(cfg)
+    out = Path(cfg.run_dir).expanduser().resolve()
+    log_path = out / "logs" / "run.log"
+    with Console(log_path, verbose=verbose) as console:
+        console.print(f"raydebias: {cfg.method} vs {', '.join(cfg.baselines) or 'no baselines'} → {out}"
+                      + ("" if verbose else f"  (full log: {log_path})"))
+        t0 = time.time()
+        try:
+            ctx = run_pipeline(cfg, progress=console.progress)
+        except PipelineError:
+            raise
+        except Exception as e:
+            if verbose:
+                raise
+            traceback.print_exc()  # into the log
+            console.print(f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
+                          + f"\nthe full output and traceback: {log_path} (or rerun with --verbose)")
+            return 1
+        console.print(f"finished in {time.time() - t0:.0f} s")
     if (ctx.run_dir / "metrics.json").exists():
         _print_table(ctx.run_dir)
     return 0
@@ -98,15 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
+    def add_verbose(sp):
+        sp.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything (Ray, workers, tracebacks) instead of one line per stage; without "
+                             "it the full output is in <run_dir>/logs/run.log")
+
     d = sub.add_parser("demo", help="run configs/demo.yaml: Colored MNIST 99%% aligned, methods vs baselines")
     d.add_argument("--full", action="store_true",
                    help="configs/full.yaml instead: Diffusing DeBias I+II, DiffInject, GAMMA-FACE (beyond 10 min)")
     d.add_argument("--run-dir", default=None)
     add_set(d)
+    add_verbose(d)
     r = sub.add_parser("run", help="run (or resume) a config")
     r.add_argument("config", type=Path)
     r.add_argument("--run-dir", default=None)
     add_set(r)
+    add_verbose(r)
     v = sub.add_parser("validate", help="check a config without running it; prints the resolved config")
     v.add_argument("config", type=Path)
     add_set(v)
@@ -136,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
-            return _run(_config_path("full" if args.full else "demo"), args.overrides, args.run_dir)
+            return _run(_config_path("full" if args.full else "demo"), args.overrides, args.run_dir, args.verbose)
         if args.cmd == "run":
-            return _run(args.config, args.overrides, args.run_dir)
+            return _run(args.config, args.overrides, args.run_dir, args.verbose)
         if args.cmd == "validate":
             from raydebias.pipeline import check_graph
 

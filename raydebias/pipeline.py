@@ -243,18 +243,22 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> RunContext:
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
+                 progress: Callable[[dict], None] | None = None) -> RunContext:
     """Run (or resume) every node of ``cfg``; returns the context (run dir, config). One run per run directory
-    (:class:`RunDirLock`); the graph is checked before any stage starts (:func:`check_graph`)."""
+    (:class:`RunDirLock`); the graph is checked before any stage starts (:func:`check_graph`). ``progress`` gets
+    one event per stage start and end: ``{"event": "start" | "done" | "skip" | "failed", "i", "n", "stage",
+    "seconds", "error"}`` (the console of ``raydebias run``)."""
     ctx = RunContext(cfg, log=log)
     nodes = check_graph(cfg)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with RunDirLock(ctx.run_dir):
-        _run_nodes(ctx, nodes, log)
+        _run_nodes(ctx, nodes, log, progress or (lambda event: None))
     return ctx
 
 
-def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None]) -> None:
+def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None],
+               progress: Callable[[dict], None]) -> None:
     cfg = ctx.cfg
     atomic_write_text(ctx.run_dir / "config.yaml", dump_config(cfg))
     manifest = Manifest(ctx.run_dir / "manifest.json")
@@ -265,7 +269,8 @@ def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None]) -
     )
     manifest.save()
     t_run = time.time()
-    for node in nodes:
+    for i, node in enumerate(nodes, 1):
+        event = {"i": i, "n": len(nodes), "stage": node.name}
         inputs = {}
         for dep in node.deps:
             e = manifest.entry(dep)
@@ -278,20 +283,25 @@ def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None]) -
         if prev and prev.get("status") == "completed" and prev.get("key") == key and _intact(ctx.run_dir, prev["outputs"]):
             log(f"[pipeline] skip {node.name}: completed {prev.get('finished')}, inputs unchanged")
             manifest.set(node.name, last_action="skipped", skipped_at=_now())
+            progress({**event, "event": "skip"})
             continue
         log(f"[pipeline] run  {node.name}")
         ctx.node_key = key
         t0 = time.time()
         manifest.set(node.name, status="running", key=key, inputs=inputs, started=_now(), last_action="ran")
+        progress({**event, "event": "start"})
         try:
             result = node.run(ctx)
         except BaseException as e:
             manifest.set(node.name, status="failed", error=f"{type(e).__name__}: {e}", finished=_now(),
                          seconds=round(time.time() - t0, 2))
+            progress({**event, "event": "failed", "seconds": time.time() - t0,
+                      "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
             raise
         manifest.set(node.name, status="completed", outputs=_hash_outputs(ctx.run_dir, result.outputs),
                      summary=result.summary, finished=_now(), seconds=round(time.time() - t0, 2), error=None)
         log(f"[pipeline] done {node.name} in {time.time() - t0:.1f}s")
+        progress({**event, "event": "done", "seconds": time.time() - t0})
     manifest.data["last_run_seconds"] = round(time.time() - t_run, 2)
     manifest.save()
 

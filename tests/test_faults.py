@@ -25,7 +25,7 @@ EPOCH = re.compile(r"\[train/erm\] erm epoch (\d+)/8")
 
 
 def start(run_dir: Path, *sets: str) -> subprocess.Popen:
-    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir)]
+    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in (*TINY, *sets):
         args += ["--set", kv]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -104,7 +104,7 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
     """SIGKILL the Ray Train worker of the diffusion stage mid-fit: Ray Train restarts it (max_failures=1) and it
     continues from the last checkpoint, not from step 0."""
     run_dir = tmp_path / "run"
-    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir)]
+    args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in ("data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_test=20", "stages=[data,diffusion]",
                "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=800", "diffusion.batch_size=16",
                "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false"):

@@ -102,7 +102,7 @@ def test_missing_upstream_is_a_clear_error(ray_cluster, tmp_path):
         run_pipeline(cfg, log=lambda m: None)
 
 
-def test_run_cli_on_an_unseen_contract_dataset_with_corrupt_rows(ray_cluster, tmp_path):
+def test_run_cli_on_an_unseen_contract_dataset_with_corrupt_rows(ray_cluster, tmp_path, capfd):
     """A user dataset: 2 classes, 3 bias values, names from the config, three corrupt rows."""
     t = build_colored_mnist(ColoredMNISTConfig(n_train=300, n_val=10, n_test=10, aligned=0.9)).to_pydict()
     keep = [i for i, (y, a) in enumerate(zip(t["label"], t["bias"])) if y in (3, 8) and a in (3, 8, 0)]
@@ -123,6 +123,8 @@ def test_run_cli_on_an_unseen_contract_dataset_with_corrupt_rows(ray_cluster, tm
     rc = main(["run", str(cfg_path), "--run-dir", str(run_dir), "--set", f"data.uri={uri}",
                "--set", "data.class_names=[three, eight]", "--set", "data.bias_names=[blue, lime, red]"])
     assert rc == 0
+    out = capfd.readouterr().out
+    assert "[1/5] data" in out and "[5/5] report" in out and "headline: WGA" in out, out
     q = pq.read_table(run_dir / "quarantine.parquet").to_pylist()
     assert [r["id"] for r in q] == data["id"][:3]
     assert "label 5 out of range" in q[1]["reason"] and "bias 9 out of range" in q[2]["reason"]

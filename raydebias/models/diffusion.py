@@ -510,6 +510,8 @@ def train_bootstrap_diffusion(
         lc, lu = conditioning_gap(bundle, guard_z, *guard_ids, seed=seed)
         gap = (lu - lc) / max(lu, 1e-12)
         guard["history"].append([step_done, round(lc, 5), round(gap, 5)])
+        if log is not None:
+            log(f"diffusion step {step_done}/{steps} conditioning gap {gap:.4f} (val loss {lc:.4f})")
         if gap >= guard["best_gap"]:
             guard["best_gap"], guard["best_step"], best = gap, step_done, snapshot()
         elif guard["best_gap"] > 0 and gap < guard_ratio * guard["best_gap"] and step_done < steps:
