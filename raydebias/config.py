@@ -42,6 +42,11 @@ GENERATION_ONLY = ("tiw",)
 METHODS = BASELINES + GENERATIVE + AMPLIFIED + AUGMENTED + GENERATION_ONLY
 
 
+# Marks a field that sets resources only (worker counts, CPUs per task, batching of I/O): stage cache keys leave it
+# out, so changing it never reruns a stage (``raydebias.core.registry.config_key``).
+RESOURCE = {"resource": True}
+
+
 class ConfigError(ValueError):
     """A configuration could not be parsed or validated; the message names the offending key."""
 
@@ -123,7 +128,7 @@ class DataConfig(_Block):
                                                                     "`path` may point into; anything else is quarantined")
     max_classes: int = Field(10_000, ge=2, description="labels >= this are quarantined when class_names is unset")
     max_bias: int = Field(10_000, ge=2, description="bias values >= this are quarantined when bias_names is unset")
-    batch_size: int = Field(256, ge=1, description="rows per Ray Data decode batch")
+    batch_size: int = Field(256, json_schema_extra=RESOURCE, ge=1, description="rows per Ray Data decode batch")
 
     @field_validator("class_names", "bias_names")
     @classmethod
@@ -216,8 +221,8 @@ class EmbedConfig(_Block):
     """CLIP image embeddings of the train split (Ray Data actor pool)."""
 
     batch_size: int = Field(256, ge=1)
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    num_actors: int = Field(1, json_schema_extra=RESOURCE, ge=1)
+    cpus_per_actor: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
 
 
 class ClusterConfig(_Block):
@@ -258,13 +263,15 @@ class DiffusionTrainConfig(_Block):
     freeze_token_embedding: bool = Field(
         True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
                           "49408×width entries every step; the layers above learn the few caption words)")
-    num_cpus: float = Field(2.0, gt=0)
-    checkpoint_every: int = Field(250, ge=0, description="steps between resumable checkpoints (a restarted worker or "
+    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
+    checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0, description="steps between resumable checkpoints (a restarted worker or "
                                                          "a rerun after a killed driver continues there); 0 = off")
     guard_every: int = Field(100, ge=0, description="steps between conditioning-guard checks on the val split "
                                                     "(README, \"Generation fidelity\"); 0 = off")
     guard_ratio: float = Field(0.5, gt=0, lt=1, description="roll back when the conditioning gap falls below this "
                                                             "fraction of its best")
+    guard_min_gap: float = Field(0.005, ge=0, description="the guard acts once the gap has reached this (healthy "
+                                                          "demo runs: 0.01 by step 500, 0.03 at the end)")
     guard_images: int = Field(256, ge=1, description="val images (at most) the guard scores")
 
 
@@ -279,8 +286,8 @@ class FinetuneConfig(_Block):
     min_images: int = Field(10, ge=1, description="groups with fewer real images borrow the aligned group's model")
     prior_preservation: bool = False
     prior_weight: float = Field(1.0, ge=0)
-    cpus_per_task: float = Field(1.0, gt=0)
-    max_retries: int = Field(2, ge=0)
+    cpus_per_task: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
+    max_retries: int = Field(2, json_schema_extra=RESOURCE, ge=0)
 
 
 class GenerateConfig(_Block):
@@ -293,9 +300,9 @@ class GenerateConfig(_Block):
         None, ge=0, description="compositional guidance: ε_u + g·(ε_partial − ε_u) + g_c·(ε_full − ε_partial), "
                                 "partial = the prompt without the class word (3 UNet calls per step); "
                                 "null = plain classifier-free guidance")
-    batch_size: int = Field(100, ge=1)
-    num_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(100, json_schema_extra=RESOURCE, ge=1)
+    num_actors: int = Field(2, json_schema_extra=RESOURCE, ge=1)
+    cpus_per_actor: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
 
 
 class FilterConfig(_Block):
@@ -329,7 +336,7 @@ class TwoStageConfig(_Block):
 
 
 class DiffusingDebiasConfig(_Block):
-    """Diffusing DeBias (METHODS.md §2): class-conditional diffusion (captions carry the class only, so no bias
+    """Diffusing DeBias (docs/methods/diffusing_debias.md): class-conditional diffusion (captions carry the class only, so no bias
     labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
     (y, amplifier correct) on the real training split → GroupDRO."""
 
@@ -343,11 +350,11 @@ class DiffusingDebiasConfig(_Block):
     amplifier_epochs: int = Field(8, ge=1)
     recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
     lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
-    num_cpus: float = Field(2.0, gt=0)
+    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
 
 
 class DiffInjectConfig(_Block):
-    """DiffInject (METHODS.md §3): GCE-biased classifier → top-K CE rows per class (bias-conflicting) → their
+    """DiffInject (docs/methods/diffinject.md): GCE-biased classifier → top-K CE rows per class (bias-conflicting) → their
     h-space content injected into randomly chosen aligned images (DDIM inversion, Slerp for t ≥ t_edit, the
     asymmetric step, stochastic below t_boost) → retrain on real ∪ synthetic. Uses the ``ddpm`` model
     unconditionally (``prompt`` "")."""
@@ -363,11 +370,11 @@ class DiffInjectConfig(_Block):
     eta: float = Field(1.0, ge=0, le=1)
     prompt: str = Field("", description="the conditioning of every UNet call; '' = unconditional")
     pairs_per_task: int = Field(128, ge=1, description="pairs per Ray task (one output part each)")
-    cpus_per_task: float = Field(1.0, gt=0)
+    cpus_per_task: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
 
 
 class GammaFaceConfig(_Block):
-    """GAMMA-FACE (METHODS.md §4): latents at an intermediate step of the (unconditional) ``ddpm`` model's reverse
+    """GAMMA-FACE (docs/methods/gamma_face.md): latents at an intermediate step of the (unconditional) ``ddpm`` model's reverse
     process → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
     classifier → retrain on real ∪ generated (``mix_ratio`` generated : original)."""
 
@@ -382,11 +389,11 @@ class GammaFaceConfig(_Block):
     mix_ratio: float = Field(1.0, gt=0, description="generated : original images (paper's best 1:1)")
     labeler: str = Field("erm", description="the trained classifier (a baseline of this run) giving pseudo-labels")
     min_confidence: float = Field(0.0, ge=0, lt=1, description="drop generated images labelled below this")
-    num_cpus: float = Field(2.0, gt=0)
+    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
 
 
 class TIWConfig(_Block):
-    """TIW (METHODS.md §5): a time-dependent discriminator (train vs the small unbiased ``reference_split``
+    """TIW (docs/methods/tiw.md): a time-dependent discriminator (train vs the small unbiased ``reference_split``
     sample) and diffusion models trained with TIW-DSM and, for comparison, plain DSM on train ∪ reference,
     via Ray Train (DDP over ``num_workers``). Reported: subgroup proportions and FID of their samples."""
 
@@ -401,7 +408,7 @@ class TIWConfig(_Block):
     block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
     unshuffle: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
     num_samples: int = Field(1000, ge=2)
     sample_steps: int = Field(50, ge=2)
 

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from raydebias import __version__
 from raydebias._internal.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
-from raydebias.config import AMPLIFIED, AUGMENTED, RunConfig, dump_config
-from raydebias.core import Node, RunContext
+from raydebias.config import RunConfig, dump_config
+from raydebias.core import RunContext, Stage, toposort
 
 
 def library_versions() -> dict[str, str]:
@@ -36,100 +36,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def build_graph(cfg: RunConfig) -> list[Node]:
-    """The nodes this config asks for, in dependency order."""
-    from raydebias.cluster.stage import run_cluster
-    from raydebias.data.stage import data_key, run_data
-    from raydebias.debias.amplifier import run_amplifier, run_train_ddb
-    from raydebias.debias.train import run_train
-    from raydebias.diffusion.ddpm import run_ddpm
-    from raydebias.diffusion.base import diffusion_key, run_diffusion
-    from raydebias.diffusion.tiw_stage import run_tiw
-    from raydebias.embed.stage import clip_key, run_clip, run_embed
-    from raydebias.evaluate.report import run_report
-    from raydebias.evaluate.stage import run_evaluate
-    from raydebias.filter.stage import run_filter, run_train_generative
-    from raydebias.finetune.stage import run_finetune
-    from raydebias.generate.gmm import run_gmm, run_train_gamma_face
-    from raydebias.generate.inject import run_inject, run_mine, run_train_diffinject
-    from raydebias.generate.text2img import run_generate
+def build_graph(cfg: RunConfig) -> list[Stage]:
+    """The stages this config asks for, in dependency order: data, the shared building blocks the run's methods
+    need, each method's own stages (:mod:`raydebias.methods`), evaluate and report; only the kinds listed in
+    ``cfg.stages`` are kept."""
+    from raydebias.methods import get_method
+    from raydebias.methods.shared import DATA, REPORT, SHARED, evaluate
 
+    methods = [get_method(m) for m in cfg.methods]
+    stages: dict[str, Stage] = {DATA.name: DATA}
+    for name, stage in SHARED.items():
+        if any(name in m.shared for m in methods):
+            stages[name] = stage
+    for m in methods:
+        for stage in m.stages(cfg):
+            stages.setdefault(stage.name, stage)  # a stage two methods share (the amplifier) runs once
+    stages["evaluate"] = evaluate([m.result_node for m in methods])
+    stages["report"] = REPORT
     want = set(cfg.stages)
-    nodes: list[Node] = []
-
-    def add(stage: str, name: str, deps: list[str], key, run) -> None:
-        if stage in want:
-            nodes.append(Node(name, deps, key, run))
-
-    add("data", "data", [], data_key, run_data)
-    gen = cfg.generative_methods
-    if gen:
-        add("clip", "clip", ["data"], clip_key, run_clip)
-        add("embed", "embed", ["clip", "data"], lambda c: c.embed.model_dump(exclude={"num_actors"}), run_embed)
-        add("cluster", "cluster", ["embed"],
-            lambda c: {"cluster": c.cluster.model_dump(), "min_images": c.finetune.min_images, "seed": c.seed},
-            run_cluster)
-        add("diffusion", "diffusion", ["data"], diffusion_key, run_diffusion)
-    for v in gen:
-        prompts = lambda c: {"template": c.data.prompt_template, "identifier": c.finetune.identifier}  # noqa: E731
-        add("finetune", f"finetune/{v}", ["cluster", "diffusion", "data"],
-            lambda c, v=v: {"finetune": c.finetune.model_dump(exclude={"cpus_per_task", "max_retries"}),
-                            **prompts(c), "seed": c.seed, "variant": v},
-            lambda ctx, v=v: run_finetune(ctx, v))
-        add("generate", f"generate/{v}", [f"finetune/{v}", "diffusion", "data"],
-            lambda c, v=v: {"generate": c.generate.model_dump(exclude={"num_actors", "cpus_per_actor", "batch_size"}),
-                            **prompts(c), "min_images": c.finetune.min_images, "seed": c.seed, "variant": v},
-            lambda ctx, v=v: run_generate(ctx, v))
-        add("filter", f"filter/{v}", [f"generate/{v}", "embed", "clip"],
-            lambda c: c.filter.model_dump(), lambda ctx, v=v: run_filter(ctx, v))
-    # The class-conditional model of the biased split: Diffusing DeBias samples it per class; DiffInject and
-    # GAMMA-FACE use it unconditionally (prompt "").
-    if any(m in AMPLIFIED + AUGMENTED for m in cfg.methods):
-        add("ddpm", "ddpm", ["data"],
-            lambda c: {"ddb": c.ddb.model_dump(include={"prompt_template", "steps", "batch_size", "lr"}),
-                       "model": c.models.diffusion.model_dump(), "source": c.models.source,
-                       "diffusion": c.diffusion.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus",
-                                                                    "checkpoint_every"}),
-                       "seed": c.seed}, run_ddpm)
-    if any(m in AMPLIFIED for m in cfg.methods):
-        add("amplifier", "amplifier", ["ddpm", "data"],
-            lambda c: {"ddb": c.ddb.model_dump(exclude={"steps", "batch_size", "lr", "num_cpus", "recipe",
-                                                         "lff_ema"}),
-                       "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
-                       "seed": c.seed}, run_amplifier)
-    if "diffinject" in cfg.methods:
-        add("mine", "mine", ["data"],
-            lambda c: {"diffinject": c.diffinject.model_dump(include={"gce_q", "biased_epochs", "top_k"}),
-                       "train": c.train.model_dump(exclude={"epochs"}), "classifier": c.models.classifier.model_dump(),
-                       "seed": c.seed}, run_mine)
-        add("inject", "inject", ["mine", "ddpm", "data"],
-            lambda c: {"diffinject": c.diffinject.model_dump(exclude={"gce_q", "biased_epochs", "top_k",
-                                                                      "cpus_per_task"}), "seed": c.seed}, run_inject)
-    if "tiw" in cfg.methods:
-        add("tiw", "tiw", ["data"], lambda c: {"tiw": c.tiw.model_dump(exclude={"cpus_per_worker"}), "seed": c.seed},
-            run_tiw)
-    trains = [f"train/{m}" for m in cfg.classifier_methods] + (["tiw"] if "tiw" in cfg.methods else [])
-    # GAMMA-FACE pseudo-labels its images with another method's classifier: it trains last.
-    for m in sorted(cfg.classifier_methods, key=lambda m: m == "gamma_face"):
-        key = lambda c, m=m: {"train": c.train.model_dump(), "classifier": c.models.classifier.model_dump(),  # noqa: E731
-                              "method": m, "seed": c.seed, **({"two_stage": c.two_stage.model_dump()} if m in gen else {})}
-        if m in gen:
-            add("train", f"train/{m}", [f"filter/{m}", "data"], key, lambda ctx, m=m: run_train_generative(ctx, m))
-        elif m in AMPLIFIED:
-            add("train", f"train/{m}", ["amplifier", "data"],
-                lambda c, key=key: {**key(c), "ddb": c.ddb.model_dump(include={"recipe", "lff_ema"})},
-                lambda ctx, m=m: run_train_ddb(ctx, m))
-        elif m == "diffinject":
-            add("train", "train/diffinject", ["inject", "data"], key, run_train_diffinject)
-        elif m == "gamma_face":
-            add("gmm", "gmm", ["ddpm", f"train/{cfg.gamma_face.labeler}", "data"],
-                lambda c: {"gamma_face": c.gamma_face.model_dump(exclude={"num_cpus"}), "seed": c.seed}, run_gmm)
-            add("train", "train/gamma_face", ["gmm", "data"], key, run_train_gamma_face)
-        else:
-            add("train", f"train/{m}", ["data"], key, lambda ctx, m=m: run_train(ctx, m))
-    add("evaluate", "evaluate", ["data", *trains], lambda c: c.evaluate.model_dump(), run_evaluate)
-    add("report", "report", ["data", "evaluate"], lambda c: c.report.model_dump(), run_report)
-    return nodes
+    return toposort([s for s in stages.values() if s.kind in want])
 
 
 class Manifest:
@@ -175,7 +100,7 @@ class PipelineError(RuntimeError):
     pass
 
 
-def check_graph(cfg: RunConfig) -> list[Node]:
+def check_graph(cfg: RunConfig) -> list[Stage]:
     """The config's graph, checked before anything runs: every dependency of a node is a node of this run or a
     stage the run directory's manifest records as completed. Raises :class:`PipelineError` naming the stage."""
     nodes = build_graph(cfg)
@@ -249,7 +174,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
     (:class:`RunDirLock`); the graph is checked before any stage starts (:func:`check_graph`). ``progress`` gets
     one event per stage start and end: ``{"event": "start" | "done" | "skip" | "failed", "i", "n", "stage",
     "seconds", "error"}`` (the console of ``raydebias run``)."""
-    ctx = RunContext(cfg, log=log)
+    from raydebias.methods import get_method
+
+    ctx = RunContext(cfg, log=log, methods=[get_method(m) for m in cfg.methods])
     nodes = check_graph(cfg)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with RunDirLock(ctx.run_dir):
@@ -257,7 +184,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
     return ctx
 
 
-def _run_nodes(ctx: RunContext, nodes: list[Node], log: Callable[[str], None],
+def _run_nodes(ctx: RunContext, nodes: list[Stage], log: Callable[[str], None],
                progress: Callable[[dict], None]) -> None:
     cfg = ctx.cfg
     atomic_write_text(ctx.run_dir / "config.yaml", dump_config(cfg))

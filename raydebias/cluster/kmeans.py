@@ -1,4 +1,4 @@
-"""k_D rule and per-group k-means with faiss (Clustered DreamBooth, METHODS.md §1)."""
+"""k_D rule and per-group k-means with faiss (Clustered DreamBooth, docs/methods/clustered_dreambooth.md)."""
 
 from __future__ import annotations
 

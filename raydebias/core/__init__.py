@@ -1,7 +1,18 @@
-"""The engine's core: what a stage returns (:class:`StageResult`), what it is given (:class:`RunContext`) and a
-graph node (:class:`Node`). It imports no stage or method, so every stage module can import it and the pipeline
-(``raydebias.pipeline``) can import every stage without an import circle."""
+"""The engine's core: what a stage returns (:class:`StageResult`), what it is given (:class:`RunContext`), the
+stage and method declarations and their registry (:mod:`raydebias.core.registry`). It imports no stage or
+method, so every stage module can import it and the pipeline can import every method without an import circle."""
 
-from raydebias.core.context import Node, RunContext, StageResult
+from raydebias.core.context import RunContext, StageResult
+from raydebias.core.registry import (
+    Method,
+    Stage,
+    SyntheticSet,
+    config_key,
+    get_method,
+    register,
+    registered,
+    toposort,
+)
 
-__all__ = ["Node", "RunContext", "StageResult"]
+__all__ = ["Method", "RunContext", "Stage", "StageResult", "SyntheticSet", "config_key", "get_method", "register",
+           "registered", "toposort"]

@@ -1,4 +1,4 @@
-"""Stage result, run context and graph node (see :mod:`raydebias.core`)."""
+"""Stage result and run context (see :mod:`raydebias.core`)."""
 
 from __future__ import annotations
 
@@ -18,21 +18,15 @@ class StageResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Node:
-    name: str
-    deps: list[str]
-    config_key: Callable[[RunConfig], Any]
-    run: Callable[["RunContext"], StageResult]
-
-
 class RunContext:
     """Everything a stage needs: the config, the run directory, logging and a lazily started Ray."""
 
-    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, log: Callable[[str], None] = print, methods: list[Any] | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser().resolve()
         self.log = log
+        self.methods = list(methods or [])  # the run's registered methods (raydebias.core.registry.Method)
+        self.node_key: str | None = None  # the cache key of the stage being run (set by the pipeline)
         self._ray_started = False
 
     def stage_dir(self, name: str) -> Path:

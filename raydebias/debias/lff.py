@@ -1,6 +1,6 @@
 """Generalized cross-entropy, the LfF recipe (Nam et al. 2020) and DiffInject's bias-conflicting mining.
 
-METHODS.md §3 (DiffInject) and the baselines line: the biased classifier f_B is trained with GCE, q = 0.7;
+docs/methods/diffinject.md (DiffInject) and the baselines line: the biased classifier f_B is trained with GCE, q = 0.7;
 LfF trains f_B with GCE and the debiased model f_D with CE weighted per sample by
 w(x) = L_B(x) / (L_B(x) + L_D(x)), the losses being per-sample exponential moving averages (α = 0.7).
 

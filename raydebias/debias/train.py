@@ -27,7 +27,7 @@ from raydebias.models.classifier import create_classifier, load_classifier, pred
 
 
 def resolve_select_by(select_by: str, num_groups: int) -> str:
-    """``auto`` → WGA with few groups, AGA (unbiased accuracy) with many (see METHODS.md, Metrics)."""
+    """``auto`` → WGA with few groups, AGA (unbiased accuracy) with many (see docs/metrics.md)."""
     if select_by != "auto":
         return select_by
     return "wga" if num_groups <= 8 else "aga"

@@ -1,4 +1,4 @@
-"""Two-stage classifier of "Harnessing diffusion" (METHODS.md §1): β·CE + (1−β)·SupCon on the filtered synthetic
+"""Two-stage classifier of "Harnessing diffusion" (docs/methods/clustered_dreambooth.md): β·CE + (1−β)·SupCon on the filtered synthetic
 set, then last-layer retraining (LLR) on the real training split with the encoder frozen (or, FT_b, the whole
 network on group-balanced real batches)."""
 

@@ -15,12 +15,11 @@ from raydebias._internal.io import atomic_path, atomic_write_json
 from raydebias.config import RunConfig
 
 
-def diffusion_key(cfg: RunConfig) -> Any:
+def diffusion_weights(cfg: RunConfig) -> Any:
+    """What the ``diffusion`` / ``ddpm`` cache keys read besides config: the pretrained weights' fingerprint."""
     from raydebias._internal.io import local_weights_fingerprint
 
-    return {"model": cfg.models.diffusion.model_dump(), "source": cfg.models.source,
-            "train": cfg.diffusion.model_dump(exclude={"checkpoint_every"}), "template": cfg.data.prompt_template, "seed": cfg.seed,
-            "weights": local_weights_fingerprint(cfg.models.diffusion.pretrained)}
+    return local_weights_fingerprint(cfg.models.diffusion.pretrained)
 
 
 def load_base(run_dir: Path):
@@ -41,7 +40,7 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
                  p_all: float, p_bias: float | None = None):
     """Per-factor caption dropout: drop the class word (``p_word``) or the bias word (``p_bias``, default
     ``p_word``) or everything (``p_all``), so that class and bias are learned as separate, recombinable words
-    (METHODS.md calibration). In a biased set the bias word alone predicts the class; dropping it more often
+    (docs/methods/bootstrap.md). In a biased set the bias word alone predicts the class; dropping it more often
     makes the class word carry the class's appearance."""
     p_bias = p_word if p_bias is None else p_bias
     from raydebias.generate.plan import describe
@@ -119,7 +118,8 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         p2_k=cfg.diffusion.p2_k, sample_weights=weights, checkpoint_every=cfg.diffusion.checkpoint_every,
         lr_schedule=cfg.diffusion.lr_schedule,
         on_checkpoint=on_checkpoint, resume=resume, guard_every=cfg.diffusion.guard_every,
-        guard_ratio=cfg.diffusion.guard_ratio, guard_pixels=guard.get("x"), guard_captions=guard.get("captions"),
+        guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=guard.get("x"),
+        guard_captions=guard.get("captions"),
     )
     if guard:
         stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"

@@ -1,4 +1,4 @@
-"""``ddpm`` stage of Diffusing DeBias (METHODS.md §2): a class-conditional diffusion model with classifier-free
+"""``ddpm`` stage of Diffusing DeBias (docs/methods/diffusing_debias.md): a class-conditional diffusion model with classifier-free
 guidance trained on the *biased* training split. Captions carry the class only, so the split needs no ``bias``
 labels; because aligned samples dominate, the model learns p(x | y) ≈ p(x | y, b_aligned) and its samples are
 bias-amplified — which is what the bias amplifier needs."""

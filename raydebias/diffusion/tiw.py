@@ -1,4 +1,4 @@
-"""TIW — Time-dependent Importance reWeighting (Kim et al., ICLR 2024; METHODS.md §5), pure torch.
+"""TIW — Time-dependent Importance reWeighting (Kim et al., ICLR 2024; docs/methods/tiw.md), pure torch.
 
 A time-dependent discriminator d_φ(x_t, t) (reference = 1, biased = 0) gives the density ratio
 w_t(x_t) = p_ref,t(x_t) / p_bias,t(x_t) = d / (1 − d).  Since ∇log p_ref,t = ∇log p_bias,t + ∇log w_t, the score-matching

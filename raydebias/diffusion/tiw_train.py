@@ -1,4 +1,4 @@
-"""TIW-DSM on images (METHODS.md §5), trained through Ray Train (``TorchTrainer``, DDP over workers).
+"""TIW-DSM on images (docs/methods/tiw.md), trained through Ray Train (``TorchTrainer``, DDP over workers).
 
 Phase 1 trains a time-dependent image discriminator d_φ(x_t, t) (reference = 1) on balanced D_bias / D_ref
 batches; phase 2 trains one fresh ε-model per objective ("dsm", "tiw_paper", "tiw_code") from the same init on

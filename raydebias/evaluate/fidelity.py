@@ -163,39 +163,22 @@ def cas(x: np.ndarray, y: np.ndarray, test: dict[str, np.ndarray], info: dict[st
     return {"aga": m["aga"], "wga": m["wga"], "accuracy": float((pred == test["y"]).mean())}
 
 
-# What each generating method's stages write: (method, set name, file under stages/, target). ``group``: rows
-# carry ``label`` and ``bias`` (the group they were generated for); ``class``: ``label`` only; ``style``: ``label``
-# (the content's) with the bias of the ``style_id`` training row (DiffInject); ``pseudo``: a labeller's
-# ``label`` (GAMMA-FACE); ``samples``: unlabelled ``.npy`` samples (TIW). CAS is computed for the set a
-# classifier trains on.
-def synthetic_sets(methods: list[str]) -> list[dict[str, Any]]:
-    from raydebias.config import AMPLIFIED, GENERATIVE
-
+def synthetic_sets(methods: list) -> list[dict[str, Any]]:
+    """The synthetic sets the ``methods`` (registered :class:`raydebias.core.Method` declarations) write, each once,
+    as ``{"method", "name", "path" (under stages/), "target", "cas"}`` (targets: :class:`raydebias.core.SyntheticSet`)."""
     sets: list[dict[str, Any]] = []
     for m in methods:
-        if m in GENERATIVE:
-            sets += [{"method": m, "name": f"generate/{m}", "path": f"generate/{m}/synthetic.parquet",
-                      "target": "group", "cas": False},
-                     {"method": m, "name": f"filter/{m}", "path": f"filter/{m}/synthetic.parquet",
-                      "target": "group", "cas": True}]
-        elif m in AMPLIFIED and not any(s["name"] == "amplifier" for s in sets):
-            sets.append({"method": m, "name": "amplifier", "path": "amplifier/synthetic.parquet", "target": "class",
-                         "cas": True})
-        elif m == "diffinject":
-            sets.append({"method": m, "name": "inject", "path": "inject/synthetic.parquet", "target": "style",
-                         "cas": True})
-        elif m == "gamma_face":
-            sets.append({"method": m, "name": "gmm", "path": "gmm/generated.parquet", "target": "pseudo",
-                         "cas": False})
-        elif m == "tiw":
-            sets.append({"method": m, "name": "tiw", "path": "tiw", "target": "samples", "cas": False})
+        for s in m.synthetic:
+            if not any(have["name"] == s.name for have in sets):
+                sets.append({"method": m.name, "name": s.name, "path": s.path, "target": s.target, "cas": s.cas})
     return sets
 
 
-def measure_run(run_dir, methods: list[str], info: dict[str, Any], val: dict, test: dict,
+def measure_run(run_dir, methods: list, info: dict[str, Any], val: dict, test: dict,
                 cfg: ClassifierModelConfig, train: dict | None = None, seed: int = 0, epochs: int = 8,
                 log=None) -> dict[str, Any] | None:
-    """Fidelity (and CAS) of every synthetic set the run's ``methods`` wrote under ``run_dir/stages``."""
+    """Fidelity (and CAS) of every synthetic set the run's ``methods`` (registered declarations) wrote under
+    ``run_dir/stages``."""
     from pathlib import Path
 
     import pyarrow.parquet as pq

@@ -503,3 +503,15 @@ def conflicting_mask(y: np.ndarray, a: np.ndarray, train_group_counts) -> np.nda
     """True where (y, a) is not the majority (aligned) bias value of class y in train."""
     aligned = np.asarray(train_group_counts).argmax(1)
     return a != aligned[y]
+
+
+def error_set_quality(correct: np.ndarray, conflicting: np.ndarray) -> dict[str, Any]:
+    """Precision / recall / F1 of the error set (``~correct``) as a detector of the conflicting set."""
+    err = ~np.asarray(correct, bool)
+    conf = np.asarray(conflicting, bool)
+    tp = int((err & conf).sum())
+    precision = tp / err.sum() if err.sum() else None
+    recall = tp / conf.sum() if conf.sum() else None
+    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
+    return {"errors": int(err.sum()), "conflicting": int(conf.sum()), "precision": precision, "recall": recall,
+            "f1": f1}

@@ -17,7 +17,7 @@ from raydebias.evaluate import metrics as M
 
 
 def headline_metric(num_groups: int) -> str:
-    """WGA with few groups; unbiased accuracy (AGA on a group-balanced test) with many (METHODS.md)."""
+    """WGA with few groups; unbiased accuracy (AGA on a group-balanced test) with many (docs/metrics.md)."""
     return "wga" if num_groups <= 8 else "aga"
 
 
@@ -56,8 +56,7 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
     """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
     synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
     trained on the real training split (which memorises the conflicting samples)."""
-    from raydebias.debias.amplifier import error_set_quality
-    from raydebias.evaluate.metrics import conflicting_mask
+    from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 
     stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
     if not stats_path.exists():
@@ -134,9 +133,9 @@ def run_evaluate(ctx):
     fidelity = None
     if cfg.evaluate.fidelity:
         # only DiffInject's target (the style row's bias) reads the train split
-        needs_train = any(st["target"] == "style" for st in synthetic_sets(cfg.methods))
+        needs_train = any(st["target"] == "style" for st in synthetic_sets(ctx.methods))
         train = load_split(data_dir / "train.parquet", info["image_size"]) if needs_train else None
-        fidelity = measure_run(ctx.run_dir, cfg.methods, info, splits["val"], splits["test"], cfg.models.classifier,
+        fidelity = measure_run(ctx.run_dir, ctx.methods, info, splits["val"], splits["test"], cfg.models.classifier,
                                train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log)
     if fidelity:
         report.setdefault("generation", {})["fidelity"] = fidelity
@@ -147,9 +146,9 @@ def run_evaluate(ctx):
                          synthetic_class_conflicting=fs.get("class_conflicting"),
                          synthetic_bias_conflicting=fs.get("bias_conflicting"), synthetic_cas=fs["cas"].get("aga"))
     # what the synthetic-data stages of this run's methods measured (mining precision, GMM K, TIW proportions)
-    for stage, method in (("mine", "diffinject"), ("inject", "diffinject"), ("gmm", "gamma_face"), ("tiw", "tiw")):
+    for stage in dict.fromkeys(s for m in ctx.methods for s in m.stats):
         path = ctx.run_dir / "stages" / stage / "stats.json"
-        if method in cfg.methods and path.exists():
+        if path.exists():
             report.setdefault("generation", {})[stage] = json.loads(path.read_text())
     atomic_write_json(ctx.run_dir / "metrics.json", report)
     outputs.append("metrics.json")

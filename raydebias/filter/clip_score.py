@@ -1,4 +1,4 @@
-"""CLIP-Score = α·CLIP-Label + (1−α)·CLIP-Centroid, top-q per group (METHODS.md §1)."""
+"""CLIP-Score = α·CLIP-Label + (1−α)·CLIP-Centroid, top-q per group (docs/methods/clustered_dreambooth.md)."""
 
 from __future__ import annotations
 

@@ -73,19 +73,3 @@ def run_filter(ctx, variant: str):
         raise RuntimeError(f"filter/{variant}: no synthetic image survived filtering ({stats}); check the CLIP "
                            "model (clip.steps) or raise filter.dedup_threshold")
     return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "stats.json")], stats)
-
-
-def run_train_generative(ctx, variant: str):
-    """The two-stage classifier on the filtered synthetic set of ``variant`` (METHODS.md §1)."""
-    from raydebias.debias.train import fit_classifier
-    from raydebias.debias.two_stage import two_stage_phases
-
-    cfg, info = ctx.cfg, ctx.data_info
-    from raydebias.data.transforms import pixels_from_column
-
-    t = pq.read_table(ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet")
-    synth = {"x": pixels_from_column(t.column("pixels").to_pylist(), info["image_size"]),
-             "y": t.column("label").to_numpy().astype(np.int64), "a": t.column("bias").to_numpy().astype(np.int64)}
-    phases = two_stage_phases(cfg.two_stage)
-    return fit_classifier(ctx, variant, phases, extra_data={"synthetic": synth},
-                          summary={"synthetic_rows": int(len(synth["y"]))})

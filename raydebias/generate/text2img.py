@@ -119,7 +119,7 @@ def run_generate(ctx, variant: str):
     out = ctx.stage_dir(f"generate/{variant}")
     # Row files live under the node's key: a rerun with the same inputs resumes them; new adapters or sampling
     # settings start a fresh directory instead of reusing stale images.
-    rows_dir = out / "rows" / getattr(ctx, "node_key", "adhoc")[:16]
+    rows_dir = out / "rows" / (getattr(ctx, "node_key", None) or "adhoc")[:16]
     rows_dir.mkdir(parents=True, exist_ok=True)
     units = [Unit(**u) for u in json.loads((ctx.run_dir / "stages" / "finetune" / variant / "units.json").read_text())] \
         if variant != "vanilla" else []

@@ -4,7 +4,7 @@ Both sources give a :class:`DiffusionBundle` (UNet + CLIP text encoder + tokeniz
 optional VAE) and share one loader (:func:`load_diffusion`), one loss (:func:`diffusion_loss`) and one sampler
 (:func:`sample`). The bootstrap model works in *pixel space*: ``F.pixel_unshuffle(x, f)`` turns a 32×32×3 image
 into a lossless (32/f)×(32/f)×3f² "latent" (f = 2: 16×16×12, f = 4: 8×8×48), so no VAE has to be trained
-(see METHODS.md, "Bootstrap calibration"); f is read back from the saved UNet's ``in_channels``.
+(see docs/methods/bootstrap.md); f is read back from the saved UNet's ``in_channels``.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | No
     channels = list(cfg.block_out_channels)
     n = len(channels)
     # Cross-attention at the lowest resolution (+ the middle block) or only in the middle block; attention is
-    # most of a CPU step at these sizes (METHODS.md calibration), the ResNet blocks still see the caption
+    # most of a CPU step at these sizes (docs/methods/bootstrap.md), the ResNet blocks still see the caption
     # through the time embedding when text_time_embedding is on.
     attn_last = cfg.cross_attention == "all"
     down = ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D" if attn_last else "DownBlock2D"]
@@ -416,6 +416,7 @@ def train_bootstrap_diffusion(
     guard_captions: list[str] | None = None,
     guard_every: int = 0,
     guard_ratio: float = 0.5,
+    guard_min_gap: float = 0.005,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
@@ -424,6 +425,7 @@ def train_bootstrap_diffusion(
     optimizer) with the largest gap so far are kept in memory; when the gap falls below ``guard_ratio`` × that best
     (the model stopped following its captions: the conditioning collapse of README "Generation fidelity") training
     rolls back to them and continues at half the learning rate, and a collapsed final model is replaced by them.
+    Both act only once the best gap reached ``guard_min_gap`` (early in training the gap is ~0 and noisy).
 
     ``lr_schedule``: ``constant`` after the warm-up, or ``cosine`` decay to 0 at ``steps``.
     Every ``checkpoint_every`` steps ``on_checkpoint(steps_done, state)`` gets the full training state (weights,
@@ -514,7 +516,7 @@ def train_bootstrap_diffusion(
             log(f"diffusion step {step_done}/{steps} conditioning gap {gap:.4f} (val loss {lc:.4f})")
         if gap >= guard["best_gap"]:
             guard["best_gap"], guard["best_step"], best = gap, step_done, snapshot()
-        elif guard["best_gap"] > 0 and gap < guard_ratio * guard["best_gap"] and step_done < steps:
+        elif guard["best_gap"] >= guard_min_gap and gap < guard_ratio * guard["best_gap"] and step_done < steps:
             restore(best)
             sch.base_lrs = [b * 0.5 for b in sch.base_lrs]
             guard["rollbacks"].append([step_done, guard["best_step"]])
@@ -593,7 +595,7 @@ def train_bootstrap_diffusion(
         if guard is not None:
             final = guard["history"][-1][2] if guard["history"] and guard["history"][-1][0] == steps \
                 else check_guard(steps)
-            if best is not None and guard["best_gap"] > 0 and final < guard_ratio * guard["best_gap"]:
+            if best is not None and guard["best_gap"] >= guard_min_gap and final < guard_ratio * guard["best_gap"]:
                 restore(best, optimizer=False)
                 if ema is not None and best["ema"] is not None:
                     ema.load_state_dict(best["ema"])

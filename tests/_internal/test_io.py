@@ -228,8 +228,11 @@ def test_write_table_uri_local_path_and_file_uri(tmp_path):
 
 def test_stage_keys_fingerprint_local_pretrained_weights(tmp_path):
     from raydebias.config import load_config
-    from raydebias.diffusion.base import diffusion_key
     from raydebias.embed.stage import clip_key
+    from raydebias.methods.shared import SHARED
+
+    def diffusion_key(cfg):
+        return SHARED["diffusion"].config_key(cfg)
 
     sd, ck = tmp_path / "sd", tmp_path / "clip.safetensors"
     (sd / "unet").mkdir(parents=True)
@@ -245,4 +248,4 @@ def test_stage_keys_fingerprint_local_pretrained_weights(tmp_path):
     assert diffusion_key(cfg) == after[0]  # deterministic
     hub = load_config(None, ["models.source=pretrained", "models.diffusion.pretrained=org/sd-id",
                              "models.clip.pretrained=laion2b_s34b_b79k", "method=erm"])
-    assert diffusion_key(hub)["weights"] is None and clip_key(hub)["weights"] is None
+    assert diffusion_key(hub)["_key"] is None and clip_key(hub)["weights"] is None

@@ -10,7 +10,7 @@ import pytest
 
 from raydebias.config import ColoredMNISTConfig, load_config
 from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.debias.amplifier import conflicting_mask, error_set_quality
+from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 from raydebias.pipeline import run_pipeline
 
 

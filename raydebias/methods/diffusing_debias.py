@@ -1,4 +1,4 @@
-"""Diffusing DeBias (METHODS.md §2): the bias amplifier and Recipe I.
+"""Diffusing DeBias (docs/methods/diffusing_debias.md): the bias amplifier and Recipe I.
 
 ``amplifier`` stage: sample ``images_per_class`` images per class from the class-conditional model (``ddpm``),
 train a classifier on those synthetic images *only* (it never sees a real training image, so it cannot memorise
@@ -9,7 +9,8 @@ split has bias labels (precision/recall of the error set against the true confli
 ``train/diffusing_debias``: Recipe I — pseudo-groups (y, amplifier correct) on the real training split →
 GroupDRO. ``train/diffusing_debias_lff``: Recipe II — the frozen amplifier replaces LfF's biased model. No bias
 labels are used on the training split; val (with bias labels) selects the epoch.
-"""
+
+Docs: docs/methods/diffusing_debias.md."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table
-from raydebias.evaluate.metrics import conflicting_mask
+from raydebias.config import AMPLIFIED
+from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
+from raydebias.methods.shared import TRAIN_READS
 
 
 def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
@@ -32,18 +36,6 @@ def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: 
 
     torch.set_num_threads(threads)
     return sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds)
-
-
-def error_set_quality(correct: np.ndarray, conflicting: np.ndarray) -> dict[str, Any]:
-    """Precision / recall / F1 of the error set (``~correct``) as a detector of the conflicting set."""
-    err = ~np.asarray(correct, bool)
-    conf = np.asarray(conflicting, bool)
-    tp = int((err & conf).sum())
-    precision = tp / err.sum() if err.sum() else None
-    recall = tp / conf.sum() if conf.sum() else None
-    f1 = (2 * precision * recall / (precision + recall)) if precision and recall else 0.0
-    return {"errors": int(err.sum()), "conflicting": int(conf.sum()), "precision": precision, "recall": recall,
-            "f1": f1}
 
 
 def run_amplifier(ctx):
@@ -139,3 +131,24 @@ def run_train_ddb(ctx, method: str = "diffusing_debias"):
     phases = [{**phase, "data": "train_pseudo", "epochs": cfg.train.epochs, "select": True}]
     return fit_classifier(ctx, method, phases, extra_data={"train_pseudo": data},
                           summary={**summary, "pseudo_conflicting": int((correct == 0).sum())})
+
+
+AMPLIFIER = Stage("amplifier", "amplifier", ("ddpm", "data"), run_amplifier,
+                  reads=("ddb", "-ddb.steps", "-ddb.batch_size", "-ddb.lr", "-ddb.recipe", "-ddb.lff_ema",
+                         "train", "-train.epochs", "models.classifier", "seed"))
+
+
+def _recipe(name: str) -> Method:
+    def stages(cfg) -> list[Stage]:
+        return [AMPLIFIER,
+                Stage(f"train/{name}", "train", ("amplifier", "data"), lambda ctx: run_train_ddb(ctx, name),
+                      reads=(*TRAIN_READS, "ddb.recipe", "ddb.lff_ema"))]
+
+    return register(Method(
+        name, stages, shared=("ddpm",),
+        synthetic=(SyntheticSet("amplifier", "amplifier/synthetic.parquet", "class", cas=True),),
+        doc="docs/methods/diffusing_debias.md"))
+
+
+for _name in AMPLIFIED:  # Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF weights)
+    _recipe(_name)

@@ -1,4 +1,4 @@
-"""The ``tiw`` stage (METHODS.md §5): TIW-DSM vs plain DSM on images from a biased training split and a small
+"""The ``tiw`` stage (docs/methods/tiw.md): TIW-DSM vs plain DSM on images from a biased training split and a small
 unbiased reference sample, trained through Ray Train (:mod:`raydebias.diffusion.tiw_train`), then measured.
 
 Reference set: ``tiw.reference_size`` rows drawn from a group-balanced split (``val``). Measurement (one Ray
@@ -8,7 +8,8 @@ the bias-aligned pairings against the reference proportions (total variation), a
 torchmetrics on the probe's penultimate features (the offline stand-in for Inception). Lower is closer to the
 unbiased distribution. TIW trains a generative model, not a classifier: its row lives under
 ``metrics.json["generation"]["tiw"]``.
-"""
+
+Docs: docs/methods/tiw.md."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from raydebias.core import Method, Stage, SyntheticSet, register
 
 
 class ProbeFeatures(nn.Module):
@@ -147,3 +150,8 @@ def run_tiw(ctx):
     return StageResult([ctx.rel(out / "models"), ctx.rel(out / "stats.json")]
                        + [ctx.rel(out / f"samples_{o}.npy") for o in t.objectives],
                        {o: v for o, v in stats["objectives"].items()})
+
+
+register(Method("tiw", lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
+                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False,
+                result="tiw", doc="docs/methods/tiw.md"))

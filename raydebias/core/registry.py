@@ -1,0 +1,162 @@
+"""Stage and method declarations and the method registry.
+
+A method (``raydebias/methods/<name>.py``) declares the shared building-block stages it needs, its own stages
+and what evaluate should score, then calls :func:`register`. ``raydebias.pipeline.build_graph`` asks the registry
+for the run's methods and sorts their stages topologically; nothing here imports a method (README, "Add a
+method").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from raydebias.config import RunConfig
+from raydebias.core.context import RunContext, StageResult
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the run graph.
+
+    ``kind`` is the ``stages:`` entry that switches it on (``train`` for every ``train/<method>``). Its cache key
+    hashes ``reads`` — config paths such as ``"train"``, ``"models.classifier"`` or ``"seed"``, a leading ``-``
+    removes a path (``"-train.epochs"``) — with the fields marked as resources (worker counts, CPUs per task)
+    left out, plus ``key(cfg)`` when a stage reads more than config (e.g. a weights fingerprint).
+    """
+
+    name: str
+    kind: str
+    deps: tuple[str, ...]
+    run: Callable[[RunContext], StageResult]
+    reads: tuple[str, ...] = ()
+    key: Callable[[RunConfig], Any] | None = None
+
+    def config_key(self, cfg: RunConfig) -> Any:
+        out = config_key(cfg, self.reads)
+        if self.key is not None:
+            out["_key"] = self.key(cfg)
+        return out
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A set of generated images a method writes, for the fidelity probes of ``evaluate``.
+
+    ``target``: ``group`` (rows carry ``label`` and ``bias``), ``class`` (``label`` only), ``style`` (``label``
+    from the content row, bias of the ``style_id`` training row), ``pseudo`` (a labeller's ``label``) or
+    ``samples`` (unlabelled ``samples_*.npy``). ``cas``: also train a classifier on it alone (CAS)."""
+
+    name: str
+    path: str
+    target: str
+    cas: bool
+
+
+@dataclass(frozen=True)
+class Method:
+    """A debiasing method: ``stages(cfg)`` are its own nodes; ``shared`` names the building-block stages it needs
+    (``clip``, ``embed``, ``cluster``, ``diffusion``, ``ddpm``); ``train/<name>`` is the node whose classifier
+    evaluate scores; a generation-only method (``classifier=False``) names its ``result`` node instead. ``stats``
+    are stages whose ``stats.json`` evaluate copies into ``metrics.json["generation"]``; ``doc`` is its page."""
+
+    name: str
+    stages: Callable[[RunConfig], list[Stage]]
+    shared: tuple[str, ...] = ()
+    synthetic: tuple[SyntheticSet, ...] = ()
+    stats: tuple[str, ...] = ()
+    classifier: bool = True
+    result: str | None = None
+    doc: str = ""
+
+    @property
+    def result_node(self) -> str:
+        """The node evaluate waits for: ``train/<name>``, or ``result`` for a generation-only method."""
+        return f"train/{self.name}" if self.classifier else (self.result or self.name)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _METHODS and _METHODS[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise KeyError(f"no method {name!r} registered; have {sorted(_METHODS)}") from None
+
+
+def registered() -> list[str]:
+    return list(_METHODS)
+
+
+def _keyed(value: Any) -> Any:
+    """A config value for a cache key: models dumped without their resource fields."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, f in type(value).model_fields.items():
+            if (f.json_schema_extra or {}).get("resource"):
+                continue
+            out[name] = _keyed(getattr(value, name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_keyed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _keyed(v) for k, v in value.items()}
+    return value
+
+
+def config_key(cfg: RunConfig, reads: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The part of ``cfg`` named by ``reads`` (see :class:`Stage`), resource fields left out."""
+    out: dict[str, Any] = {}
+    for path in reads:
+        if path.startswith("-"):
+            continue
+        value: Any = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        out[path] = _keyed(value)
+    for path in reads:
+        if not path.startswith("-"):
+            continue
+        parts = path[1:].split(".")
+        for i in range(len(parts) - 1, 0, -1):  # the longest read prefix that holds it
+            head = ".".join(parts[:i])
+            if head in out:
+                node = out[head]
+                for p in parts[i:-1]:
+                    node = node[p]
+                if parts[-1] not in node:
+                    raise KeyError(f"{path}: no field {parts[-1]!r}")
+                del node[parts[-1]]
+                break
+        else:
+            raise KeyError(f"{path}: not inside any path the stage reads ({[r for r in reads if r[0] != '-']})")
+    return out
+
+
+def toposort(stages: list[Stage]) -> list[Stage]:
+    """Dependency order, ties kept in declaration order; dependencies outside ``stages`` are ignored here
+    (``check_graph`` requires them to have completed in an earlier run)."""
+    names = {s.name for s in stages}
+    done: set[str] = set()
+    order: list[Stage] = []
+    pending = list(stages)
+    while pending:
+        for s in pending:
+            if all(d in done or d not in names for d in s.deps):
+                order.append(s)
+                done.add(s.name)
+                pending.remove(s)
+                break
+        else:
+            raise ValueError(f"dependency cycle among {[s.name for s in pending]}")
+    return order

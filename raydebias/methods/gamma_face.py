@@ -1,0 +1,112 @@
+"""GAMMA-FACE (docs/methods/gamma_face.md): a GMM over intermediate latents of the ``ddpm`` model,
+equal sampling per component, pseudo-labels from another method's classifier, augmented retraining
+(``generate/gmm.py`` holds the latent, GMM and sampling functions)."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+
+from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.generate.gmm import collect_latents, fit_gmm_bic, forward_latents, generate_balanced
+from raydebias.methods.shared import TRAIN_READS
+
+
+def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict:
+    """Ray task: latents (forward-noised real images or the ``ddpm`` model's reverse trajectories, unconditional)
+    → BIC-selected GMM → equal sampling
+    per component. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and returns the images and components."""
+    import json
+    from pathlib import Path
+
+    from raydebias._internal.io import atomic_path, atomic_write_json
+    from raydebias.config import RunConfig
+    from raydebias.diffusion.ddpm import load_ddpm
+
+    torch.set_num_threads(threads)
+    cfg = RunConfig.model_validate_json(cfg_json)
+    g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
+    bundle = load_ddpm(Path(run_dir))
+    if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
+        from raydebias.data.splits import load_split
+
+        info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
+        x = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])["x"]
+        x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: g.num_latents]]
+        z = forward_latents(bundle, x, g.num_steps, g.t_frac, cfg.seed)
+    else:  # the model's own reverse trajectories from noise, stopped at the split
+        seeds = [cfg.seed * 1_000_003 + 500_000 + i for i in range(g.num_latents)]
+        z = collect_latents(bundle, seeds, g.num_steps, g.t_frac)
+    z = z.flatten(1).float().cpu().numpy()
+    gmm, bics = fit_gmm_bic(z, k_max=g.k_max, seed=cfg.seed)
+    k = int(gmm.n_components)
+    per_component = -(-n_generate // k)
+    images, comp = generate_balanced(bundle, gmm, per_component, cfg.seed, g.num_steps, g.t_frac)
+    with atomic_path(out / "latent_gmm.npz") as tmp, open(tmp, "wb") as f:  # our own format: plain arrays
+        np.savez(f, weights=gmm.weights_, means=gmm.means_, covariances=gmm.covariances_)
+    atomic_write_json(out / "bic.json", {"k": list(range(1, len(bics) + 1)), "bic": bics, "chosen": k,
+                                         "latents": g.latents,
+                                         "latent_dim": int(z.shape[1]), "num_latents": int(z.shape[0])})
+    return {"images": images[:n_generate], "component": comp[:n_generate], "k": k}
+
+
+def run_gmm(ctx):
+    """GAMMA-FACE generation (a Ray task) + pseudo-labels from the ``labeler`` classifier → ``generated.parquet``."""
+    import pyarrow as pa
+    import ray
+
+    from raydebias._internal.io import atomic_write_json, atomic_write_table
+    from raydebias.models.classifier import load_classifier, predict
+    from raydebias.core import StageResult
+
+    cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
+    out = ctx.stage_dir("gmm")
+    n_generate = max(1, int(round(g.mix_ratio * info["counts"]["train"])))
+    ctx.log(f"[gmm] {g.num_latents} {g.latents} latents at {g.t_frac:.2f} of {g.num_steps} DDIM steps → GMM "
+            f"(K ≤ {g.k_max} by BIC) → {n_generate} images, equal per component")
+    ctx.ensure_ray()
+    task = ray.remote(num_cpus=g.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=1,
+                      retry_exceptions=True)(gmm_task)
+    res = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), n_generate, max(1, int(g.num_cpus))))
+    model, _ = load_classifier(ctx.run_dir / "stages" / "train" / g.labeler)
+    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
+    probs = predict(model, res["images"])
+    label, conf = probs.argmax(1), probs.max(1)
+    keep = conf >= g.min_confidence
+    atomic_write_table(out / "generated.parquet", pa.table({
+        "row": np.arange(len(label), dtype=np.int64), "component": res["component"], "label": label.astype(np.int64),
+        "confidence": conf.astype(np.float32), "kept": keep,
+        "pixels": [np.ascontiguousarray(p).tobytes() for p in res["images"]]}))
+    C = info["num_classes"]
+    stats = {"k": res["k"], "generated": int(len(label)), "kept": int(keep.sum()), "labeler": g.labeler,
+             "label_histogram_per_component": [np.bincount(label[res["component"] == c], minlength=C).tolist()
+                                               for c in range(res["k"])]}
+    atomic_write_json(out / "stats.json", stats)
+    ctx.log(f"[gmm] K = {res['k']}; kept {stats['kept']}/{stats['generated']} pseudo-labelled images")
+    return StageResult([ctx.rel(out / p) for p in ("generated.parquet", "bic.json", "latent_gmm.npz", "stats.json")],
+                       {k: v for k, v in stats.items() if k != "label_histogram_per_component"})
+
+
+def run_train_gamma_face(ctx):
+    """Retrain on real ∪ generated (the kept pseudo-labelled images); val selects the epoch."""
+    import pyarrow.parquet as pq
+
+    from raydebias.debias.train import fit_augmented
+
+    gen = pq.read_table(ctx.run_dir / "stages" / "gmm" / "generated.parquet")
+    return fit_augmented(ctx, "gamma_face", gen.filter(gen.column("kept")))
+
+
+def _stages(cfg) -> list[Stage]:
+    # pseudo-labels come from another method's classifier (``gamma_face.labeler``): that one trains first
+    return [
+        Stage("gmm", "gmm", ("ddpm", f"train/{cfg.gamma_face.labeler}", "data"), run_gmm,
+              reads=("gamma_face", "seed")),
+        Stage("train/gamma_face", "train", ("gmm", "data"), run_train_gamma_face, reads=TRAIN_READS),
+    ]
+
+
+register(Method("gamma_face", _stages, shared=("ddpm",),
+                synthetic=(SyntheticSet("gmm", "gmm/generated.parquet", "pseudo", cas=False),),
+                stats=("gmm",), doc="docs/methods/gamma_face.md"))

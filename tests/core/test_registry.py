@@ -1,0 +1,82 @@
+"""Stage/method declarations: every configured method is registered and self-consistent, cache keys come from
+the config models (resource fields left out), the graph sorts topologically."""
+
+import pytest
+
+from raydebias.config import METHODS, load_config
+from raydebias.core import Stage, config_key, get_method, registered, toposort
+from raydebias.methods import get_method as get_registered
+from raydebias.pipeline import build_graph
+
+
+def test_every_configurable_method_is_registered_with_its_result_node():
+    assert set(registered()) == set(METHODS)
+    cfg = load_config(None, [])
+    for name in METHODS:
+        m = get_registered(name)
+        stages = m.stages(cfg)
+        names = [s.name for s in stages]
+        assert len(names) == len(set(names)), name
+        assert m.result_node in names, (name, names)
+        assert set(m.shared) <= {"clip", "embed", "cluster", "diffusion", "ddpm"}
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(KeyError, match="no method 'nope' registered"):
+        get_method("nope")
+
+
+def _stage(cfg, name):
+    return next(s for s in build_graph(cfg) if s.name == name)
+
+
+def test_resource_fields_never_change_a_key_and_read_fields_do():
+    base = load_config(None, ["method=clustered_dreambooth"])
+    gen = _stage(base, "generate/clustered_dreambooth")
+    key = gen.config_key(base)
+    for resource in ("generate.num_actors=7", "generate.cpus_per_actor=0.5", "generate.batch_size=3"):
+        assert gen.config_key(load_config(None, ["method=clustered_dreambooth", resource])) == key, resource
+    for read in ("generate.guidance_scale=9", "seed=3", "finetune.identifier=xyz"):
+        assert gen.config_key(load_config(None, ["method=clustered_dreambooth", read])) != key, read
+    # the diffusion stage: checkpoint cadence and CPUs are resources, the guard is not
+    diff = _stage(base, "diffusion")
+    k = diff.config_key(base)
+    assert diff.config_key(load_config(None, ["method=clustered_dreambooth", "diffusion.checkpoint_every=10",
+                                              "diffusion.num_cpus=1"])) == k
+    assert diff.config_key(load_config(None, ["method=clustered_dreambooth", "diffusion.guard_ratio=0.3"])) != k
+
+
+def test_excluded_paths_are_removed_and_unknown_ones_rejected():
+    cfg = load_config(None, [])
+    k = config_key(cfg, ("train", "-train.epochs", "seed"))
+    assert "epochs" not in k["train"] and "lr" in k["train"] and k["seed"] == 0
+    with pytest.raises(KeyError, match="not inside any path"):
+        config_key(cfg, ("seed", "-train.epochs"))
+    with pytest.raises(KeyError, match="no field"):
+        config_key(cfg, ("train", "-train.nonsense"))
+
+
+def test_ddpm_ignores_the_base_model_schedule_but_amplifier_reads_the_classifier():
+    cfg = load_config(None, ["method=diffusing_debias"])
+    ddpm, amp = _stage(cfg, "ddpm"), _stage(cfg, "amplifier")
+    changed = load_config(None, ["method=diffusing_debias", "diffusion.steps=7", "train.epochs=1"])
+    assert ddpm.config_key(changed) == ddpm.config_key(cfg)  # ddpm trains for ddb.steps
+    assert amp.config_key(changed) == amp.config_key(cfg)  # the amplifier's epochs are its own
+    assert amp.config_key(load_config(None, ["method=diffusing_debias", "train.lr=0.1"])) != amp.config_key(cfg)
+
+
+def test_toposort_keeps_declaration_order_and_rejects_cycles():
+    def s(name, *deps):
+        return Stage(name, "train", deps, run=lambda ctx: None)
+
+    order = toposort([s("b", "a"), s("a"), s("c"), s("d", "b", "outside")])
+    assert [x.name for x in order] == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="cycle"):
+        toposort([s("x", "y"), s("y", "x")])
+
+
+def test_a_stage_two_methods_share_runs_once():
+    cfg = load_config(None, ["method=diffusing_debias", "baselines=[diffusing_debias_lff, erm]"])
+    names = [s.name for s in build_graph(cfg)]
+    assert names.count("amplifier") == 1 and names.count("ddpm") == 1
+    assert names.index("amplifier") < names.index("train/diffusing_debias")
