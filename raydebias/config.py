@@ -244,7 +244,9 @@ class DiffusionTrainConfig(_Block):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after a linear warm-up")
     word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class word (and the bias word unless set)")
     bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
-    caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (for classifier-free guidance)")
+    caption_dropout: float = Field(
+        0.19, ge=0, le=1, description="empty caption (for classifier-free guidance); 0.19 = the rate every measured "
+                                      "run trained with (a hidden 0.1 used to be applied before this field's 0.1)")
     group_mix: float = Field(
         0.0, ge=0, le=1, description="fraction of each batch drawn uniformly over the (class, bias) groups present, "
                                      "the rest as in the data (needs bias labels): the rare pairings the class word "

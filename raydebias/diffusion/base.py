@@ -111,6 +111,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
         bundle, tr["x"], caps, steps=steps, batch_size=batch_size, lr=lr,
+        drop_probs={"all": 0.0},  # ``word_dropout`` applies diffusion.caption_dropout: the only empty-caption rate
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=cfg.diffusion.shift,
         log_every=100,
         min_snr_gamma=cfg.diffusion.min_snr_gamma, ema_decay=cfg.diffusion.ema_decay,
