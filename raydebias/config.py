@@ -290,6 +290,11 @@ class FinetuneConfig(_Block):
     prior_weight: float = Field(1.0, ge=0)
     cpus_per_task: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
     max_retries: int = Field(2, json_schema_extra=RESOURCE, ge=0)
+    batched: bool = Field(True, description="train a task's adapters in one batched pass (finetune/multi_lora.py; "
+                                            "the same updates as one at a time); prior preservation stays sequential")
+    adapters_per_task: int = Field(0, json_schema_extra=RESOURCE, ge=0,
+                                   description="adapters packed into one batched task; 0 = spread over the "
+                                               "cluster's CPU slots (cpus / cpus_per_task)")
 
 
 class GenerateConfig(_Block):

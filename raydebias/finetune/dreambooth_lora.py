@@ -109,6 +109,7 @@ def train_lora(
         raise ValueError("need at least one image and one step")
     unet = bundle.unet
     if name not in adapter_names(bundle):
+        torch.manual_seed(seed)  # lora_A's initial values: reproducible per adapter
         add_lora(unet, name, rank=rank)
     set_active(bundle, [name])
     trainable = lora_parameters(unet, name)

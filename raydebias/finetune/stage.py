@@ -63,6 +63,39 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
             **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}
 
 
+def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size: int, out_dirs: list[str]) -> list:
+    """Several adapters (one Ray task) in one batched pass (:func:`~raydebias.finetune.multi_lora.train_loras_batched`),
+    each saved to its folder."""
+    import time
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from raydebias.data.transforms import pixels_from_column
+    from raydebias.diffusion.base import load_base
+    from raydebias.finetune.dreambooth_lora import save_lora
+    from raydebias.finetune.multi_lora import train_loras_batched
+
+    torch.set_num_threads(max(1, int(ft["cpus_per_task"])))
+    t0 = time.time()
+    tbl = pq.read_table(Path(run_dir) / "stages" / "data" / "train.parquet", columns=["id", "pixels"])
+    row = {i: k for k, i in enumerate(tbl.column("id").to_pylist())}
+    pixels = tbl.column("pixels").to_pylist()
+    jobs = []
+    for u in units:
+        px = pixels_from_column([pixels[k] for k in sorted(row[i] for i in u["ids"])], image_size)  # table order,
+        # as _train_unit reads them: the same batches
+        jobs.append({"name": u["name"], "pixels": px, "prompts": [u["prompt"]] * len(px), "seed": seed})
+    bundle = load_base(Path(run_dir))
+    stats = train_loras_batched(bundle, jobs, steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],
+                                rank=ft["rank"])
+    for u, d in zip(units, out_dirs):
+        save_lora(bundle, u["name"], d)
+    secs = round(time.time() - t0, 1)
+    return [{"name": j["name"], "images": len(j["pixels"]), "prior_images": 0, "seconds": secs,
+             **{k: v for k, v in st.items() if isinstance(v, (int, float))}} for j, st in zip(jobs, stats)]
+
+
 def reset_if_stale(out: Path, key: str | None) -> bool:
     """Finished adapters are reused only by a rerun with the same inputs (resume). When the node's key changed
     (new base model, new clusters, new settings) the old adapters are stale: remove them. Returns True if it did."""
@@ -97,23 +130,37 @@ def run_finetune(ctx, variant: str):
     if units:
         ctx.ensure_ray()
         ctx.log(f"[finetune/{variant}] {len(units)} adapter(s), {len(units) - len(todo)} already trained")
-    task = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.ray.num_gpus_per_worker or 0,
-                      max_retries=cfg.finetune.max_retries, retry_exceptions=True)(_train_unit) if todo else None
+    ft = cfg.finetune
+    opts = dict(num_cpus=ft.cpus_per_task, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=ft.max_retries,
+                retry_exceptions=True)
+    class_names = ctx.data_info["class_names"]
+    args = (str(ctx.run_dir),)
     refs = {}
-    for u in todo:
-        tmp_dir = out / f".{u.name}.tmp"
-        unit = {**u.__dict__, "class_prompt": describe(cfg.data.prompt_template, ctx.data_info["class_names"][u.y], None)}
-        refs[task.remote(str(ctx.run_dir), unit, cfg.finetune.model_dump(), cfg.seed,
-                         ctx.data_info["image_size"], str(tmp_dir))] = u
+    if todo and ft.batched and not ft.prior_preservation:
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) // ft.cpus_per_task))
+        size = ft.adapters_per_task or -(-len(todo) // slots)
+        task = ray.remote(**opts)(_train_pack)
+        for i in range(0, len(todo), size):
+            pack = todo[i : i + size]
+            refs[task.remote(*args, [u.__dict__ for u in pack], ft.model_dump(), cfg.seed, ctx.data_info["image_size"],
+                             [str(out / f".{u.name}.tmp") for u in pack])] = pack
+        ctx.log(f"[finetune/{variant}] batched: {len(todo)} adapter(s) in {len(refs)} task(s)")
+    elif todo:
+        task = ray.remote(**opts)(_train_unit)
+        for u in todo:
+            unit = {**u.__dict__, "class_prompt": describe(cfg.data.prompt_template, class_names[u.y], None)}
+            refs[task.remote(*args, unit, ft.model_dump(), cfg.seed, ctx.data_info["image_size"],
+                             str(out / f".{u.name}.tmp"))] = [u]
     results = []
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1)
-        u = refs.pop(done[0])
+        pack = refs.pop(done[0])
         r = ray.get(done[0])  # raises after max_retries: the stage fails loudly, finished adapters are kept
-        with atomic_path(out / u.name) as tmp:
-            (out / f".{u.name}.tmp").rename(tmp)
-        results.append(r)
-        ctx.log(f"[finetune/{variant}] {r['name']}: {r['images']} images, {r['seconds']}s "
-                f"({len(results)}/{len(todo)})")
+        for u, stats in zip(pack, r if isinstance(r, list) else [r]):
+            with atomic_path(out / u.name) as tmp:
+                (out / f".{u.name}.tmp").rename(tmp)
+            results.append(stats)
+            ctx.log(f"[finetune/{variant}] {stats['name']}: {stats['images']} images, {stats['seconds']}s "
+                    f"({len(results)}/{len(todo)})")
     outputs = [ctx.rel(out / "units.json")] + [ctx.rel(out / u.name) for u in units]
     return StageResult(outputs, {"adapters": len(units), "trained_now": len(results)})

@@ -228,11 +228,14 @@ def diffusion_loss(
     min_snr_gamma: float = 0.0,
     p2_gamma: float = 0.0,
     p2_k: float = 1.0,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Denoising loss: MSE between the UNet output and the noise (ε-prediction) or velocity (v-prediction).
 
-    ``generator`` (a CPU generator) draws t and the noise reproducibly; ``weights`` (B,) gives
-    ``mean_i(w_i · mse_i)``. ``min_snr_gamma`` > 0 applies Min-SNR-γ weighting (Hang et al. 2023), expressed
+    ``generator`` (a CPU generator) draws t and the noise reproducibly, unless ``timesteps`` / ``noise`` are
+    given; ``weights`` (B,) gives ``mean_i(w_i · mse_i)``; ``reduction="none"`` returns the (weighted) per-sample
+    losses instead of their mean. ``min_snr_gamma`` > 0 applies Min-SNR-γ weighting (Hang et al. 2023), expressed
     for the model's target: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v. ``p2_gamma`` > 0 applies P2
     weighting (Choi et al. 2022; DiffInject) λ = 1/(k + SNR)^γ on the ε-loss, i.e. λ·SNR/(SNR + 1) on the v-loss
     (‖ε̂ − ε‖² = SNR/(SNR + 1)·‖v̂ − v‖²).
@@ -243,7 +246,9 @@ def diffusion_loss(
     if timesteps is None:
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
     timesteps = timesteps.to(device=device, dtype=torch.long)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device, latents.dtype)
     noisy = sched.add_noise(latents, noise, timesteps)
     kind = sched.config.prediction_type
     if kind == "epsilon":
@@ -263,9 +268,9 @@ def diffusion_loss(
             per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr * to_target
         if p2_gamma > 0:
             per_sample = per_sample * (p2_k + snr).pow(-p2_gamma) * to_target
-    if weights is None:
-        return per_sample.mean()
-    return (per_sample * weights.to(per_sample)).mean()
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
