@@ -310,6 +310,9 @@ class GenerateConfig(_Block):
     batch_size: int = Field(100, json_schema_extra=RESOURCE, ge=1)
     num_actors: int = Field(2, json_schema_extra=RESOURCE, ge=1)
     cpus_per_actor: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
+    mixed_adapters: bool = Field(True, json_schema_extra=RESOURCE,
+                                 description="one pass per batch, each row through its own adapter "
+                                             "(finetune/multi_lora.py; the same images as switching adapters)")
 
 
 class FilterConfig(_Block):

@@ -25,17 +25,21 @@ from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
 
 class RoutedLoRA:
     """Stacked, trainable copies of the adapters ``names`` on every peft LoRA layer of ``unet``; inside
-    :meth:`routing` each forward adds, for row i, ``scale_k · B_k A_k x_i`` with k = ``route[i]``."""
+    :meth:`routing` each forward adds, for row i, ``scale_k · B_k A_k x_i`` with k = ``route[i]`` (a batch that is
+    a whole multiple of the route, as classifier-free guidance makes, repeats it)."""
 
-    def __init__(self, unet: torch.nn.Module, names: list[str]):
+    def __init__(self, unet: torch.nn.Module, names: list[str], base_slot: bool = False):
+        """``base_slot`` appends an all-zero adapter: rows routed to ``-1`` get the base UNet (inference)."""
         self.names = list(names)
         self.layers: list[tuple[LoraLayer, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor]] = []
         for m in unet.modules():
             if isinstance(m, LoraLayer) and all(n in m.lora_A for n in self.names):
-                a = torch.nn.Parameter(torch.stack([m.lora_A[n].weight.detach().float() for n in self.names]).clone())
-                b = torch.nn.Parameter(torch.stack([m.lora_B[n].weight.detach().float() for n in self.names]).clone())
-                scale = torch.tensor([float(m.scaling[n]) for n in self.names])
-                self.layers.append((m, a, b, scale))
+                a = torch.stack([m.lora_A[n].weight.detach().float() for n in self.names])
+                b = torch.stack([m.lora_B[n].weight.detach().float() for n in self.names])
+                scale = torch.tensor([float(m.scaling[n]) for n in self.names] + ([0.0] if base_slot else []))
+                if base_slot:
+                    a, b = torch.cat([a, torch.zeros_like(a[:1])]), torch.cat([b, torch.zeros_like(b[:1])])
+                self.layers.append((m, torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()), scale))
         if not self.layers:
             raise RuntimeError(f"no LoRA layer carries all of {self.names}")
         self.route: torch.Tensor | None = None
@@ -49,6 +53,8 @@ class RoutedLoRA:
             flat = x.dim() == 2
             xs = (x.unsqueeze(1) if flat else x).float()
             k = self.route
+            if xs.shape[0] != len(k):  # classifier-free guidance runs [uncond; cond] (or 3 ways): the same rows
+                k = k.repeat(xs.shape[0] // len(k))
             delta = torch.bmm(torch.bmm(xs, a[k].transpose(1, 2)), b[k].transpose(1, 2))
             delta = delta * scale.to(delta)[k].view(-1, 1, 1)
             return output + (delta.squeeze(1) if flat else delta).to(output.dtype)
@@ -173,3 +179,22 @@ def train_loras_batched(
              "loss_first": float(losses[:k, i].mean()), "loss_last": float(losses[-k:, i].mean()),
              "seconds": secs, "adapters_in_batch": len(jobs), "it_per_s": steps / secs if secs > 0 else float("inf")}
             for i, j in enumerate(jobs)]
+
+
+@torch.no_grad()
+def sample_mixed(bundle: DiffusionBundle, adapters: list[str | None], prompts: list[str], seeds: list[int],
+                 **sample_kwargs) -> np.ndarray:
+    """Sample one batch whose rows use different (already loaded) adapters — ``None`` = the base model — in one
+    pass: the same images as activating each adapter for its own rows (:func:`~raydebias.models.diffusion.sample`
+    draws each row's noise from its seed, and every layer acts row by row)."""
+    from raydebias.models.diffusion import sample
+
+    names = sorted({a for a in adapters if a})
+    if not names:
+        set_active(bundle, None)
+        return sample(bundle, prompts, seeds=seeds, batch_size=max(1, len(prompts)), **sample_kwargs)
+    routed = RoutedLoRA(bundle.unet, names, base_slot=True)
+    slot = {n: i for i, n in enumerate(names)}
+    with routed.routing(bundle.unet):
+        routed.route = torch.tensor([slot[a] if a else -1 for a in adapters], device=bundle.device)
+        return sample(bundle, prompts, seeds=seeds, batch_size=max(1, len(prompts)), **sample_kwargs)

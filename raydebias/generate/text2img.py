@@ -25,7 +25,7 @@ class GenerateBatch:
     """Ray Data UDF: one base model per actor; adapters loaded on first use and switched per row group."""
 
     def __init__(self, run_dir: str, variant: str, num_steps: int, guidance_scale: float, out_dir: str,
-                 class_guidance_scale: float | None = None):
+                 class_guidance_scale: float | None = None, mixed: bool = True):
         import torch
 
         from raydebias.diffusion.base import load_base
@@ -36,6 +36,7 @@ class GenerateBatch:
         self.loaded: set[str] = set()
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.class_guidance_scale = class_guidance_scale
+        self.mixed = mixed
 
     def _activate(self, adapter: str | None) -> None:
         from raydebias.finetune.dreambooth_lora import load_lora, set_active
@@ -54,10 +55,22 @@ class GenerateBatch:
         n = len(batch["row_id"])
         adapters = [a if a else None for a in batch["adapter"]]
         pixels: list[bytes | None] = [None] * n
-        for adapter in dict.fromkeys(adapters):
+        compose = self.class_guidance_scale is not None
+        if self.mixed and not compose:  # the whole batch in one pass, each row through its own adapter
+            from raydebias.finetune.dreambooth_lora import load_lora
+            from raydebias.finetune.multi_lora import sample_mixed
+
+            for adapter in dict.fromkeys(a for a in adapters if a):
+                if adapter not in self.loaded:
+                    load_lora(self.bundle, self.run_dir / "stages" / "finetune" / self.variant / adapter, adapter)
+                    self.loaded.add(adapter)
+            imgs = sample_mixed(self.bundle, adapters, [str(p) for p in batch["prompt"]],
+                                [int(s) for s in batch["seed"]], num_steps=self.num_steps,
+                                guidance_scale=self.guidance_scale)
+            pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
+        for adapter in (() if self.mixed and not compose else dict.fromkeys(adapters)):
             idx = [i for i in range(n) if adapters[i] == adapter]
             self._activate(adapter)
-            compose = self.class_guidance_scale is not None
             imgs = sample(self.bundle, [str(batch["prompt"][i]) for i in idx], num_steps=self.num_steps,
                           guidance_scale=self.guidance_scale, seeds=[int(batch["seed"][i]) for i in idx],
                           partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
@@ -142,7 +155,7 @@ def run_generate(ctx, variant: str):
         res = ds.map_batches(
             GenerateBatch,
             fn_constructor_args=(str(ctx.run_dir), variant, cfg.generate.num_steps, cfg.generate.guidance_scale,
-                                 str(rows_dir), cfg.generate.class_guidance_scale),
+                                 str(rows_dir), cfg.generate.class_guidance_scale, cfg.generate.mixed_adapters),
             batch_size=cfg.generate.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.generate.num_actors),

@@ -87,3 +87,26 @@ def test_rejects_duplicate_names_and_empty_jobs(tiny_diffusion):
         train_loras_batched(copy.deepcopy(tiny_diffusion), [jobs[0], jobs[0]], steps=1)
     with pytest.raises(ValueError, match="at least one"):
         train_loras_batched(copy.deepcopy(tiny_diffusion), [], steps=1)
+
+
+def test_mixed_adapter_sampling_equals_switching_adapters(tiny_diffusion):
+    """One batch mixing two adapters and the base model (CFG on): the same images as sampling each row with its
+    adapter activated alone."""
+    from raydebias.finetune.dreambooth_lora import set_active
+    from raydebias.finetune.multi_lora import sample_mixed
+    from raydebias.models.diffusion import sample
+
+    b = copy.deepcopy(tiny_diffusion)
+    train_loras_batched(b, _jobs(2), steps=3, batch_size=4, lr=5e-2, rank=2)
+    adapters = ["c1", None, "c0", "c1", "c0"]
+    prompts = [f"a photo of a sks {c} digit" for c in ("red", "green", "blue", "red", "green")]
+    seeds = [3, 1, 4, 1, 5]
+    mixed = sample_mixed(b, adapters, prompts, seeds, num_steps=3, guidance_scale=2.0)
+    for i, a in enumerate(adapters):
+        set_active(b, [a] if a else None)
+        alone = sample(b, [prompts[i]], num_steps=3, guidance_scale=2.0, seeds=[seeds[i]])[0]
+        diff = np.abs(mixed[i].astype(int) - alone.astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.05, (i, a, diff.max())  # float rounding at the uint8 edge
+    set_active(b, None)
+    base = sample(b, [prompts[0]], num_steps=3, guidance_scale=2.0, seeds=[seeds[0]])[0]
+    assert np.abs(mixed[0].astype(int) - base.astype(int)).max() > 1  # the adapter did change row 0

@@ -1,0 +1,97 @@
+"""Batched multi-LoRA training vs one adapter at a time, at equal steps per adapter, and mixed-adapter generation
+batches vs switching adapters within a batch, on the demo's bootstrap
+text-to-image architecture (``configs/demo.yaml`` ``models.diffusion``, untrained weights: the same FLOPs), on
+Colored MNIST digits, in one process with the same thread count. Both sides give every adapter the same update
+(tests/finetune/test_multi_lora.py); pairs alternate so drift hits both.
+
+    python bench/multi_lora.py --adapters 20 --steps 20 --threads 1 --pairs 2
+
+Generation: ``--rows-per-adapter`` rows per adapter sorted by adapter as the generate stage sorts them, in batches of
+``--gen-batch`` (generate.batch_size), 10 DDIM steps with CFG; switching = one ``sample`` call per adapter in a batch
+(the stage before), mixed = one call per batch (``generate.mixed_adapters``).
+
+Prints one JSON line: {"train_speedup": ..., "generate_speedup": ..., "sequential_s": [...], ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+from raydebias.config import ColoredMNISTConfig, load_config
+from raydebias.data.builtin.colored_mnist import build_colored_mnist
+from raydebias.data.transforms import decode_image
+from raydebias.finetune.dreambooth_lora import set_active, train_lora
+from raydebias.finetune.multi_lora import sample_mixed, train_loras_batched
+from raydebias.models.clip import clip_tokenizer
+from raydebias.models.diffusion import bootstrap_diffusion, sample
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters", type=int, default=20)
+    ap.add_argument("--images", type=int, default=40, help="images per adapter")
+    ap.add_argument("--steps", type=int, default=20, help="steps per adapter (the demo's finetune.steps)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--rows-per-adapter", type=int, default=10)
+    ap.add_argument("--gen-batch", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, []).models.diffusion.model_copy(
+        update=dict(unshuffle=4, block_out_channels=[64, 128], text_width=64, text_layers=0))  # demo.yaml
+    torch.manual_seed(0)
+    base = bootstrap_diffusion(cfg, tokenizer=clip_tokenizer())
+    n = args.adapters * args.images
+    t = build_colored_mnist(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10)).to_pydict()
+    rows = [i for i, s in enumerate(t["split"]) if s == "train"][:n]
+    px = np.stack([decode_image(t["image"][i], 32, 32 * 32) for i in rows])
+    jobs = [{"name": f"a{k}", "pixels": px[k * args.images:(k + 1) * args.images],
+             "prompts": [f"a photo of a sks digit {k}"] * args.images, "seed": k} for k in range(args.adapters)]
+    kw = dict(steps=args.steps, batch_size=args.batch_size, lr=2e-3, rank=4)
+    seq, bat = [], []
+    for _ in range(args.pairs):
+        b = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        for j in jobs:
+            train_lora(b, j["name"], j["pixels"], j["prompts"], seed=j["seed"], **kw)
+        seq.append(time.perf_counter() - t0)
+        b = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        train_loras_batched(b, jobs, **kw)
+        bat.append(time.perf_counter() - t0)
+    trained = copy.deepcopy(base)
+    train_loras_batched(trained, jobs, **kw)
+    rows = [(j["name"], j["prompts"][0], 1000 * k + i) for k, j in enumerate(jobs) for i in range(args.rows_per_adapter)]
+    batches = [rows[i:i + args.gen_batch] for i in range(0, len(rows), args.gen_batch)]
+    switch, mixed = [], []
+    for _ in range(args.pairs):
+        t0 = time.perf_counter()
+        for batch in batches:
+            for name in dict.fromkeys(r[0] for r in batch):
+                mine = [r for r in batch if r[0] == name]
+                set_active(trained, [name])
+                sample(trained, [r[1] for r in mine], num_steps=10, guidance_scale=3.0, seeds=[r[2] for r in mine])
+        switch.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for batch in batches:
+            sample_mixed(trained, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], num_steps=10,
+                         guidance_scale=3.0)
+        mixed.append(time.perf_counter() - t0)
+    print(json.dumps({"train_speedup": round(float(np.median(seq) / np.median(bat)), 2),
+                      "generate_speedup": round(float(np.median(switch) / np.median(mixed)), 2),
+                      "sequential_s": [round(x, 1) for x in seq], "batched_s": [round(x, 1) for x in bat],
+                      "switching_s": [round(x, 1) for x in switch], "mixed_s": [round(x, 1) for x in mixed],
+                      "adapters": args.adapters, "steps": args.steps, "batch_size": args.batch_size,
+                      "images": len(rows), "gen_batch": args.gen_batch, "threads": args.threads,
+                      "ray_data_vs_bare_loop": None}))
+
+
+if __name__ == "__main__":
+    main()
