@@ -48,3 +48,23 @@ def test_verbose_console_leaves_the_streams_alone(tmp_path, capsys):
         c.print("[1/1] data done")
     assert capsys.readouterr().out == "noise\n[1/1] data done\n"
     assert not (tmp_path / "run.log").exists()
+
+
+def test_a_failed_stage_is_one_line_with_the_log_path(tmp_path):
+    """`raydebias run` on a dataset missing its label column: the data stage fails; the console gets the stage,
+    the cause and the log path, no traceback; the traceback is in the log; exit status 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [b"x"], "split": ["train"]}), tmp_path / "bad.parquet")
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "raydebias.cli", "run", "raydebias/configs/parquet_dataset.yaml",
+                        "--run-dir", str(run_dir), "--set", f"data.uri={tmp_path / 'bad.parquet'}",
+                        "--set", "stages=[data]", "--set", "ray.num_cpus=1", "--set", "ray.include_dashboard=false"],
+                       capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "[1/1] data" in p.stdout and "FAILED" in p.stdout and "label" in p.stdout, p.stdout
+    assert str(run_dir / "logs" / "run.log") in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "Traceback" in (run_dir / "logs" / "run.log").read_text()
