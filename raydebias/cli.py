@@ -183,7 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             from raydebias.evaluate.report import render_report
             from raydebias._internal.io import atomic_write_text
 
-            atomic_write_text(args.run_dir / "report.html", render_report(args.run_dir))
+            import yaml
+
+            from raydebias.methods import get_method, registered
+
+            cfg_path = args.run_dir / "config.yaml"
+            names = []
+            if cfg_path.exists():
+                saved = yaml.safe_load(cfg_path.read_text()) or {}
+                names = list(dict.fromkeys([saved.get("method", "erm"), *saved.get("baselines", [])]))
+            methods = [get_method(m) for m in names if m in registered()]
+            atomic_write_text(args.run_dir / "report.html", render_report(args.run_dir, methods=methods))
             _print_table(args.run_dir)
             return 0
         if args.cmd == "datasets":

@@ -60,7 +60,9 @@ class Method:
     """A debiasing method: ``stages(cfg)`` are its own nodes; ``shared`` names the building-block stages it needs
     (``clip``, ``embed``, ``cluster``, ``diffusion``, ``ddpm``); ``train/<name>`` is the node whose classifier
     evaluate scores; a generation-only method (``classifier=False``) names its ``result`` node instead. ``stats``
-    are stages whose ``stats.json`` evaluate copies into ``metrics.json["generation"]``; ``doc`` is its page."""
+    are stages whose ``stats.json`` evaluate copies into ``metrics.json["generation"]``; ``doc`` is its page.
+    ``report(run_dir, info, metrics, samples_per_group)`` returns its report sections (HTML), ``evaluate(ctx, info)``
+    what it adds to ``metrics.json`` beyond the rows; a function shared by two methods runs once."""
 
     name: str
     stages: Callable[[RunConfig], list[Stage]]
@@ -69,6 +71,8 @@ class Method:
     stats: tuple[str, ...] = ()
     classifier: bool = True
     result: str | None = None
+    report: Callable[..., list[str]] | None = None
+    evaluate: Callable[..., dict[str, Any]] | None = None
     doc: str = ""
 
     @property

@@ -177,48 +177,6 @@ def _pixels(path: Path, info: dict):
     return t, pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
 
 
-def _method_sections(run_dir: Path, info: dict, report: dict) -> list[str]:
-    """DiffInject (pairs), GAMMA-FACE (BIC curve, components) and TIW (proportions, samples) sections."""
-    parts, st, gen = [], run_dir / "stages", report.get("generation", {})
-    if (st / "inject" / "synthetic.parquet").exists() and "inject" in gen:
-        tr_t, tr_x = _pixels(st / "data" / "train.parquet", info)
-        row = {i: k for k, i in enumerate(tr_t.column("id").to_pylist())}
-        t, x = _pixels(st / "inject" / "synthetic.parquet", info)
-        n = min(10, t.num_rows)
-        styles = tr_x[[row[i] for i in t.column("style_id").to_pylist()[:n]]]
-        contents = tr_x[[row[i] for i in t.column("content_id").to_pylist()[:n]]]
-        grid = image_rows([("style (aligned)", styles), ("content (mined)", contents), ("injected", x[:n])],
-                          "DiffInject: content h-space injected into style images (label = content's)")
-        parts.append("<h3>DiffInject</h3><p>mining</p>" + kv_table(gen.get("mine", {}))
-                     + "<p>synthetic</p>" + kv_table(gen["inject"]) + f"<img src='{grid}'>")
-    if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
-        from raydebias.generate.gmm import bic_plot
-
-        bic = json.loads((st / "gmm" / "bic.json").read_text())
-        t, x = _pixels(st / "gmm" / "generated.parquet", info)
-        comp = t.column("component").to_numpy()
-        grid = image_rows([(f"component {k}", x[comp == k][:10]) for k in range(bic["chosen"])],
-                          "GAMMA-FACE: images generated equally from each GMM component")
-        parts.append(f"<h3>GAMMA-FACE</h3><p>K = {bic['chosen']} by BIC over {len(bic['bic'])} fits on "
-                     f"{bic['num_latents']} latents of dimension {bic['latent_dim']}.</p>" + kv_table(
-                         {k: v for k, v in gen["gmm"].items() if k != "label_histogram_per_component"})
-                     + f"<img src='{_png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
-    if "tiw" in gen:
-        tiw = gen["tiw"]
-        ref = tiw["reference"]
-        rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{_fmt(v['aligned_fraction'])}</td><td>{_fmt(v['tv_groups'])}"
-                       f"</td><td>{_fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
-        samples = [(o, np.load(st / "tiw" / f"samples_{o}.npy")) for o in tiw["objectives"]
-                   if (st / "tiw" / f"samples_{o}.npy").exists()]
-        parts.append(f"<h3>TIW: generated samples vs the unbiased reference</h3><p>reference: {ref['size']} "
-                     f"{html.escape(ref['split'])} rows, aligned fraction {_fmt(ref['aligned_fraction'])}; train "
-                     f"aligned fraction {_fmt(tiw['train_aligned_fraction'])}. Probe: {html.escape(tiw['probe'])}."
-                     "</p><table><tr><th>objective</th><th>aligned fraction</th><th>TV to reference groups</th>"
-                     f"<th>FID (probe features)</th></tr>{rows}</table>"
-                     + (f"<img src='{image_rows(samples, 'TIW: samples per objective')}'>" if samples else ""))
-    return parts
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -282,7 +240,8 @@ def _count_table(counts: list[list[int]], info: dict) -> str:
     return f"<table class='counts'><tr><th>class \\ bias</th>{head}</tr>{body}</table>"
 
 
-def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
+def render_report(run_dir: Path, samples_per_group: int = 1, methods: list | None = None) -> str:
+    """The HTML report; ``methods`` (registered declarations) add their own sections."""
     from raydebias.data.splits import load_split
 
     report = json.loads((run_dir / "metrics.json").read_text())
@@ -310,40 +269,11 @@ def render_report(run_dir: Path, samples_per_group: int = 1) -> str:
         parts.append(f"<h2>Per-group test accuracy</h2><img src='{accuracy_bars(rows, info)}'>")
         tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
         parts.append(f"<h2>Samples per group</h2><img src='{sample_grid(tr['x'], tr['y'], tr['a'], info, samples_per_group)}'>")
-        for r in rows:
-            fpath = run_dir / "stages" / "filter" / r["method"] / "synthetic.parquet"
-            if fpath.exists():
-                t, sx = _pixels(fpath, info)
-                grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
-                                   samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
-                stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
-                fs = report.get("generation", {}).get("fidelity", {}).get("sets", {}).get(f"filter/{r['method']}")
-                heat = f"<img src='{fidelity_heatmaps(fs, info)}'>" if fs and fs.get("per_group") else ""
-                shown = {k: v for k, v in stats.items() if not isinstance(v, dict)}
-                parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><table><tr>"
-                             + "".join(f"<th>{html.escape(k)}</th>" for k in shown) + "</tr><tr>"
-                             + "".join(f"<td>{_fmt(v)}</td>" for v in shown.values()) + "</tr></table>"
-                             + f"<img src='{grid}'>{heat}")
-        apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
-        if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
-            t, sx = _pixels(apath, info)
-            grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info,
-                               min(8, samples_per_group * 8), title="diffusing_debias: class-conditional samples")
-            parts.append(f"<h3>Diffusing DeBias: bias-amplified synthetic samples</h3><img src='{grid}'>")
-        det = report.get("bias_detection")
-        if det:
-            parts.append("<h3>Bias-conflicting sample detection (training split)</h3><p>"
-                         + html.escape(det["description"]) + "</p><table><tr><th>detector</th><th>errors</th>"
-                         "<th>conflicting</th><th>precision</th><th>recall</th><th>F1</th></tr>"
-                         + "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(
-                             f"<td>{_fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
-                                   + "</tr>" for k, v in det.items() if isinstance(v, dict)) + "</table>")
-        parts.extend(_method_sections(run_dir, info, report))
-        cpath = run_dir / "stages" / "cluster" / "clusters.json"
-        if cpath.exists():
-            cl = json.loads(cpath.read_text())
-            parts.append(f"<h3>Clusters</h3><p>k_D = {cl['k_D']} (at most); clusters per (class, bias) group:</p>"
-                         + _cluster_table(cl, info))
+        done = set()
+        for m in methods or []:  # each method's own sections, from its declaration (once per function)
+            if m.report is not None and m.report not in done:
+                done.add(m.report)
+                parts.extend(m.report(run_dir, info, report, samples_per_group))
         parts.append("<h2>Group counts (y, a) per split</h2>")
         for split, counts in info["group_counts"].items():
             parts.append(f"<h3>{split}</h3>" + _count_table(counts, info))
@@ -359,6 +289,6 @@ def run_report(ctx):
     from raydebias.core import StageResult
 
     path = ctx.run_dir / "report.html"
-    atomic_write_text(path, render_report(ctx.run_dir, ctx.cfg.report.samples_per_group))
+    atomic_write_text(path, render_report(ctx.run_dir, ctx.cfg.report.samples_per_group, ctx.methods))
     ctx.log(f"[report] {path}")
     return StageResult(["report.html"], {"path": str(path)})

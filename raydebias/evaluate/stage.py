@@ -12,7 +12,6 @@ import torch
 from raydebias._internal.io import atomic_write_json, atomic_write_table
 from raydebias.models.classifier import load_classifier, predict
 from raydebias.data.splits import load_split
-from raydebias.debias.train import score_train_split
 from raydebias.evaluate import metrics as M
 
 
@@ -50,28 +49,6 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
         kl=clean(float(np.mean(kls)) if kls else None),
     )
     return row
-
-
-def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any] | None:
-    """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
-    synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
-    trained on the real training split (which memorises the conflicting samples)."""
-    from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
-
-    stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
-    if not stats_path.exists():
-        return None
-    amp = json.loads(stats_path.read_text()).get("error_set_vs_conflicting")
-    if amp is None:
-        return None
-    out = {"description": "precision/recall of the classifier's training-set errors as a detector of the "
-                          "bias-conflicting training samples", "diffusing_debias_amplifier": amp}
-    erm_dir = ctx.run_dir / "stages" / "train" / "erm"
-    if (erm_dir / "model.safetensors").exists():
-        tr, probs, _ = score_train_split(ctx, erm_dir)
-        correct = probs.argmax(1) == tr["y"]
-        out["erm_on_real"] = error_set_quality(correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
-    return out
 
 
 def run_evaluate(ctx):
@@ -124,9 +101,11 @@ def run_evaluate(ctx):
         "dataset": {k: info[k] for k in ("num_classes", "num_bias", "class_names", "bias_names", "counts", "quarantined")},
         "rows": rows,
     }
-    detection = bias_detection(ctx, info)
-    if detection:
-        report["bias_detection"] = detection
+    done = set()
+    for m in ctx.methods:  # what a method measures beyond the rows (its declaration's ``evaluate``)
+        if m.evaluate is not None and m.evaluate not in done:
+            done.add(m.evaluate)
+            report.update(m.evaluate(ctx, info))
     # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods
     from raydebias.evaluate.fidelity import measure_run, synthetic_sets
 

@@ -4,6 +4,7 @@ inject their h-space content into aligned images (``generate/inject.py`` holds t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +20,10 @@ def run_mine(ctx):
     import pyarrow as pa
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table
-    from raydebias.evaluate.metrics import error_set_quality
+    from raydebias.core import StageResult
     from raydebias.debias.lff import mine_conflicting
     from raydebias.debias.train import fit_classifier, score_train_split
-    from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.core import StageResult
+    from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 
     info, di = ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("mine")
@@ -58,8 +58,8 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     from safetensors.torch import load_file, save_file
 
     from raydebias._internal.io import atomic_path, atomic_write_table
-    from raydebias.data.transforms import to_model_input
     from raydebias.data.splits import load_split
+    from raydebias.data.transforms import to_model_input
     from raydebias.diffusion.ddpm import load_ddpm
     from raydebias.models.diffusion import _to_uint8
 
@@ -126,8 +126,8 @@ def run_inject(ctx):
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table, sha256_json
-    from raydebias.data.splits import load_split
     from raydebias.core import StageResult
+    from raydebias.data.splits import load_split
 
     cfg, info, di = ctx.cfg, ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("inject")
@@ -183,6 +183,27 @@ def run_train_diffinject(ctx):
     return fit_augmented(ctx, "diffinject", pq.read_table(ctx.run_dir / "stages" / "inject" / "synthetic.parquet"))
 
 
+def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
+    """Style / content / injected image rows, mining and synthesis statistics."""
+
+
+    from raydebias.evaluate.report import _pixels, image_rows, kv_table
+
+    parts, st, gen = [], run_dir / "stages", report.get("generation", {})
+    if (st / "inject" / "synthetic.parquet").exists() and "inject" in gen:
+        tr_t, tr_x = _pixels(st / "data" / "train.parquet", info)
+        row = {i: k for k, i in enumerate(tr_t.column("id").to_pylist())}
+        t, x = _pixels(st / "inject" / "synthetic.parquet", info)
+        n = min(10, t.num_rows)
+        styles = tr_x[[row[i] for i in t.column("style_id").to_pylist()[:n]]]
+        contents = tr_x[[row[i] for i in t.column("content_id").to_pylist()[:n]]]
+        grid = image_rows([("style (aligned)", styles), ("content (mined)", contents), ("injected", x[:n])],
+                          "DiffInject: content h-space injected into style images (label = content's)")
+        parts.append("<h3>DiffInject</h3><p>mining</p>" + kv_table(gen.get("mine", {}))
+                     + "<p>synthetic</p>" + kv_table(gen["inject"]) + f"<img src='{grid}'>")
+    return parts
+
+
 def _stages(cfg) -> list[Stage]:
     mine_reads = ("diffinject.gce_q", "diffinject.biased_epochs", "diffinject.top_k")
     return [
@@ -196,4 +217,4 @@ def _stages(cfg) -> list[Stage]:
 
 register(Method("diffinject", _stages, shared=("ddpm",),
                 synthetic=(SyntheticSet("inject", "inject/synthetic.parquet", "style", cas=True),),
-                stats=("mine", "inject"), doc="docs/methods/diffinject.md"))
+                stats=("mine", "inject"), report=report_sections, doc="docs/methods/diffinject.md"))

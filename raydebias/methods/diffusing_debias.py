@@ -14,6 +14,8 @@ Docs: docs/methods/diffusing_debias.md."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,9 +43,9 @@ def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: 
 def run_amplifier(ctx):
     import ray
 
+    from raydebias.core import StageResult
     from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.generate.plan import describe
-    from raydebias.core import StageResult
 
     cfg, info = ctx.cfg, ctx.data_info
     d = cfg.ddb
@@ -133,6 +135,53 @@ def run_train_ddb(ctx, method: str = "diffusing_debias"):
                           summary={**summary, "pseudo_conflicting": int((correct == 0).sum())})
 
 
+def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
+    """Bias-amplified samples, and how well the amplifier's errors find the bias-conflicting training rows."""
+    import html
+
+    from raydebias.evaluate.report import _fmt, _pixels, sample_grid
+
+    parts = []
+    apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
+    if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
+        t, sx = _pixels(apath, info)
+        grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info,
+                           min(8, samples_per_group * 8), title="diffusing_debias: class-conditional samples")
+        parts.append(f"<h3>Diffusing DeBias: bias-amplified synthetic samples</h3><img src='{grid}'>")
+    det = report.get("bias_detection")
+    if det:
+        parts.append("<h3>Bias-conflicting sample detection (training split)</h3><p>"
+                     + html.escape(det["description"]) + "</p><table><tr><th>detector</th><th>errors</th>"
+                     "<th>conflicting</th><th>precision</th><th>recall</th><th>F1</th></tr>"
+                     + "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(
+                         f"<td>{_fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
+                               + "</tr>" for k, v in det.items() if isinstance(v, dict)) + "</table>")
+    return parts
+
+
+def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any]:
+    """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
+    synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
+    trained on the real training split (which memorises the conflicting samples)."""
+    from raydebias.debias.train import score_train_split
+
+    stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
+    if not stats_path.exists():
+        return {}
+    amp = json.loads(stats_path.read_text()).get("error_set_vs_conflicting")
+    if amp is None:
+        return {}
+    out = {"description": "precision/recall of the classifier's training-set errors as a detector of the "
+                          "bias-conflicting training samples", "diffusing_debias_amplifier": amp}
+    erm_dir = ctx.run_dir / "stages" / "train" / "erm"
+    if (erm_dir / "model.safetensors").exists():
+        tr, probs, _ = score_train_split(ctx, erm_dir)
+        correct = probs.argmax(1) == tr["y"]
+        out["erm_on_real"] = error_set_quality(correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
+    return {"bias_detection": out}
+
+
+
 AMPLIFIER = Stage("amplifier", "amplifier", ("ddpm", "data"), run_amplifier,
                   reads=("ddb", "-ddb.steps", "-ddb.batch_size", "-ddb.lr", "-ddb.recipe", "-ddb.lff_ema",
                          "train", "-train.epochs", "models.classifier", "seed"))
@@ -147,6 +196,7 @@ def _recipe(name: str) -> Method:
     return register(Method(
         name, stages, shared=("ddpm",),
         synthetic=(SyntheticSet("amplifier", "amplifier/synthetic.parquet", "class", cas=True),),
+        report=report_sections, evaluate=bias_detection,
         doc="docs/methods/diffusing_debias.md"))
 
 

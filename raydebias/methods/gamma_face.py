@@ -4,6 +4,8 @@ equal sampling per component, pseudo-labels from another method's classifier, au
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,8 +59,8 @@ def run_gmm(ctx):
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_table
-    from raydebias.models.classifier import load_classifier, predict
     from raydebias.core import StageResult
+    from raydebias.models.classifier import load_classifier, predict
 
     cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
     out = ctx.stage_dir("gmm")
@@ -98,6 +100,28 @@ def run_train_gamma_face(ctx):
     return fit_augmented(ctx, "gamma_face", gen.filter(gen.column("kept")))
 
 
+def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
+    """The BIC curve, the chosen K and images per component."""
+
+
+    from raydebias.evaluate.report import _pixels, _png, image_rows, kv_table
+
+    parts, st, gen = [], run_dir / "stages", report.get("generation", {})
+    if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
+        from raydebias.generate.gmm import bic_plot
+
+        bic = json.loads((st / "gmm" / "bic.json").read_text())
+        t, x = _pixels(st / "gmm" / "generated.parquet", info)
+        comp = t.column("component").to_numpy()
+        grid = image_rows([(f"component {k}", x[comp == k][:10]) for k in range(bic["chosen"])],
+                          "GAMMA-FACE: images generated equally from each GMM component")
+        parts.append(f"<h3>GAMMA-FACE</h3><p>K = {bic['chosen']} by BIC over {len(bic['bic'])} fits on "
+                     f"{bic['num_latents']} latents of dimension {bic['latent_dim']}.</p>" + kv_table(
+                         {k: v for k, v in gen["gmm"].items() if k != "label_histogram_per_component"})
+                     + f"<img src='{_png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
+    return parts
+
+
 def _stages(cfg) -> list[Stage]:
     # pseudo-labels come from another method's classifier (``gamma_face.labeler``): that one trains first
     return [
@@ -109,4 +133,4 @@ def _stages(cfg) -> list[Stage]:
 
 register(Method("gamma_face", _stages, shared=("ddpm",),
                 synthetic=(SyntheticSet("gmm", "gmm/generated.parquet", "pseudo", cas=False),),
-                stats=("gmm",), doc="docs/methods/gamma_face.md"))
+                stats=("gmm",), report=report_sections, doc="docs/methods/gamma_face.md"))

@@ -4,6 +4,8 @@ clustered_dreambooth — share the finetune → generate → filter building blo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -32,6 +34,41 @@ def run_train_generative(ctx, variant: str):
                           summary={"synthetic_rows": int(len(synth["y"]))})
 
 
+def report_sections(variant: str):
+    """The report's sections of a Harnessing variant: its kept synthetic samples, filter statistics, fidelity heat
+    map, and the clusters (clustered_dreambooth)."""
+
+    def sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
+        import html
+
+        from raydebias.evaluate.report import _cluster_table, _fmt, _pixels, fidelity_heatmaps, sample_grid
+
+        parts = []
+        rows = [r for r in report["rows"] if r["method"] == variant]
+        for r in rows:
+            fpath = run_dir / "stages" / "filter" / r["method"] / "synthetic.parquet"
+            if fpath.exists():
+                t, sx = _pixels(fpath, info)
+                grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
+                                   samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
+                stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())
+                fs = report.get("generation", {}).get("fidelity", {}).get("sets", {}).get(f"filter/{r['method']}")
+                heat = f"<img src='{fidelity_heatmaps(fs, info)}'>" if fs and fs.get("per_group") else ""
+                shown = {k: v for k, v in stats.items() if not isinstance(v, dict)}
+                parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><table><tr>"
+                             + "".join(f"<th>{html.escape(k)}</th>" for k in shown) + "</tr><tr>"
+                             + "".join(f"<td>{_fmt(v)}</td>" for v in shown.values()) + "</tr></table>"
+                             + f"<img src='{grid}'>{heat}")
+        cpath = run_dir / "stages" / "cluster" / "clusters.json"
+        if variant == "clustered_dreambooth" and cpath.exists():
+            cl = json.loads(cpath.read_text())
+            parts.append(f"<h3>Clusters</h3><p>k_D = {cl['k_D']} (at most); clusters per (class, bias) group:</p>"
+                         + _cluster_table(cl, info))
+        return parts
+
+    return sections
+
+
 def _variant(v: str) -> Method:
     def stages(cfg) -> list[Stage]:
         prompts = ("data.prompt_template", "finetune.identifier", "seed")
@@ -48,7 +85,7 @@ def _variant(v: str) -> Method:
         ]
 
     return register(Method(
-        v, stages, shared=("clip", "embed", "cluster", "diffusion"),
+        v, stages, shared=("clip", "embed", "cluster", "diffusion"), report=report_sections(v),
         synthetic=(SyntheticSet(f"generate/{v}", f"generate/{v}/synthetic.parquet", "group", cas=False),
                    SyntheticSet(f"filter/{v}", f"filter/{v}/synthetic.parquet", "group", cas=True)),
         doc="docs/methods/clustered_dreambooth.md"))

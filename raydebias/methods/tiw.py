@@ -13,6 +13,8 @@ Docs: docs/methods/tiw.md."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,16 +61,15 @@ def train_probe(cfg, x: np.ndarray, g: np.ndarray, num_groups: int, epochs: int 
 def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) -> dict:
     """Ray task: train the group probe, sample every objective's model, measure proportions and FID; writes
     ``samples_<objective>.npy`` (64 samples each) and returns the per-objective stats."""
-    import json
     from pathlib import Path
 
     from raydebias._internal.io import atomic_path
+    from raydebias.config import RunConfig
     from raydebias.data.splits import load_split
-    from raydebias.models.classifier import predict
     from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
     from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.config import RunConfig
+    from raydebias.models.classifier import predict
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -97,15 +98,14 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
 
 
 def run_tiw(ctx):
-    import json
 
     import ray
 
     from raydebias._internal.io import atomic_write_json, atomic_write_text
+    from raydebias.core import StageResult
     from raydebias.data.splits import load_split
     from raydebias.diffusion.tiw_train import fit_tiw
     from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.core import StageResult
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
     if info["num_bias"] is None:
@@ -152,6 +152,31 @@ def run_tiw(ctx):
                        {o: v for o, v in stats["objectives"].items()})
 
 
+def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
+    """Group proportions of each objective's samples against the reference, and the samples."""
+    import html
+
+    import numpy as np
+
+    from raydebias.evaluate.report import _fmt, image_rows
+
+    parts, st, gen = [], run_dir / "stages", report.get("generation", {})
+    if "tiw" in gen:
+        tiw = gen["tiw"]
+        ref = tiw["reference"]
+        rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{_fmt(v['aligned_fraction'])}</td><td>{_fmt(v['tv_groups'])}"
+                       f"</td><td>{_fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
+        samples = [(o, np.load(st / "tiw" / f"samples_{o}.npy")) for o in tiw["objectives"]
+                   if (st / "tiw" / f"samples_{o}.npy").exists()]
+        parts.append(f"<h3>TIW: generated samples vs the unbiased reference</h3><p>reference: {ref['size']} "
+                     f"{html.escape(ref['split'])} rows, aligned fraction {_fmt(ref['aligned_fraction'])}; train "
+                     f"aligned fraction {_fmt(tiw['train_aligned_fraction'])}. Probe: {html.escape(tiw['probe'])}."
+                     "</p><table><tr><th>objective</th><th>aligned fraction</th><th>TV to reference groups</th>"
+                     f"<th>FID (probe features)</th></tr>{rows}</table>"
+                     + (f"<img src='{image_rows(samples, 'TIW: samples per objective')}'>" if samples else ""))
+    return parts
+
+
 register(Method("tiw", lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
-                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False,
+                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False, report=report_sections,
                 result="tiw", doc="docs/methods/tiw.md"))
