@@ -14,7 +14,8 @@ import torch
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
 from raydebias.data.builtin.colored_mnist import build_colored_mnist
 from raydebias.data.transforms import decode_image
-from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
+from raydebias.models.diffusion import bootstrap_diffusion
+from raydebias.models.diffusion_training import train_bootstrap_diffusion
 
 BASELINE = dict(unshuffle=2, block_out_channels=[32, 64], cross_attention="all", text_time_embedding=False,
                 max_tokens=77)

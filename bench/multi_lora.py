@@ -29,7 +29,8 @@ from raydebias.data.transforms import decode_image
 from raydebias.finetune.dreambooth_lora import set_active, train_lora
 from raydebias.finetune.multi_lora import sample_mixed, train_loras_batched
 from raydebias.models.clip import clip_tokenizer
-from raydebias.models.diffusion import bootstrap_diffusion, sample
+from raydebias.models.diffusion import bootstrap_diffusion
+from raydebias.models.sampling import sample
 
 
 def main() -> None:

@@ -87,7 +87,8 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     from raydebias.debias.groupdro import group_mixture_probs
     from raydebias.data.splits import load_split
     from raydebias.models.clip import captions_for, clip_tokenizer
-    from raydebias.models.diffusion import bootstrap_diffusion, train_bootstrap_diffusion
+    from raydebias.models.diffusion import bootstrap_diffusion
+    from raydebias.models.diffusion_training import train_bootstrap_diffusion
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)

@@ -187,7 +187,7 @@ def sample_mixed(bundle: DiffusionBundle, adapters: list[str | None], prompts: l
     """Sample one batch whose rows use different (already loaded) adapters — ``None`` = the base model — in one
     pass: the same images as activating each adapter for its own rows (:func:`~raydebias.models.diffusion.sample`
     draws each row's noise from its seed, and every layer acts row by row)."""
-    from raydebias.models.diffusion import sample
+    from raydebias.models.sampling import sample
 
     names = sorted({a for a in adapters if a})
     if not names:

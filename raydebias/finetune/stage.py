@@ -49,7 +49,7 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     if ft["prior_preservation"]:
         # DreamBooth prior preservation: the base model's own images of the class prompt (no [V]), drawn
         # before the adapter exists, keep the adapter from forgetting the class.
-        from raydebias.models.diffusion import sample
+        from raydebias.models.sampling import sample
 
         n = min(len(pixels), 50)
         prior_prompts = [unit["class_prompt"]] * n

@@ -17,8 +17,8 @@ import torch
 from diffusers import DDIMScheduler
 from sklearn.mixture import GaussianMixture
 
-from raydebias.models.diffusion import (DiffusionBundle, _to_uint8, cfg_context, ddim_denoise, initial_noise,
-                                       latent_shape)
+from raydebias.models.diffusion import DiffusionBundle
+from raydebias.models.sampling import to_uint8, cfg_context, ddim_denoise, initial_noise, latent_shape
 
 
 def reverse_timesteps(bundle: DiffusionBundle, num_steps: int) -> tuple[DDIMScheduler, torch.Tensor]:
@@ -84,7 +84,7 @@ def continue_reverse(
         zb = ddim_denoise(bundle, zb, sched, timesteps[split:], cfg_context(bundle, [prompt] * len(zb), guidance_scale),
                           guidance_scale)
         with torch.no_grad():
-            out.append(_to_uint8(bundle.decode(zb)))
+            out.append(to_uint8(bundle.decode(zb)))
     if not out:
         return np.zeros((0, bundle.resolution, bundle.resolution, 3), np.uint8)
     return np.concatenate(out)

@@ -50,7 +50,7 @@ class GenerateBatch:
         set_active(self.bundle, [adapter])
 
     def __call__(self, batch: dict) -> dict:
-        from raydebias.models.diffusion import sample
+        from raydebias.models.sampling import sample
 
         n = len(batch["row_id"])
         adapters = [a if a else None for a in batch["adapter"]]

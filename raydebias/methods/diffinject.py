@@ -61,7 +61,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     from raydebias.data.splits import load_split
     from raydebias.data.transforms import to_model_input
     from raydebias.diffusion.ddpm import load_ddpm
-    from raydebias.models.diffusion import _to_uint8
+    from raydebias.models.sampling import to_uint8
 
     torch.set_num_threads(threads)
     run, out = Path(run_dir), Path(run_dir) / "stages" / "inject"
@@ -97,7 +97,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     h_c = torch.stack([contents[i]["h"] for i in content_ids], dim=1)
     z0 = inject_generate(bundle, z_T, h_c, di["num_steps"], context, di["t_edit"], di["t_boost"], di["gamma"],
                          di["eta"], seeds)
-    pixels = _to_uint8(bundle.decode(z0))
+    pixels = to_uint8(bundle.decode(z0))
     labels = tr["y"][[row[i] for i in content_ids]]
     path = out / "parts" / f"part-{part:05d}.parquet"
     atomic_write_table(path, pa.table({

@@ -34,7 +34,7 @@ def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: 
     import torch
 
     from raydebias.diffusion.ddpm import load_ddpm
-    from raydebias.models.diffusion import sample
+    from raydebias.models.sampling import sample
 
     torch.set_num_threads(threads)
     return sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds)

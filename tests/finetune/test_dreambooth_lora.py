@@ -15,7 +15,8 @@ from raydebias.finetune.dreambooth_lora import (
     set_active,
     train_lora,
 )
-from raydebias.models.diffusion import load_diffusion, save_tiny_stable_diffusion
+from raydebias.models.diffusion import load_diffusion
+from raydebias.models.testing import save_tiny_stable_diffusion
 
 torch.set_num_threads(1)
 

@@ -94,7 +94,7 @@ def test_mixed_adapter_sampling_equals_switching_adapters(tiny_diffusion):
     adapter activated alone."""
     from raydebias.finetune.dreambooth_lora import set_active
     from raydebias.finetune.multi_lora import sample_mixed
-    from raydebias.models.diffusion import sample
+    from raydebias.models.sampling import sample
 
     b = copy.deepcopy(tiny_diffusion)
     train_loras_batched(b, _jobs(2), steps=3, batch_size=4, lr=5e-2, rank=2)

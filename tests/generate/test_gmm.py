@@ -17,7 +17,7 @@ from raydebias.generate.gmm import (
     sample_components,
     split_index,
 )
-from raydebias.models.diffusion import sample
+from raydebias.models.sampling import sample
 
 torch.set_num_threads(1)
 

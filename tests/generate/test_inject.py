@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from raydebias.generate.inject import asymmetric_ddim_step, inject_h, slerp
-from raydebias.models.diffusion import initial_noise
+from raydebias.models.sampling import initial_noise
 
 torch.set_num_threads(1)
 
@@ -176,21 +176,21 @@ def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_diffusion):
     """γ = 0 and no stochastic tail → exactly diffusers' DDIM sampling (``models.diffusion.sample``) from the
     same noise: the hook, the asymmetric step and the v→ε conversion add nothing."""
     from raydebias.generate.inject import inject_generate, record_h
-    from raydebias.models.diffusion import _to_uint8, sample
+    from raydebias.models.sampling import to_uint8, sample
 
     b, seeds, steps = tiny_diffusion, [3, 4, 5], 6
     ctx = b.embed_prompts([""])
     z = initial_noise(b, seeds)
     h_c = record_h(b, initial_noise(b, [9]).expand(3, -1, -1, -1), steps, ctx, t_edit=500)
     assert h_c.shape[0] == 3  # t = 999, 832, 666 ≥ 500 with 6 trailing steps
-    ours = _to_uint8(b.decode(inject_generate(b, z, h_c, steps, ctx, t_edit=500, t_boost=0, gamma=0.0)))
+    ours = to_uint8(b.decode(inject_generate(b, z, h_c, steps, ctx, t_edit=500, t_boost=0, gamma=0.0)))
     ref = sample(b, [""] * 3, num_steps=steps, guidance_scale=1.0, seeds=seeds)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
     # γ > 0 with a different content image changes the result; injecting an image's own h changes nothing
-    other = _to_uint8(b.decode(inject_generate(b, z, h_c, steps, ctx, t_edit=500, t_boost=0, gamma=0.9)))
+    other = to_uint8(b.decode(inject_generate(b, z, h_c, steps, ctx, t_edit=500, t_boost=0, gamma=0.9)))
     assert np.abs(other.astype(int) - ref.astype(int)).max() > 5
     own = record_h(b, z, steps, ctx, t_edit=500)
-    same = _to_uint8(b.decode(inject_generate(b, z, own, steps, ctx, t_edit=500, t_boost=0, gamma=0.7)))
+    same = to_uint8(b.decode(inject_generate(b, z, own, steps, ctx, t_edit=500, t_boost=0, gamma=0.7)))
     assert np.abs(same.astype(int) - ref.astype(int)).max() <= 1
     assert not b.unet.mid_block._forward_hooks  # the hook is removed
 

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from raydebias.config import ClassifierModelConfig
-from raydebias.models.classifier import load_classifier
-from raydebias.models.classifier import Classifier, available, create_classifier
+from raydebias.models.classifier import Classifier, available, create_classifier, load_classifier
 
 C = 5
 

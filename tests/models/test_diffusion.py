@@ -11,14 +11,10 @@ import torch
 
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
 from raydebias.data.transforms import to_model_input
-from raydebias.models.diffusion import (
-    bootstrap_diffusion,
-    diffusion_loss,
-    load_diffusion,
-    sample,
-    save_tiny_stable_diffusion,
-    train_bootstrap_diffusion,
-)
+from raydebias.models.diffusion import bootstrap_diffusion, diffusion_loss, load_diffusion
+from raydebias.models.diffusion_training import train_bootstrap_diffusion
+from raydebias.models.sampling import sample
+from raydebias.models.testing import save_tiny_stable_diffusion
 
 torch.set_num_threads(1)
 
@@ -170,7 +166,8 @@ def test_compositional_guidance_reduces_to_cfg_and_uses_the_partial_prompt(tiny_
     g_c ≠ g the partial prompt matters."""
     import torch
 
-    from raydebias.models.diffusion import DDIMScheduler, cfg_context, ddim_denoise, initial_noise
+    from diffusers import DDIMScheduler
+    from raydebias.models.sampling import cfg_context, ddim_denoise, initial_noise
 
     prompts, partial = ["a red digit 1", "a blue digit 2"], ["a red", "a blue"]
     sched = DDIMScheduler.from_config(tiny_diffusion.noise_scheduler.config)
@@ -332,7 +329,7 @@ def test_conditioning_gap_is_zero_exactly_when_captions_cannot_matter(tiny_diffu
     """Same timesteps and noise for both losses: identical captions, or a UNet whose caption paths (the
     cross-attention output and the pooled text-time embedding) are zeroed, give a gap of 0; a random model given
     real captions does not."""
-    from raydebias.models.diffusion import conditioning_gap
+    from raydebias.models.diffusion_training import conditioning_gap
 
     pixels, captions = _colored_mnist(16)
     bundle = copy.deepcopy(tiny_diffusion)
@@ -352,7 +349,7 @@ def test_conditioning_gap_is_zero_exactly_when_captions_cannot_matter(tiny_diffu
 
 def _scripted_guard(monkeypatch, gaps: list[float]) -> list[dict]:
     """Replace the guard's measurement by a script of gaps; record the UNet weights at each check."""
-    import raydebias.models.diffusion as mod
+    import raydebias.models.diffusion_training as mod
 
     seen = []
 
