@@ -183,16 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             from raydebias.evaluate.report import render_report
             from raydebias._internal.io import atomic_write_text
 
-            import yaml
+            from raydebias.methods import get_method
 
-            from raydebias.methods import get_method, registered
-
-            cfg_path = args.run_dir / "config.yaml"
-            names = []
-            if cfg_path.exists():
-                saved = yaml.safe_load(cfg_path.read_text()) or {}
-                names = list(dict.fromkeys([saved.get("method", "erm"), *saved.get("baselines", [])]))
-            methods = [get_method(m) for m in names if m in registered()]
+            cfg_path = args.run_dir / "config.yaml"  # the run's resolved config: its methods add their sections
+            methods = [get_method(m) for m in load_config(cfg_path).methods] if cfg_path.exists() else []
             atomic_write_text(args.run_dir / "report.html", render_report(args.run_dir, methods=methods))
             _print_table(args.run_dir)
             return 0

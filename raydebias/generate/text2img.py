@@ -38,45 +38,45 @@ class GenerateBatch:
         self.class_guidance_scale = class_guidance_scale
         self.mixed = mixed
 
-    def _activate(self, adapter: str | None) -> None:
-        from raydebias.finetune.dreambooth_lora import load_lora, set_active
+    def _load(self, adapter: str) -> None:
+        """Attach ``adapter`` once per actor (it stays attached; later batches only switch or route to it)."""
+        from raydebias.finetune.dreambooth_lora import load_lora
 
-        if adapter is None:
-            set_active(self.bundle, None)
-            return
         if adapter not in self.loaded:
             load_lora(self.bundle, self.run_dir / "stages" / "finetune" / self.variant / adapter, adapter)
             self.loaded.add(adapter)
-        set_active(self.bundle, [adapter])
+
+    def _activate(self, adapter: str | None) -> None:
+        from raydebias.finetune.dreambooth_lora import set_active
+
+        if adapter is not None:
+            self._load(adapter)
+        set_active(self.bundle, None if adapter is None else [adapter])
 
     def __call__(self, batch: dict) -> dict:
         from raydebias.models.sampling import sample
 
         n = len(batch["row_id"])
         adapters = [a if a else None for a in batch["adapter"]]
-        pixels: list[bytes | None] = [None] * n
+        prompts, seeds = [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]]
         compose = self.class_guidance_scale is not None
         if self.mixed and not compose:  # the whole batch in one pass, each row through its own adapter
-            from raydebias.finetune.dreambooth_lora import load_lora
             from raydebias.finetune.multi_lora import sample_mixed
 
             for adapter in dict.fromkeys(a for a in adapters if a):
-                if adapter not in self.loaded:
-                    load_lora(self.bundle, self.run_dir / "stages" / "finetune" / self.variant / adapter, adapter)
-                    self.loaded.add(adapter)
-            imgs = sample_mixed(self.bundle, adapters, [str(p) for p in batch["prompt"]],
-                                [int(s) for s in batch["seed"]], num_steps=self.num_steps,
+                self._load(adapter)
+            imgs = sample_mixed(self.bundle, adapters, prompts, seeds, num_steps=self.num_steps,
                                 guidance_scale=self.guidance_scale)
-            pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
-        for adapter in (() if self.mixed and not compose else dict.fromkeys(adapters)):
-            idx = [i for i in range(n) if adapters[i] == adapter]
-            self._activate(adapter)
-            imgs = sample(self.bundle, [str(batch["prompt"][i]) for i in idx], num_steps=self.num_steps,
-                          guidance_scale=self.guidance_scale, seeds=[int(batch["seed"][i]) for i in idx],
-                          partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
-                          partial_guidance_scale=self.class_guidance_scale)
-            for i, img in zip(idx, imgs):
-                pixels[i] = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+        else:  # one sampling call per adapter of the batch
+            imgs = np.zeros((n, self.bundle.resolution, self.bundle.resolution, 3), np.uint8)
+            for adapter in dict.fromkeys(adapters):
+                idx = [i for i in range(n) if adapters[i] == adapter]
+                self._activate(adapter)
+                imgs[idx] = sample(self.bundle, [prompts[i] for i in idx], num_steps=self.num_steps,
+                                   guidance_scale=self.guidance_scale, seeds=[seeds[i] for i in idx],
+                                   partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
+                                   partial_guidance_scale=self.class_guidance_scale)
+        pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
         tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
                         "cluster": batch["cluster"], "adapter": [a or "" for a in adapters],
                         "prompt": [str(p) for p in batch["prompt"]], "seed": batch["seed"],
@@ -164,11 +164,7 @@ def run_generate(ctx, variant: str):
         )
         n = sum(len(b["row_id"]) for b in res.iter_batches(batch_format="numpy"))
         ctx.log(f"[generate/{variant}] generated {n} rows")
-    have = existing_rows(rows_dir)
-    missing = planned - have
-    if missing:
-        raise RuntimeError(f"generate/{variant}: {len(missing)} planned rows are missing after generation")
-    # One canonical file for downstream stages: exactly the planned rows, each once.
+    # One canonical file for downstream stages: exactly the planned rows, each once (exact_rows names any missing).
     gen = load_generated(rows_dir, info["image_size"])
     keep, repaired = exact_rows(gen["id"], planned)
     if repaired["duplicates"] or repaired["extra"]:

@@ -25,19 +25,16 @@ def conditioning_gap(bundle: DiffusionBundle, latents: torch.Tensor, ids: torch.
     was_training = bundle.unet.training, bundle.text_encoder.training
     bundle.unet.eval()
     bundle.text_encoder.eval()
-    lc = lu = 0.0
+    totals = [0.0, 0.0]  # conditional, unconditional
     for i in range(0, len(latents), batch_size):
         z = latents[i : i + batch_size]
-        for key, rows in (("c", ids), ("u", empty_ids)):
+        for k, rows in enumerate((ids, empty_ids)):  # the same generator seed: the same t and noise for both
             g = torch.Generator().manual_seed(seed + i)
-            loss = float(diffusion_loss(bundle, z, bundle.embed_ids(rows[i : i + batch_size]), generator=g)) * len(z)
-            if key == "c":
-                lc += loss
-            else:
-                lu += loss
+            loss = diffusion_loss(bundle, z, bundle.embed_ids(rows[i : i + batch_size]), generator=g)
+            totals[k] += float(loss) * len(z)
     bundle.unet.train(was_training[0])
     bundle.text_encoder.train(was_training[1])
-    return lc / len(latents), lu / len(latents)
+    return totals[0] / len(latents), totals[1] / len(latents)
 
 
 def train_bootstrap_diffusion(
