@@ -169,8 +169,9 @@ class DiffusionModelConfig(_Block):
 
 
 class ClipModelConfig(_Block):
-    """CLIP for embedding/filtering. ``pretrained`` (with ``arch``) → open_clip weights (a tag or a local
-    checkpoint path); bootstrap: a tiny open_clip config with the widths below, trained in-run."""
+    """CLIP for embedding/filtering. ``pretrained`` → open_clip weights: a tag or a local checkpoint file (with
+    ``arch``), or a folder in open_clip's hub layout (``open_clip_config.json`` + safetensors weights; ``arch`` is
+    then read from the folder); bootstrap: a tiny open_clip config with the widths below, trained in-run."""
 
     arch: str = "ViT-B-32"
     pretrained: str | None = None

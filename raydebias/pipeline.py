@@ -51,6 +51,14 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
     for m in methods:
         for stage in m.stages(cfg):
             stages.setdefault(stage.name, stage)  # a stage two methods share (the amplifier) runs once
+    # a building block a stage depends on joins the graph even when no method names it in ``shared`` (which one
+    # DiffInject and GAMMA-FACE edit depends on the model source)
+    todo = list(stages.values())
+    while todo:
+        for dep in todo.pop().deps:
+            if dep in SHARED and dep not in stages:
+                stages[dep] = SHARED[dep]
+                todo.append(SHARED[dep])
     stages["evaluate"] = evaluate([m.result_node for m in methods])
     stages["report"] = REPORT
     want = set(cfg.stages)

@@ -133,3 +133,142 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
     summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["diffusion"]["summary"]
     assert summary["steps"] == 800 and summary["resumed_at"] == resumed[0]
     assert (run_dir / "stages" / "diffusion" / "model" / "unet").is_dir()
+
+
+def _actors(pid: int, udf: str) -> list[psutil.Process]:
+    """Live Ray Data actor processes (descendants of the driver) running the UDF class ``udf``."""
+    out = []
+    for c in psutil.Process(pid).children(recursive=True):
+        try:
+            if udf in " ".join(c.cmdline()):
+                out.append(c)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _stage_status(run_dir: Path, stage: str) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())["stages"].get(stage, {}).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+# data → generate for "Harnessing diffusion", with enough generate batches (300 rows of 4) and embed batches
+# (300 rows of 8) to kill an actor in the middle of each
+GEN = ["stages=[data,clip,embed,cluster,diffusion,finetune,generate]", "generate.images_per_group=3",
+       "generate.num_steps=20", "generate.batch_size=4", "embed.batch_size=8", "ray.include_dashboard=false",
+       "ray.num_cpus=2"]
+
+
+def _drain(p: subprocess.Popen):
+    """Read the run's output in a thread (a full pipe would block the driver while the test polls)."""
+    import threading
+
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
+    reader.start()
+    return out, reader
+
+
+def _gen_rows(run_dir: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run_dir / "stages" / "generate" / "clustered_dreambooth" / "synthetic.parquet")
+    return dict(zip(t.column("id").to_pylist(), t.column("pixels").to_pylist()))
+
+
+def _reset_generate(run_dir: Path) -> None:
+    import shutil
+
+    g = run_dir / "stages" / "generate" / "clustered_dreambooth"
+    shutil.rmtree(g / "rows")
+    (g / "synthetic.parquet").unlink()
+
+
+@pytest.mark.timeout(1200)
+def test_killed_actors_and_driver_mid_generate_give_exactly_the_planned_rows(tmp_path, tiny_generative):
+    """SIGKILL one embed actor and one generate actor mid-stage: Ray Data restarts them and retries their
+    batches, and each stage ends with exactly its rows (each once) equal to an uninterrupted run's. Then SIGKILL the
+    driver's whole tree mid-generate: the same command generates only the missing rows, same pixels."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    sets = [*tiny_generative, *GEN]
+    rows_glob = "stages/generate/clustered_dreambooth/rows/*/part-*.parquet"
+
+    # 1. one kill of each actor kind, while the manifest says its stage is running
+    p = start(run_dir, *sets)
+    out, reader = _drain(p)
+    killed: dict[str, int] = {}
+    try:
+        deadline = time.time() + 900
+        while p.poll() is None and time.time() < deadline:
+            for udf, stage, ready in (("EmbedImages", "embed", lambda: True),
+                                      ("GenerateBatch", "generate/clustered_dreambooth",
+                                       lambda: len(list(run_dir.glob(rows_glob))) >= 2)):
+                if udf in killed or _stage_status(run_dir, stage) != "running" or not ready():
+                    continue
+                live = [a for a in _actors(p.pid, udf) if time.time() - a.create_time() > 0.5]
+                if live:
+                    os.kill(live[0].pid, signal.SIGKILL)
+                    killed[udf] = live[0].pid
+            time.sleep(0.05)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            kill_tree(p)
+    reader.join(timeout=10)
+    log = "".join(out)
+    assert p.returncode == 0, log[-3000:]
+    assert set(killed) == {"EmbedImages", "GenerateBatch"}, (killed, log[-3000:])
+
+    # embed: exactly the train rows, each once, equal to the encoder applied in this process
+    from raydebias.data.splits import load_split
+    from raydebias.embed.stage import load_clip, load_embeddings
+
+    info = json.loads((run_dir / "stages" / "data" / "info.json").read_text())
+    tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    emb = load_embeddings(run_dir)
+    assert emb["id"].tolist() == sorted(tr["id"].tolist())
+    order = {i: k for k, i in enumerate(tr["id"])}
+    ref = load_clip(run_dir).encode_images(tr["x"][[order[i] for i in emb["id"]]])
+    np.testing.assert_allclose(emb["emb"], ref, atol=1e-5)
+
+    # generate: exactly the plan, each row once ...
+    plan = json.loads((run_dir / "stages" / "generate" / "clustered_dreambooth" / "plan.json").read_text())
+    killed_rows = _gen_rows(run_dir)
+    assert len(killed_rows) == plan["rows"] == 300
+    # ... and the same images as an uninterrupted run of the stage (the same command, rows deleted)
+    _reset_generate(run_dir)
+    p = start(run_dir, *sets)
+    _, log = epochs_of(p)
+    assert p.returncode == 0, log[-3000:]
+    assert "0 already generated, 300 to go" in log
+    clean = _gen_rows(run_dir)
+    assert clean.keys() == killed_rows.keys()
+    assert all(clean[i] == killed_rows[i] for i in clean)  # pixel-identical
+
+    # 2. SIGKILL the driver's tree with some generate batches written, then the same command
+    _reset_generate(run_dir)
+    p = start(run_dir, *sets)
+    _drain(p)
+    try:
+        deadline = time.time() + 600
+        while len(list(run_dir.glob(rows_glob))) < 3 and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        kill_tree(p)
+    written = {r for f in run_dir.glob(rows_glob) for r in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()}
+    assert 0 < len(written) < 300, len(written)
+    p = start(run_dir, *sets)
+    _, log = epochs_of(p)
+    assert p.returncode == 0, log[-3000:]
+    m = re.search(r"(\d+) already generated, (\d+) to go", log)
+    assert m and int(m.group(1)) == len(written) and int(m.group(2)) == 300 - len(written), log[-3000:]
+    resumed = _gen_rows(run_dir)
+    assert resumed.keys() == clean.keys()
+    diff = max(int(np.abs(np.frombuffer(resumed[i], np.uint8).astype(int) - np.frombuffer(clean[i], np.uint8)).max())
+               for i in clean)
+    assert diff <= 1, diff  # other batch compositions than the clean run's: equal up to float rounding

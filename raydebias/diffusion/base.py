@@ -22,12 +22,25 @@ def diffusion_weights(cfg: RunConfig) -> Any:
     return local_weights_fingerprint(cfg.models.diffusion.pretrained)
 
 
-def load_base(run_dir: Path):
-    """The run's base diffusion bundle (``models.diffusion.pretrained`` or the trained bootstrap model)."""
+def load_stage_model(run_dir: Path, stage: str):
+    """The diffusion bundle a stage's ``model.json`` names (``diffusion``: the base model; ``ddpm``: the
+    class-conditional model of the biased split)."""
     from raydebias.models.diffusion import load_diffusion
 
-    spec = json.loads((Path(run_dir) / "stages" / "diffusion" / "model.json").read_text())
+    spec = json.loads((Path(run_dir) / "stages" / stage / "model.json").read_text())
     return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
+
+
+def load_base(run_dir: Path):
+    """The run's base diffusion bundle (``models.diffusion.pretrained`` or the trained bootstrap model)."""
+    return load_stage_model(run_dir, "diffusion")
+
+
+def editing_base(cfg: RunConfig) -> str:
+    """The stage whose model DiffInject and GAMMA-FACE invert and edit: the pretrained base model
+    (``diffusion``) when the run has one, as in the papers (a diffusion model pretrained on the domain); with
+    bootstrap models the class-conditional model trained on the split (``ddpm``), sampled unconditionally."""
+    return "diffusion" if cfg.models.source == "pretrained" else "ddpm"
 
 
 def model_path(run_dir: Path, spec: dict) -> str:

@@ -5,17 +5,13 @@ bias-amplified — which is what the bias amplifier needs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def load_ddpm(run_dir: Path):
-    from raydebias.models.diffusion import load_diffusion
+    from raydebias.diffusion.base import load_stage_model
 
-    from raydebias.diffusion.base import model_path
-
-    spec = json.loads((Path(run_dir) / "stages" / "ddpm" / "model.json").read_text())
-    return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
+    return load_stage_model(run_dir, "ddpm")
 
 
 def run_ddpm(ctx):
@@ -25,11 +21,10 @@ def run_ddpm(ctx):
 
     cfg = ctx.cfg
     d = cfg.ddb
-    if cfg.models.source != "bootstrap":
-        raise ValueError("diffusing_debias trains its class-conditional diffusion model on the biased training split "
-                         "from scratch; set models.source=bootstrap (a pretrained text-to-image model is not "
-                         "bias-amplified by construction)")
     out = ctx.stage_dir("ddpm")
+    if cfg.models.source != "bootstrap":  # a pretrained model is not bias-amplified: this one is trained by design
+        ctx.log("[ddpm] models.source=pretrained: the class-conditional model is still trained from scratch on the "
+                "biased split (the bootstrap architecture of models.diffusion), as Diffusing DeBias prescribes")
     ctx.log(f"[ddpm] class-conditional diffusion on the biased train split: {d.steps} steps, batch {d.batch_size}, "
             f"captions {d.prompt_template!r}")
     stats = run_train_task(ctx, "ddpm", d.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus, use_bias=False)

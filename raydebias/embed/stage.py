@@ -86,6 +86,7 @@ def run_embed(ctx):
     import ray
 
     from raydebias.core import StageResult
+    from raydebias.generate.text2img import exact_rows
 
     cfg = ctx.cfg
     ctx.ensure_ray()
@@ -102,7 +103,14 @@ def run_embed(ctx):
         num_gpus=cfg.ray.num_gpus_per_worker or None,
     )
     tables = [pa.Table.from_pandas(b, preserve_index=False) for b in emb.iter_batches(batch_format="pandas")]
-    tbl = pa.concat_tables(tables)
+    # Exactly the train rows, each once, in id order: a retried block (a killed actor) may add copies, and Ray
+    # Data's output order varies from run to run, which would change the k-means that reads this file.
+    tbl = pa.concat_tables(tables).sort_by("id")
+    ids = pq.read_table(ctx.run_dir / "stages" / "data" / "train.parquet", columns=["id"]).column("id").to_pylist()
+    keep, repaired = exact_rows(np.asarray(tbl.column("id").to_pylist(), dtype=object), set(map(str, ids)))
+    if repaired["duplicates"] or repaired["extra"]:
+        ctx.log(f"[embed] dropped {repaired['duplicates']} duplicated and {repaired['extra']} unknown rows")
+    tbl = tbl.take(pa.array(keep))
     dim = len(tbl.column("embedding")[0].as_py())
     tbl = tbl.set_column(tbl.schema.get_field_index("embedding"), "embedding",
                          pa.array([np.asarray(e, np.float32) for e in tbl.column("embedding").to_pylist()],
@@ -110,7 +118,7 @@ def run_embed(ctx):
     with atomic_path(out / "train.parquet") as tmp:
         pq.write_table(tbl, tmp)
     ctx.log(f"[embed] {tbl.num_rows} train images → {dim}-d CLIP embeddings")
-    return StageResult([ctx.rel(out / "train.parquet")], {"rows": tbl.num_rows, "dim": dim})
+    return StageResult([ctx.rel(out / "train.parquet")], {"rows": tbl.num_rows, "dim": dim, **repaired})
 
 
 def load_embeddings(run_dir: Path) -> dict[str, np.ndarray]:

@@ -52,20 +52,18 @@ def run_filter(ctx, variant: str):
              "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
              "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
     if cfg.models.source == "pretrained":
-        # FID/KID of the kept set against the real training images on the pretrained CLIP's features. With the
-        # bootstrap CLIP these numbers said nothing (FID 0.21 in the demo); generation fidelity (evaluate,
-        # class/bias probes on val) is the measure there.
-        from raydebias.data.splits import load_split
-        from raydebias.evaluate.fid import ClipFeatures, fid_kid
+        # FID/KID of the kept set against the real training images on the pretrained CLIP's features: the embed
+        # stage's embeddings and the ones scored above, nothing encoded twice. With the bootstrap CLIP these
+        # numbers said nothing (FID 0.21 in the demo); generation fidelity (evaluate, class/bias probes on val) is
+        # the measure there.
+        from raydebias.evaluate.fid import fid_kid_features
 
-        real_x = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])["x"]
-        feats = ClipFeatures(clip)
-        stats["fid_kid_clip_features"] = fid_kid(real_x, x[final], feats)
+        stats["fid_kid_clip_features"] = fid_kid_features(real["emb"], emb[final])
         per_group = {}
         for g in np.unique(groups[final]):
-            rx, fx = real_x[real_groups == g], x[final & (groups == g)]
-            if len(rx) >= 20 and len(fx) >= 10:
-                per_group[f"{g // B},{g % B}"] = fid_kid(rx, fx, feats, kid_subset=min(len(rx), len(fx)))["kid"]
+            rf, ff = real["emb"][real_groups == g], emb[final & (groups == g)]
+            if len(rf) >= 20 and len(ff) >= 10:
+                per_group[f"{g // B},{g % B}"] = fid_kid_features(rf, ff, kid_subset=min(len(rf), len(ff)))["kid"]
         stats["kid_per_group_clip_features"] = per_group
     atomic_write_json(out / "stats.json", stats)
     ctx.log(f"[filter/{variant}] {stats}")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.diffusion.base import editing_base
 from raydebias.generate.inject import ddim_invert, inject_generate, record_h
 from raydebias.methods.shared import TRAIN_READS
 
@@ -60,7 +61,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     from raydebias._internal.io import atomic_path, atomic_write_table
     from raydebias.data.splits import load_split
     from raydebias.data.transforms import to_model_input
-    from raydebias.diffusion.ddpm import load_ddpm
+    from raydebias.diffusion.base import load_stage_model
     from raydebias.models.sampling import to_uint8
 
     torch.set_num_threads(threads)
@@ -68,7 +69,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     info = json.loads((run / "stages" / "data" / "info.json").read_text())
     tr = load_split(run / "stages" / "data" / "train.parquet", info["image_size"])
     row = {i: k for k, i in enumerate(tr["id"])}
-    bundle = load_ddpm(run)
+    bundle = load_stage_model(run, di["base"])
     context = bundle.embed_prompts([di["prompt"]])
     cache = out / "cache" / di["cache_key"]
     cache.mkdir(parents=True, exist_ok=True)
@@ -136,11 +137,13 @@ def run_inject(ctx):
     n = int(round(di.bias_conflict_ratio * (len(tr["id"]) - len(mined))))
     styles, contents = plan_pairs(tr["id"], mined, n, cfg.seed)
     seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
-    # the inversion cache depends only on the ddpm weights (their hashes in the manifest) and the inversion steps
-    ddpm_hash = sha256_json(json.loads((ctx.run_dir / "manifest.json").read_text())["stages"]["ddpm"]["outputs"])
+    # the inversion cache depends only on the edited model's weights (their hashes in the manifest) and the
+    # inversion steps
+    base = editing_base(cfg)
+    base_hash = sha256_json(json.loads((ctx.run_dir / "manifest.json").read_text())["stages"][base]["outputs"])
     task_cfg = {**di.model_dump(include={"prompt", "num_steps", "t_edit", "t_boost", "gamma", "eta",
                                          "pairs_per_task"}),
-                "cache_key": sha256_json([ddpm_hash, di.num_steps, di.t_edit, di.prompt])[:16]}
+                "base": base, "cache_key": sha256_json([base_hash, di.num_steps, di.t_edit, di.prompt])[:16]}
     plan_key = sha256_json([ctx.node_key, task_cfg])
     parts_dir = out / "parts"
     if (out / "plan.json").exists() and json.loads((out / "plan.json").read_text()).get("key") != plan_key:
@@ -209,12 +212,12 @@ def _stages(cfg) -> list[Stage]:
     return [
         Stage("mine", "mine", ("data",), run_mine, reads=(*mine_reads, "train", "-train.epochs", "models.classifier",
                                                            "seed")),
-        Stage("inject", "inject", ("mine", "ddpm", "data"), run_inject,
+        Stage("inject", "inject", ("mine", editing_base(cfg), "data"), run_inject,
               reads=("diffinject", *(f"-{r}" for r in mine_reads), "seed")),
         Stage("train/diffinject", "train", ("inject", "data"), run_train_diffinject, reads=TRAIN_READS),
     ]
 
 
-register(Method("diffinject", _stages, shared=("ddpm",),
+register(Method("diffinject", _stages,
                 synthetic=(SyntheticSet("inject", "inject/synthetic.parquet", "style", cas=True),),
                 stats=("mine", "inject"), report=report_sections, doc="docs/methods/diffinject.md"))

@@ -1,4 +1,5 @@
-"""GAMMA-FACE (docs/methods/gamma_face.md): a GMM over intermediate latents of the ``ddpm`` model,
+"""GAMMA-FACE (docs/methods/gamma_face.md): a GMM over intermediate latents of the edited diffusion model
+(``editing_base``),
 equal sampling per component, pseudo-labels from another method's classifier, augmented retraining
 (``generate/gmm.py`` holds the latent, GMM and sampling functions)."""
 
@@ -11,12 +12,13 @@ import numpy as np
 import torch
 
 from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.diffusion.base import editing_base
 from raydebias.generate.gmm import collect_latents, fit_gmm_bic, forward_latents, generate_balanced
 from raydebias.methods.shared import TRAIN_READS
 
 
 def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict:
-    """Ray task: latents (forward-noised real images or the ``ddpm`` model's reverse trajectories, unconditional)
+    """Ray task: latents (forward-noised real images or the model's reverse trajectories, unconditional)
     → BIC-selected GMM → equal sampling
     per component. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and returns the images and components."""
     import json
@@ -24,12 +26,12 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
 
     from raydebias._internal.io import atomic_path, atomic_write_json
     from raydebias.config import RunConfig
-    from raydebias.diffusion.ddpm import load_ddpm
+    from raydebias.diffusion.base import load_stage_model
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
     g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
-    bundle = load_ddpm(Path(run_dir))
+    bundle = load_stage_model(Path(run_dir), editing_base(cfg))
     if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
         from raydebias.data.splits import load_split
 
@@ -125,12 +127,12 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
 def _stages(cfg) -> list[Stage]:
     # pseudo-labels come from another method's classifier (``gamma_face.labeler``): that one trains first
     return [
-        Stage("gmm", "gmm", ("ddpm", f"train/{cfg.gamma_face.labeler}", "data"), run_gmm,
+        Stage("gmm", "gmm", (editing_base(cfg), f"train/{cfg.gamma_face.labeler}", "data"), run_gmm,
               reads=("gamma_face", "seed")),
         Stage("train/gamma_face", "train", ("gmm", "data"), run_train_gamma_face, reads=TRAIN_READS),
     ]
 
 
-register(Method("gamma_face", _stages, shared=("ddpm",),
+register(Method("gamma_face", _stages,
                 synthetic=(SyntheticSet("gmm", "gmm/generated.parquet", "pseudo", cas=False),),
                 stats=("gmm",), report=report_sections, doc="docs/methods/gamma_face.md"))

@@ -317,12 +317,19 @@ def create_clip(
     arch at ``image_size``, randomly initialised from ``seed``."""
     if source == "pretrained":
         if not cfg.pretrained:
-            raise ValueError("models.clip.pretrained must be set (an open_clip tag or a checkpoint path)")
-        model, _, _ = open_clip.create_model_and_transforms(cfg.arch, pretrained=cfg.pretrained, device=device)
-        model_cfg = open_clip.get_model_config(cfg.arch)
+            raise ValueError("models.clip.pretrained must be set (an open_clip tag, a checkpoint file or a folder)")
+        arch, weights = cfg.arch, cfg.pretrained
+        folder = Path(weights).expanduser()
+        if folder.is_dir():  # an open_clip folder (the hub layout): open_clip_config.json + safetensors weights
+            if not any(folder.glob("*.safetensors")):
+                raise ValueError(f"models.clip.pretrained: {folder} has no .safetensors weights (pickled "
+                                 f"checkpoints are not loaded)")
+            arch, weights = f"local-dir:{folder}", None
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=weights, device=device)
+        model_cfg = open_clip.get_model_config(arch)
         if model_cfg is None:
-            raise ValueError(f"open_clip has no model config for {cfg.arch!r}")
-        return ClipEncoder(model, open_clip.get_tokenizer(cfg.arch), name=cfg.arch, source=source,
+            raise ValueError(f"open_clip has no model config for {arch!r}")
+        return ClipEncoder(model, open_clip.get_tokenizer(arch), name=arch, source=source,
                            model_cfg=model_cfg, pretrained=cfg.pretrained)
     if source == "bootstrap":
         name = register_tiny_clip(cfg, image_size)

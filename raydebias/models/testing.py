@@ -46,3 +46,27 @@ def save_tiny_stable_diffusion(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     with atomic_path(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+def save_tiny_open_clip(out_dir: str | os.PathLike, image_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random-weight open_clip model in the hub folder layout (``open_clip_config.json`` +
+    ``open_clip_model.safetensors``, what ``open_clip.create_model("local-dir:<folder>")`` loads), for tests and
+    offline smoke runs of ``models.clip.pretrained``."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from raydebias.config import ClipModelConfig
+    from raydebias.models.clip import tiny_model_config
+
+    model_cfg = tiny_model_config(ClipModelConfig(width=32, layers=1, patch_size=8, embed_dim=32), image_size)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(Path(tmp) / "open_clip_model.safetensors"))
+    return out

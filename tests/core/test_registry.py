@@ -80,3 +80,20 @@ def test_a_stage_two_methods_share_runs_once():
     names = [s.name for s in build_graph(cfg)]
     assert names.count("amplifier") == 1 and names.count("ddpm") == 1
     assert names.index("amplifier") < names.index("train/diffusing_debias")
+
+
+def test_the_edited_model_follows_the_model_source(tmp_path):
+    """DiffInject and GAMMA-FACE edit the pretrained base model when there is one (the ``diffusion`` stage joins
+    the graph as their dependency, no ``ddpm`` is trained) and the in-run ``ddpm`` model otherwise; Diffusing
+    DeBias always trains its own."""
+    (tmp_path / "sd").mkdir()
+    base = ["method=diffinject", "baselines=[gamma_face, erm]", "gamma_face.labeler=erm",
+            "stages=[data,diffusion,ddpm,amplifier,mine,inject,train,gmm,evaluate,report]"]
+    deps = lambda cfg: {s.name: s.deps for s in build_graph(cfg)}  # noqa: E731
+    boot = deps(load_config(None, base))
+    assert "ddpm" in boot["inject"] and "ddpm" in boot["gmm"] and "diffusion" not in boot
+    pre = deps(load_config(None, [*base, "models.source=pretrained", f"models.diffusion.pretrained={tmp_path}/sd"]))
+    assert "diffusion" in pre["inject"] and "diffusion" in pre["gmm"] and "ddpm" not in pre
+    ddb = deps(load_config(None, ["method=diffusing_debias", "baselines=[diffinject]", "models.source=pretrained",
+                                  f"models.diffusion.pretrained={tmp_path}/sd", *base[-1:]]))
+    assert "ddpm" in ddb["amplifier"] and "diffusion" in ddb["inject"]

@@ -1,6 +1,7 @@
 """FID/KID with a custom feature network against a hand-computed Fréchet distance (scipy) on the same features."""
 
 import numpy as np
+import pytest
 import torch
 from scipy import linalg
 
@@ -42,3 +43,19 @@ def test_fid_matches_scipy_and_orders_distributions():
 def test_fid_needs_two_images():
     one = np.zeros((1, 8, 8, 3), np.uint8)
     assert fid_kid(one, one, MeanColour())["fid"] is None
+
+
+def test_fid_kid_on_precomputed_features_equals_the_image_path():
+    from raydebias.evaluate.fid import fid_kid_features
+
+    rng = np.random.default_rng(1)
+    real = rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8)
+    fake = (real // 2 + 40).astype(np.uint8)
+    from_images = fid_kid(real, fake, MeanColour())
+    torch.manual_seed(0)  # KID's random subsets
+    k1 = fid_kid(real, fake, MeanColour())["kid"]
+    torch.manual_seed(0)
+    from_features = fid_kid_features(features(real), features(fake))
+    assert abs(from_features["fid"] - from_images["fid"]) < 1e-6
+    assert abs(from_features["fid"] - frechet(features(real), features(fake))) < 1e-4
+    assert from_features["kid"] == pytest.approx(k1, rel=1e-6)

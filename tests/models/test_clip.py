@@ -196,3 +196,20 @@ def test_captions_for():
         captions_for([2], None, ["a", "b"], None)
     with pytest.raises(ValueError):
         captions_for([0], [0], ["a"], None)
+
+
+def test_pretrained_loads_an_open_clip_folder_and_refuses_pickles(tmp_path):
+    from raydebias.models.testing import save_tiny_open_clip
+
+    folder = save_tiny_open_clip(tmp_path / "clip", image_size=32, seed=2)
+    enc = create_clip(ClipModelConfig(pretrained=str(folder)), "pretrained", 999)  # arch comes from the folder
+    assert enc.source == "pretrained" and enc.image_size == (32, 32) and enc.embed_dim == 32
+    px = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    again = create_clip(ClipModelConfig(pretrained=str(folder)), "pretrained", 32).encode_images(px)
+    np.testing.assert_array_equal(enc.encode_images(px), again)
+    other = save_tiny_open_clip(tmp_path / "other", image_size=32, seed=3)
+    assert not np.allclose(create_clip(ClipModelConfig(pretrained=str(other)), "pretrained", 32).encode_images(px),
+                           again, atol=1e-3)  # the weights in the folder are the ones loaded
+    (folder / "open_clip_model.safetensors").rename(folder / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError, match="no .safetensors"):
+        create_clip(ClipModelConfig(pretrained=str(folder)), "pretrained", 32)
