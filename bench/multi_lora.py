@@ -10,7 +10,12 @@ Generation: ``--rows-per-adapter`` rows per adapter sorted by adapter as the gen
 ``--gen-batch`` (generate.batch_size), 10 DDIM steps with CFG; switching = one ``sample`` call per adapter in a batch
 (the stage before), mixed = one call per batch (``generate.mixed_adapters``).
 
-Prints one JSON line: {"train_speedup": ..., "generate_speedup": ..., "sequential_s": [...], ...}.
+Ray Data vs bare loop (``--ray-actors``, 0 = skip): the same rows through the generate stage's UDF
+(``GenerateBatch``: a Ray Data actor pool of ``--ray-actors`` one-thread actors, row files written as the stage
+writes them, actor start-up included, Ray start-up not) vs ``sample_mixed`` in a loop in this process with as many
+threads, both on the base model and adapters saved to a temp run directory and loaded back.
+
+Prints one JSON line: {"train_speedup": ..., "generate_speedup": ..., "ray_data_vs_bare_loop": ..., ...}.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--rows-per-adapter", type=int, default=10)
     ap.add_argument("--gen-batch", type=int, default=100)
+    ap.add_argument("--ray-actors", type=int, default=2, help="actors of the Ray Data side (0: skip that measure)")
+    ap.add_argument("--ray-batch", type=int, default=25, help="rows per batch on both sides of the Ray Data measure")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, []).models.diffusion.model_copy(
@@ -85,13 +92,67 @@ def main() -> None:
             sample_mixed(trained, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], num_steps=10,
                          guidance_scale=3.0)
         mixed.append(time.perf_counter() - t0)
+    ray_ratio = None
+    if args.ray_actors:
+        ray_s, bare_s = ray_data_vs_bare_loop(base, trained, jobs, rows, args.ray_batch, args.ray_actors, args.pairs)
+        ray_ratio = {"ratio": round(float(np.median(bare_s) / np.median(ray_s)), 2),
+                     "ray_data_s": [round(x, 1) for x in ray_s], "bare_loop_s": [round(x, 1) for x in bare_s],
+                     "actors": args.ray_actors, "batch": args.ray_batch}
     print(json.dumps({"train_speedup": round(float(np.median(seq) / np.median(bat)), 2),
                       "generate_speedup": round(float(np.median(switch) / np.median(mixed)), 2),
                       "sequential_s": [round(x, 1) for x in seq], "batched_s": [round(x, 1) for x in bat],
                       "switching_s": [round(x, 1) for x in switch], "mixed_s": [round(x, 1) for x in mixed],
                       "adapters": args.adapters, "steps": args.steps, "batch_size": args.batch_size,
                       "images": len(rows), "gen_batch": args.gen_batch, "threads": args.threads,
-                      "ray_data_vs_bare_loop": None}))
+                      "ray_data_vs_bare_loop": ray_ratio}))
+
+
+def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pairs: int) -> tuple[list, list]:
+    """Seconds per pass for the generate stage's Ray Data path and for a bare ``sample_mixed`` loop (images/s
+    ratio = bare / Ray Data time)."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from raydebias._internal.io import atomic_write_json
+    from raydebias.diffusion.base import load_base
+    from raydebias.finetune.dreambooth_lora import load_lora, save_lora
+    from raydebias.generate.text2img import GenerateBatch
+
+    run = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    base.save(run / "stages" / "diffusion" / "model")
+    atomic_write_json(run / "stages" / "diffusion" / "model.json", {"path": "stages/diffusion/model",
+                                                                     "run_relative": True})
+    for j in jobs:
+        save_lora(trained, j["name"], run / "stages" / "finetune" / "bench" / j["name"])
+    items = [{"row_id": f"r{k:05d}", "y": 0, "a": 0, "cluster": 0, "adapter": name, "prompt": prompt, "seed": seed,
+              "transferred": False} for k, (name, prompt, seed) in enumerate(rows)]
+    ray.init(address="local", num_cpus=actors, num_gpus=0, include_dashboard=False, object_store_memory=200_000_000,
+             logging_level="warning")
+    bundle = load_base(run)
+    for j in jobs:
+        load_lora(bundle, run / "stages" / "finetune" / "bench" / j["name"], j["name"])
+    ray_s, bare_s = [], []
+    for p in range(pairs):
+        out = Path(tempfile.mkdtemp(prefix="bench-rows-", dir=run))
+        t0 = time.perf_counter()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch)).map_batches(
+            GenerateBatch, fn_constructor_args=(str(run), "bench", 10, 3.0, str(out), None, True),
+            batch_size=batch, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+        n = sum(len(b["row_id"]) for b in ds.iter_batches(batch_format="numpy"))
+        ray_s.append(time.perf_counter() - t0)
+        assert n == len(items), n
+        torch.set_num_threads(actors)
+        t0 = time.perf_counter()
+        for lo in range(0, len(rows), batch):
+            chunk = rows[lo:lo + batch]
+            sample_mixed(bundle, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], num_steps=10,
+                         guidance_scale=3.0)
+        bare_s.append(time.perf_counter() - t0)
+    ray.shutdown()
+    return ray_s, bare_s
 
 
 if __name__ == "__main__":
