@@ -86,7 +86,22 @@ def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return ((x.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD).contiguous()
 
 
+def resize_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC images → ``size`` × ``size`` (bilinear, antialiased when shrinking); the same array when they
+    already are. Between a pretrained model's resolution and the dataset's ``image_size``."""
+    if pixels.ndim != 4 or pixels.shape[1:3] == (size, size):
+        return pixels
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def pixels_from_column(col, size: int) -> np.ndarray:
-    """Stack a column of raw HWC ``uint8`` buffers (as written by ingestion) into (N, size, size, 3)."""
+    """Stack a column of raw HWC ``uint8`` buffers (as written by ingestion) into (N, size, size, 3). A buffer of
+    another length is an error naming its row (it would otherwise be split across rows silently)."""
+    want = size * size * 3
+    bad = next((i for i, b in enumerate(col) if len(b) != want), None)
+    if bad is not None:
+        raise ValueError(f"pixels of row {bad}: {len(col[bad])} bytes, expected {want} ({size}x{size} RGB)")
     flat = np.frombuffer(b"".join(col), dtype=np.uint8)
     return flat.reshape(-1, size, size, 3)

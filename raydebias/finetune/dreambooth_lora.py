@@ -18,7 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from raydebias._internal.io import atomic_path
-from raydebias.data.transforms import to_model_input
+from raydebias.data.transforms import resize_uint8, to_model_input
 from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -79,7 +79,9 @@ def _fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def _encode_all(bundle: DiffusionBundle, pixels: np.ndarray, chunk: int = 32) -> torch.Tensor:
     dev, dt = bundle.device, bundle.dtype
-    parts = [bundle.encode(to_model_input(pixels[i : i + chunk]).to(dev, dt)) for i in range(0, len(pixels), chunk)]
+    # at the model's resolution (a pretrained model's 512 px, not the dataset's image_size)
+    parts = [bundle.encode(to_model_input(resize_uint8(pixels[i : i + chunk], bundle.resolution)).to(dev, dt))
+             for i in range(0, len(pixels), chunk)]
     return torch.cat(parts)
 
 

@@ -58,12 +58,12 @@ def forward_latents(bundle: DiffusionBundle, pixels: np.ndarray, num_steps: int,
                     seed: int = 0) -> torch.Tensor:
     """Real uint8 NHWC images → latents noised by the forward process to the level at which
     :func:`continue_reverse` resumes (timestep ``timesteps[split_index]``): √ᾱ_t·z_0 + √(1−ᾱ_t)·ε."""
-    from raydebias.data.transforms import to_model_input
+    from raydebias.data.transforms import resize_uint8, to_model_input
 
     sched, timesteps = reverse_timesteps(bundle, num_steps)
     t = timesteps[split_index(num_steps, t_frac)]
-    with torch.no_grad():
-        z0 = bundle.encode(to_model_input(pixels).to(bundle.device, bundle.dtype))
+    with torch.no_grad():  # at the model's resolution, so the latents have the shape the reverse process uses
+        z0 = bundle.encode(to_model_input(resize_uint8(pixels, bundle.resolution)).to(bundle.device, bundle.dtype))
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
     return sched.add_noise(z0, noise, t.expand(len(z0)))
 

@@ -33,6 +33,7 @@ class GenerateBatch:
         torch.set_num_threads(1)
         self.run_dir, self.variant, self.out_dir = Path(run_dir), variant, Path(out_dir)
         self.bundle = load_base(self.run_dir)
+        self.size = json.loads((self.run_dir / "stages" / "data" / "info.json").read_text())["image_size"]
         self.loaded: set[str] = set()
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
         self.class_guidance_scale = class_guidance_scale
@@ -76,6 +77,9 @@ class GenerateBatch:
                                    guidance_scale=self.guidance_scale, seeds=[seeds[i] for i in idx],
                                    partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
                                    partial_guidance_scale=self.class_guidance_scale)
+        from raydebias.data.transforms import resize_uint8
+
+        imgs = resize_uint8(imgs, self.size)  # the dataset's size, whatever the model's resolution
         pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
         tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
                         "cluster": batch["cluster"], "adapter": [a or "" for a in adapters],

@@ -60,7 +60,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
 
     from raydebias._internal.io import atomic_path, atomic_write_table
     from raydebias.data.splits import load_split
-    from raydebias.data.transforms import to_model_input
+    from raydebias.data.transforms import resize_uint8, to_model_input
     from raydebias.diffusion.base import load_stage_model
     from raydebias.models.sampling import to_uint8
 
@@ -82,7 +82,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
                 or (with_h and "h" not in load_file(str(path(i))))]
         for lo in range(0, len(todo), 64):
             chunk = todo[lo : lo + 64]
-            z0 = bundle.encode(to_model_input(tr["x"][[row[i] for i in chunk]]))
+            z0 = bundle.encode(to_model_input(resize_uint8(tr["x"][[row[i] for i in chunk]], bundle.resolution)))
             z_T = ddim_invert(bundle, z0, di["num_steps"], context)
             hs = record_h(bundle, z_T, di["num_steps"], context, di["t_edit"]) if with_h else None
             for k, i in enumerate(chunk):
@@ -98,7 +98,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     h_c = torch.stack([contents[i]["h"] for i in content_ids], dim=1)
     z0 = inject_generate(bundle, z_T, h_c, di["num_steps"], context, di["t_edit"], di["t_boost"], di["gamma"],
                          di["eta"], seeds)
-    pixels = to_uint8(bundle.decode(z0))
+    pixels = resize_uint8(to_uint8(bundle.decode(z0)), info["image_size"])
     labels = tr["y"][[row[i] for i in content_ids]]
     path = out / "parts" / f"part-{part:05d}.parquet"
     atomic_write_table(path, pa.table({

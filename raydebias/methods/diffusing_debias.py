@@ -44,6 +44,7 @@ def run_amplifier(ctx):
     import ray
 
     from raydebias.core import StageResult
+    from raydebias.data.transforms import resize_uint8
     from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.generate.plan import describe
 
@@ -61,7 +62,7 @@ def run_amplifier(ctx):
     parts = np.array_split(np.arange(len(y_syn)), n_tasks)
     refs = [task.remote(str(ctx.run_dir), [prompts[i] for i in p], [seeds[i] for i in p], d.num_steps,
                         d.guidance_scale, 1) for p in parts if len(p)]
-    x_syn = np.concatenate(ray.get(refs))
+    x_syn = resize_uint8(np.concatenate(ray.get(refs)), info["image_size"])
     tbl = pa.table({"label": y_syn.astype(np.int64), "seed": np.asarray(seeds, np.int64), "prompt": prompts,
                     "pixels": [np.ascontiguousarray(im).tobytes() for im in x_syn]})
     atomic_write_table(out / "synthetic.parquet", tbl)

@@ -52,7 +52,10 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     atomic_write_json(out / "bic.json", {"k": list(range(1, len(bics) + 1)), "bic": bics, "chosen": k,
                                          "latents": g.latents,
                                          "latent_dim": int(z.shape[1]), "num_latents": int(z.shape[0])})
-    return {"images": images[:n_generate], "component": comp[:n_generate], "k": k}
+    from raydebias.data.transforms import resize_uint8
+
+    size = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())["image_size"]
+    return {"images": resize_uint8(images[:n_generate], size), "component": comp[:n_generate], "k": k}
 
 
 def run_gmm(ctx):
