@@ -156,7 +156,8 @@ def _stage_status(run_dir: Path, stage: str) -> str | None:
 
 # data → generate for "Harnessing diffusion", with enough generate batches (300 rows of 4) and embed batches
 # (300 rows of 8) to kill an actor in the middle of each
-GEN = ["stages=[data,clip,embed,cluster,diffusion,finetune,generate]", "generate.images_per_group=3",
+GEN = ["method=clustered_dreambooth", "stages=[data,clip,embed,cluster,diffusion,finetune,generate]",
+       "generate.images_per_group=3",
        "generate.num_steps=20", "generate.batch_size=4", "embed.batch_size=8", "ray.include_dashboard=false",
        "ray.num_cpus=2"]
 
