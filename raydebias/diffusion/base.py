@@ -102,6 +102,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     from raydebias.config import RunConfig
     from raydebias.debias.groupdro import group_mixture_probs
     from raydebias.data.splits import load_split
+    from raydebias.data.transforms import resize_uint8
     from raydebias.models.clip import captions_for, clip_tokenizer
     from raydebias.models.diffusion import bootstrap_diffusion
     from raydebias.models.diffusion_training import train_bootstrap_diffusion
@@ -125,9 +126,11 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
         if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
+    # the model's resolution (models.diffusion.resolution); generated images go back to the dataset's image_size
+    res = lambda x: resize_uint8(x, bundle.resolution) if x is not None else None  # noqa: E731
     torch.manual_seed(cfg.seed)
     stats = train_bootstrap_diffusion(
-        bundle, tr["x"], caps, steps=steps, batch_size=batch_size, lr=lr,
+        bundle, res(tr["x"]), caps, steps=steps, batch_size=batch_size, lr=lr,
         drop_probs={"all": 0.0},  # ``word_dropout`` applies diffusion.caption_dropout: the only empty-caption rate
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=cfg.diffusion.shift,
         log_every=100,
@@ -136,7 +139,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         p2_k=cfg.diffusion.p2_k, sample_weights=weights, checkpoint_every=cfg.diffusion.checkpoint_every,
         lr_schedule=cfg.diffusion.lr_schedule,
         on_checkpoint=on_checkpoint, resume=resume, guard_every=cfg.diffusion.guard_every,
-        guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=guard.get("x"),
+        guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=res(guard.get("x")),
         guard_captions=guard.get("captions"),
     )
     if guard:
