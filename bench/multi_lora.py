@@ -124,6 +124,7 @@ def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pa
     base.save(run / "stages" / "diffusion" / "model")
     atomic_write_json(run / "stages" / "diffusion" / "model.json", {"path": "stages/diffusion/model",
                                                                      "run_relative": True})
+    atomic_write_json(run / "stages" / "data" / "info.json", {"image_size": base.resolution})
     for j in jobs:
         save_lora(trained, j["name"], run / "stages" / "finetune" / "bench" / j["name"])
     items = [{"row_id": f"r{k:05d}", "y": 0, "a": 0, "cluster": 0, "adapter": name, "prompt": prompt, "seed": seed,
