@@ -141,7 +141,7 @@ def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pa
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch)).map_batches(
             GenerateBatch, fn_constructor_args=(str(run), "bench", 10, 3.0, str(out), None, True),
             batch_size=batch, batch_format="numpy", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+            compute=ray.data.ActorPoolStrategy(size=actors))  # as the stage: a fixed pool
         n = sum(len(b["row_id"]) for b in ds.iter_batches(batch_format="numpy"))
         ray_s.append(time.perf_counter() - t0)
         assert n == len(items), n

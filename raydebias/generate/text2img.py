@@ -162,7 +162,10 @@ def run_generate(ctx, variant: str):
                                  str(rows_dir), cfg.generate.class_guidance_scale, cfg.generate.mixed_adapters),
             batch_size=cfg.generate.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.generate.num_actors),
+            # a fixed pool: every actor starts at once (an autoscaling pool from 1 ran most of a short stage on one
+            # actor; BENCHMARKS.md, "Many LoRA adapters")
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.generate.num_actors,
+                                                               -(-len(todo) // cfg.generate.batch_size)))),
             num_cpus=cfg.generate.cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_worker or None,
         )
