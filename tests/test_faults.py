@@ -129,7 +129,9 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
     log = "".join(lines)
     assert killed and p.returncode == 0, log[-3000:]
     resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/800", log)]
-    assert resumed and 150 <= resumed[0] < 800, log[-3000:]  # the checkpoint of step 200 (or 150)
+    # a checkpoint taken before the kill (200, or an earlier one: Ray Train registers reported checkpoints
+    # asynchronously, and at 25 it/s the last one or two may not be registered yet), never step 0
+    assert resumed and 50 <= resumed[0] <= 200, log[-3000:]
     summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["diffusion"]["summary"]
     assert summary["steps"] == 800 and summary["resumed_at"] == resumed[0]
     assert (run_dir / "stages" / "diffusion" / "model" / "unet").is_dir()
