@@ -422,6 +422,8 @@ class TIWConfig(_Block):
     cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
     num_samples: int = Field(1000, ge=2)
     sample_steps: int = Field(50, ge=2)
+    checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0,
+                                  description="steps between resumable checkpoints of each phase (0: none)")
 
 
 class EvaluateConfig(_Block):

@@ -137,6 +137,50 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
     assert (run_dir / "stages" / "diffusion" / "model" / "unet").is_dir()
 
 
+@pytest.mark.timeout(900)
+def test_killed_train_worker_resumes_tiw_from_its_step_checkpoint(tmp_path):
+    """SIGKILL one of TIW's two DDP workers in its second phase: Ray Train restarts the group, which keeps the
+    finished phases (the discriminator and the DSM model are not retrained) and continues the current one from
+    its last step checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [str(BIN / "raydebias"), "run", "configs/tiw.yaml", "--run-dir", str(run_dir), "--verbose"]
+    for kv in ("data.builtin.n_train=400", "data.builtin.n_val=60", "data.builtin.n_test=20", "stages=[data,tiw]",
+               "tiw.reference_size=40", "tiw.disc_steps=100", "tiw.steps=400", "tiw.batch_size=8",
+               "tiw.block_out_channels=[16, 32]", "tiw.checkpoint_every=25", "tiw.num_samples=16",
+               "tiw.sample_steps=3", "ray.include_dashboard=false"):
+        args += ["--set", kv]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    lines, killed, after = [], None, []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if killed is not None:
+                after.append(line)
+            elif "[tiw/tiw_paper] step 200" in line:
+                workers = [c for c in psutil.Process(p.pid).children(recursive=True)
+                           if "RayTrainWorker" in " ".join(c.cmdline())]
+                assert len(workers) == 2, "expected TIW's two DDP workers"
+                killed = workers[1].pid
+                os.kill(killed, signal.SIGKILL)
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            kill_tree(p)
+    log, tail = "".join(lines), "".join(after)
+    assert killed and p.returncode == 0, log[-3000:]
+    resumed = [int(m) for m in re.findall(r"\[tiw/tiw_paper\] resumed at step (\d+)", tail)]
+    # a checkpoint taken before the kill (Ray Train registers them asynchronously), never step 0
+    assert resumed and 25 <= resumed[0] <= 200, log[-3000:]
+    assert "[tiw/disc] step" not in tail and "[tiw/dsm] step" not in tail, tail[-3000:]  # finished phases kept
+    summary = json.loads((run_dir / "stages" / "tiw" / "models" / "losses.json").read_text())
+    assert summary["resumed"] == {"tiw_paper": resumed[0]}
+    assert summary["tiw_paper"]["steps"] == summary["dsm"]["steps"] == 400 and summary["disc"]["steps"] == 100
+    assert (run_dir / "stages" / "tiw" / "stats.json").exists()
+    assert not (run_dir / "stages" / "tiw" / "_ray").exists() or not any((run_dir / "stages" / "tiw" / "_ray").iterdir())
+
+
 def _actors(pid: int, udf: str) -> list[psutil.Process]:
     """Live Ray Data actor processes (descendants of the driver) running the UDF class ``udf``."""
     out = []

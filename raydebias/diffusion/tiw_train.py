@@ -34,7 +34,7 @@ _TIW = TIWConfig()  # one source of the defaults: the stage's config
 DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": _TIW.disc_steps,
                             "disc_lr": _TIW.disc_lr, "steps": _TIW.steps, "lr": _TIW.lr,
                             "batch_size": _TIW.batch_size, "objectives": list(_TIW.objectives), "schedule": {},
-                            "log_every": 100}
+                            "log_every": 100, "checkpoint_every": _TIW.checkpoint_every}
 
 
 class EpsUNet(nn.Module):
@@ -99,11 +99,20 @@ def _batch(x: np.ndarray, bs: int, gen: torch.Generator, device: torch.device | 
 
 def _optimize(loss_fn: Callable[[], torch.Tensor], params: list[nn.Parameter], steps: int, lr: float,
               log: Callable[[int, float], None] | None = None, log_every: int = 100,
-              clock: list[float] | None = None) -> list[float]:
-    """``steps`` Adam steps (grad-norm clip 1); returns the per-step losses (``clock`` gets each step's end time)."""
+              clock: list[float] | None = None, *, resume: dict | None = None, checkpoint_every: int = 0,
+              on_checkpoint: Callable[[int, dict], None] | None = None) -> list[float]:
+    """``steps`` Adam steps (grad-norm clip 1); returns the per-step losses (``clock`` gets each step's end time).
+
+    Every ``checkpoint_every`` steps (not after the last) ``on_checkpoint(step, {"optimizer", "losses"})`` gets the
+    optimizer state; ``resume`` (such a dict plus ``"step"``) continues after it: with the model weights and the
+    random generator restored by the caller, the run ends with the same weights as an uninterrupted one."""
     opt = torch.optim.Adam(params, lr=lr)
     losses: list[float] = []
-    for i in range(steps):
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        losses, start = [float(v) for v in resume["losses"]], int(resume["step"])
+    for i in range(start, steps):
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,6 +123,8 @@ def _optimize(loss_fn: Callable[[], torch.Tensor], params: list[nn.Parameter], s
             clock.append(time.perf_counter())
         if log is not None and ((i + 1) % log_every == 0 or i + 1 == steps):
             log(i + 1, float(np.mean(losses[-log_every:])))
+        if on_checkpoint is not None and checkpoint_every > 0 and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+            on_checkpoint(i + 1, {"optimizer": opt.state_dict(), "losses": list(losses)})
     return losses
 
 
@@ -121,10 +132,11 @@ def train_discriminator(disc: TimeDiscriminator, x_bias: np.ndarray, x_ref: np.n
                         batch_size: int, schedule: VPSchedule, generator: torch.Generator, *,
                         prepare: Callable[[nn.Module], nn.Module] | None = None,
                         log: Callable[[int, float], None] | None = None, log_every: int = 100,
-                        clock: list[float] | None = None) -> list[float]:
+                        clock: list[float] | None = None, **checkpointing: Any) -> list[float]:
     """Train ``disc`` in place on balanced batches (batch_size from each uint8 NHWC set, drawn with replacement
     by ``generator``, which also draws t/ε and sets the device).  ``prepare`` (e.g. ``ray.train.torch.prepare_model``)
-    wraps the loss module for DDP; ``disc`` itself stays unwrapped.  Returns the per-step losses."""
+    wraps the loss module for DDP; ``disc`` itself stays unwrapped.  ``checkpointing``: ``resume``,
+    ``checkpoint_every``, ``on_checkpoint`` of :func:`_optimize`.  Returns the per-step losses."""
     objective: nn.Module = DiscriminatorObjective(disc.to(generator.device))
     if prepare is not None:
         objective = prepare(objective)
@@ -136,7 +148,7 @@ def train_discriminator(disc: TimeDiscriminator, x_bias: np.ndarray, x_ref: np.n
         return objective(xb, xr, schedule, generator)
 
     losses = _optimize(loss_fn, [p for p in objective.parameters() if p.requires_grad], steps, lr, log, log_every,
-                       clock)
+                       clock, **checkpointing)
     disc.eval().requires_grad_(False)
     return losses
 
@@ -160,9 +172,41 @@ def _check_objectives(objectives: list[str]) -> None:
         raise ValueError(f"objectives must be a non-empty list from {OBJECTIVES}, got {objectives!r}")
 
 
+def _gather(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (one process: ``[obj]``)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save_resume_state(d: Path, state: dict[str, Any]) -> None:
+    """A resumable TIW checkpoint: weights as safetensors (``done/<phase>`` and ``current``), the rest (phase, step,
+    optimizer, every rank's generator state, losses, summaries) in ``state.pt`` (tensors and plain types only, so
+    it loads with ``weights_only=True``)."""
+    for name, st in state["weights"].items():
+        save_file(st, str(d / f"{name}.safetensors"))
+    torch.save({k: v for k, v in state.items() if k != "weights"}, d / "state.pt")
+
+
+def _load_resume_state(d: Path) -> dict[str, Any] | None:
+    if not (d / "state.pt").exists():
+        return None  # the final checkpoint (losses.json): nothing to resume
+    state = torch.load(d / "state.pt", weights_only=True)
+    state["weights"] = {f.stem: load_file(str(f)) for f in d.glob("*.safetensors")}
+    return state
+
+
 def tiw_train_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker function (see the module docstring; config keys in ``DEFAULTS`` plus ``data_refs``
-    {"bias", "ref"} → uint8 NHWC arrays and ``image_size``)."""
+    {"bias", "ref"} → uint8 NHWC arrays and ``image_size``).
+
+    With ``checkpoint_every`` > 0 rank 0 reports a resumable checkpoint every that many steps of each phase (the
+    weights of the finished phases, the current model and optimizer, every rank's random generator); a restarted
+    worker group continues from it — the same phase and step, the same batches and noise — instead of from step 0."""
     import ray
     import ray.train
     import ray.train.torch
@@ -177,6 +221,16 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     schedule, bs, seed = VPSchedule(**cfg["schedule"]), int(cfg["batch_size"]), int(cfg["seed"])
     model_kw = {"image_size": cfg["image_size"], "channels": xb.shape[-1], **cfg["model"]}
     disc_kw = {"channels": xb.shape[-1], "factor": model_kw.get("factor", 4), **cfg["disc"]}
+    every = int(cfg.get("checkpoint_every", 0))
+
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = _load_resume_state(Path(d))
+    summary: dict[str, Any] = dict(resume["summary"]) if resume else {}
+    states: dict[str, dict[str, torch.Tensor]] = {
+        k[len("done-"):]: v for k, v in (resume["weights"] if resume else {}).items() if k.startswith("done-")}
 
     def gen(phase: int) -> torch.Generator:  # rank-seeded: every rank draws its own batches and noise
         return torch.Generator(device=device).manual_seed(seed * 1_000_003 + phase * 1009 + rank)
@@ -184,21 +238,56 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     def logger(name: str) -> Callable[[int, float], None] | None:
         return (lambda i, v: print(f"[tiw/{name}] step {i} loss {v:.4f}", flush=True)) if rank == 0 else None
 
+    def phase_resume(name: str, module: nn.Module, g: torch.Generator) -> dict | None:
+        """Restore ``module`` and ``g`` if the checkpoint stopped inside phase ``name``."""
+        if resume is None or resume["phase"] != name:
+            return None
+        module.load_state_dict(resume["weights"]["current"])
+        g.set_state(resume["rng"][rank])
+        if rank == 0:
+            print(f"[tiw/{name}] resumed at step {resume['step']}", flush=True)
+        summary.setdefault("resumed", {})[name] = int(resume["step"])
+        return resume
+
+    def checkpointer(name: str, module: nn.Module, g: torch.Generator) -> Callable[[int, dict], None]:
+        def on_checkpoint(step: int, opt_state: dict) -> None:
+            rngs = _gather(g.get_state(), world)  # a collective: every rank calls it at the same step
+            if rank != 0:
+                ray.train.report({"phase": name, "step": step})
+                return
+            tmp = Path(tempfile.mkdtemp(prefix="tiw-ckpt-"))
+            weights = {f"done-{k}": v for k, v in states.items()}
+            weights["current"] = _state(module)
+            _save_resume_state(tmp, {"weights": weights, "phase": name, "step": step, "rng": rngs,
+                                     "summary": summary, **opt_state})
+            ray.train.report({"phase": name, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by report()
+        return on_checkpoint
+
     torch.manual_seed(seed)
     disc = TimeDiscriminator(backbone=ConvTimeBackbone(**disc_kw))
-    t0, clock = time.perf_counter(), list[float]()  # the phase's seconds include DDP setup (a barrier across workers)
-    dl = train_discriminator(disc, xb, xr, int(cfg["disc_steps"]), float(cfg["disc_lr"]), bs, schedule, gen(0),
-                             prepare=ray.train.torch.prepare_model, log=logger("disc"), log_every=cfg["log_every"],
-                             clock=clock)
-    summary: dict[str, Any] = {"disc": _summary(dl, time.perf_counter() - t0, clock)}
-    states = {"disc": _state(disc)}
+    if "disc" in states:  # finished before the restart
+        disc.load_state_dict(states["disc"])
+        disc.eval().requires_grad_(False)
+    else:
+        g0 = gen(0)
+        t0, clock = time.perf_counter(), list[float]()  # the phase's seconds include DDP setup (a barrier)
+        dl = train_discriminator(disc, xb, xr, int(cfg["disc_steps"]), float(cfg["disc_lr"]), bs, schedule, g0,
+                                 prepare=ray.train.torch.prepare_model, log=logger("disc"),
+                                 log_every=cfg["log_every"], clock=clock, resume=phase_resume("disc", disc, g0),
+                                 checkpoint_every=every, on_checkpoint=checkpointer("disc", disc, g0))
+        summary["disc"] = _summary(dl, time.perf_counter() - t0, clock)
+        states["disc"] = _state(disc)
     x_all, n_bias = np.concatenate([xb, xr]), len(xb)
     for obj in cfg["objectives"]:
+        if obj in states:
+            continue
         torch.manual_seed(seed + 1)  # the same init for every objective
         core = EpsUNet(**model_kw)
+        g = gen(1)  # the same batches and noise for every objective
+        obj_resume = phase_resume(obj, core, g)
         model = ray.train.torch.prepare_model(core)
         model.train()
-        g = gen(1)  # the same batches and noise for every objective
 
         def loss_fn() -> torch.Tensor:
             x, idx = _batch(x_all, bs, g, device)
@@ -209,7 +298,8 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
 
         t0, clock = time.perf_counter(), list[float]()
         losses = _optimize(loss_fn, list(model.parameters()), int(cfg["steps"]), float(cfg["lr"]), logger(obj),
-                           cfg["log_every"], clock)
+                           cfg["log_every"], clock, resume=obj_resume, checkpoint_every=every,
+                           on_checkpoint=checkpointer(obj, core, g))
         summary[obj] = _summary(losses, time.perf_counter() - t0, clock)
         states[obj] = _state(core)
         if not all(math.isfinite(v) for v in losses):
@@ -234,10 +324,11 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
 
 def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
             use_gpu: bool = False, storage_path: Path, run_key: str | None = None, **loop_kwargs: Any) -> dict[str, Any]:
-    """Run ``tiw_train_loop`` with ``TorchTrainer`` (Ray must be initialised); the checkpoint files land in
-    ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
+    """Run ``tiw_train_loop`` with ``TorchTrainer`` (Ray must be initialised; one restart on a worker failure,
+    resumed from the last step checkpoint, as is a rerun with the same ``run_key`` after a killed driver); the
+    final files land in ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raydebias._internal.ray_utils import keyed_train_run
@@ -251,7 +342,8 @@ def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers
     trainer = TorchTrainer(
         tiw_train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(storage_path), name=name, failure_config=FailureConfig(max_failures=1)))
+        run_config=RunConfig(storage_path=str(storage_path), name=name, failure_config=FailureConfig(max_failures=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
     if result.error:
         raise result.error

@@ -130,7 +130,7 @@ def run_tiw(ctx):
             storage_path=ctx.run_dir / "stages" / "tiw" / "_ray", run_key=ctx.node_key, seed=cfg.seed,
             model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},
             disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
-            objectives=list(t.objectives))
+            objectives=list(t.objectives), checkpoint_every=t.checkpoint_every)
         atomic_write_text(key_file, ctx.node_key)
     task = ray.remote(num_cpus=t.cpus_per_worker * t.num_workers, max_retries=1, retry_exceptions=True)(measure_task)
     measured = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), summary["model"],

@@ -4,6 +4,7 @@ shift, one 2-worker DDP ``fit_tiw`` run end to end, and the reporting helpers.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,50 @@ def test_fit_tiw_two_workers(ray_module, tmp_path):
     np.testing.assert_array_equal(g1, generate(tiw, 5, seed=3, steps=4, image_size=16, batch_size=4))
     assert not np.array_equal(g1, generate(dsm, 5, seed=3, steps=4, image_size=16, batch_size=4))
     assert not (tmp_path / "ray" / "tiw").exists()
+
+
+def test_discriminator_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    """What a restarted TIW worker does: weights, optimizer and generator from the step-6 checkpoint (written and
+    read back through the checkpoint files), then the remaining steps: the same weights as one 10-step run."""
+    from raydebias.diffusion.tiw_train import _load_resume_state, _save_resume_state, _state
+
+    rng = np.random.default_rng(0)
+    xb = rng.integers(0, 120, (32, 16, 16, 3), dtype=np.uint8)
+    xr = rng.integers(120, 256, (32, 16, 16, 3), dtype=np.uint8)
+
+    def fresh() -> TimeDiscriminator:
+        torch.manual_seed(0)
+        return TimeDiscriminator(backbone=ConvTimeBackbone(factor=2, width=8, hidden=16))
+
+    full = fresh()
+    full_losses = train_discriminator(full, xb, xr, 10, 1e-2, 8, SCH, torch.Generator().manual_seed(1))
+
+    saved: dict[int, Path] = {}
+    part, g = fresh(), torch.Generator().manual_seed(1)
+
+    def on_checkpoint(step: int, opt_state: dict) -> None:
+        d = tmp_path / f"step{step}"
+        d.mkdir()
+        _save_resume_state(d, {"weights": {"current": _state(part)}, "phase": "disc", "step": step,
+                               "rng": [g.get_state()], "summary": {}, **opt_state})
+        saved[step] = d
+
+    train_discriminator(part, xb, xr, 10, 1e-2, 8, SCH, g, checkpoint_every=3, on_checkpoint=on_checkpoint)
+    assert sorted(saved) == [3, 6, 9]  # every 3 steps, not after the last
+    state = _load_resume_state(saved[6])
+    assert state is not None and state["step"] == 6 and len(state["losses"]) == 6
+    resumed, g2 = fresh(), torch.Generator()
+    resumed.load_state_dict(state["weights"]["current"])
+    g2.set_state(state["rng"][0])
+    losses = train_discriminator(resumed, xb, xr, 10, 1e-2, 8, SCH, g2, resume=state)
+    assert losses == pytest.approx(full_losses, abs=1e-6)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=k)
+    scratch = fresh()  # without the optimizer state the same data gives other weights: the resume is not vacuous
+    scratch.load_state_dict(state["weights"]["current"])
+    train_discriminator(scratch, xb, xr, 10, 1e-2, 8, SCH, g2.set_state(state["rng"][0]),
+                        resume={**state, "optimizer": torch.optim.Adam(scratch.parameters()).state_dict()})
+    assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), scratch.state_dict().values()))
 
 
 def test_proportions_and_total_variation():
