@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
+        _keep_token_in_env_if_home_is_read_only(log)
         ray.init(
             address="local",  # a new cluster even when `ray start` left one (and its address file) on this host
             num_cpus=cfg.num_cpus or os.cpu_count(),
@@ -40,6 +42,27 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
+
+
+def _keep_token_in_env_if_home_is_read_only(log: Callable[[str], None]) -> None:
+    """A new local cluster with token auth (Ray's default) saves a generated token to ``~/.ray/auth_token``; on a
+    read-only home (a container's ``readOnlyRootFilesystem``, ``docker run --read-only``) that write fails and
+    ``ray.init`` with it. Then the token lives in this process's environment (``RAY_AUTH_TOKEN``, inherited by the
+    cluster it starts) instead. A token already given (env, ``RAY_AUTH_TOKEN_PATH``, the file) is left alone."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    try:
+        d = Path.home() / ".ray"
+        if (d / "auth_token").is_file():
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".writable-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except (OSError, RuntimeError):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        log("[ray] ~/.ray is not writable: the local cluster's auth token is kept in this process's environment")
 
 
 def keyed_train_run(storage: Path, base: str, key: str | None) -> str:
