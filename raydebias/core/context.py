@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from raydebias.config import RunConfig
+if TYPE_CHECKING:
+    from raydebias.config import RunConfig
 
 
 @dataclass

@@ -8,13 +8,19 @@ method").
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
-from raydebias.config import RunConfig
-from raydebias.core.context import RunContext, StageResult
+if TYPE_CHECKING:
+    from raydebias.config import RunConfig
+    from raydebias.core.context import RunContext, StageResult
+
+# methods outside this package: ``[project.entry-points."raydebias.methods"] name = "pkg.module"``
+ENTRY_POINT_GROUP = "raydebias.methods"
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,19 @@ class Method:
     evaluate scores; a generation-only method (``classifier=False``) names its ``result`` node instead. ``stats``
     are stages whose ``stats.json`` evaluate copies into ``metrics.json["generation"]``; ``doc`` is its page.
     ``report(run_dir, info, metrics, samples_per_group)`` returns its report sections (HTML), ``evaluate(ctx, info)``
-    what it adds to ``metrics.json`` beyond the rows; a function shared by two methods runs once."""
+    what it adds to ``metrics.json`` beyond the rows; a function shared by two methods runs once.
+
+    ``config`` = (block name, pydantic model): the method's config block, the YAML key ``RunConfig`` validates
+    with that model (two methods may share one block); ``pretrained`` names the ``models.<name>`` weights its
+    stages load under ``models.source: pretrained``; ``check(cfg)`` raises ``ValueError`` for a config this method
+    cannot run (checked when the config is validated)."""
 
     name: str
     stages: Callable[[RunConfig], list[Stage]]
     shared: tuple[str, ...] = ()
+    config: tuple[str, type[BaseModel]] | None = None
+    pretrained: tuple[str, ...] = ()
+    check: Callable[[RunConfig], None] | None = None
     synthetic: tuple[SyntheticSet, ...] = ()
     stats: tuple[str, ...] = ()
     classifier: bool = True
@@ -92,6 +106,8 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        load_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -99,7 +115,38 @@ def get_method(name: str) -> Method:
 
 
 def registered() -> list[str]:
+    """Every method's name (the method modules are discovered first: :func:`load_methods`)."""
+    load_methods()
     return list(_METHODS)
+
+
+_LOADED = False
+
+
+def load_methods() -> None:
+    """Import every method module once: the modules of ``raydebias.methods`` and those named by the
+    ``raydebias.methods`` entry point group (so a method can live in another package). Config validation calls
+    this, so a process that only validates a config (a Ray worker) knows every method's block too."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    importlib.import_module("raydebias.methods")  # discovers its own modules (raydebias/methods/__init__.py)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        importlib.import_module(ep.value)
+
+
+def method_blocks() -> dict[str, type[BaseModel]]:
+    """Config block name → its model, over every registered method (one model per name)."""
+    out: dict[str, type[BaseModel]] = {}
+    for m in _METHODS.values():
+        if m.config is None:
+            continue
+        name, model = m.config
+        if out.setdefault(name, model) is not model:
+            raise ValueError(f"config block {name!r} is declared twice with different models "
+                             f"({out[name].__name__}, {model.__name__})")
+    return out
 
 
 def _keyed(value: Any) -> Any:

@@ -24,17 +24,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydebias._internal.io import atomic_path
-from raydebias.config import TIWConfig
 from raydebias.data.transforms import to_model_input
 from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
                                      tiw_dsm_loss)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
-_TIW = TIWConfig()  # one source of the defaults: the stage's config
-DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": _TIW.disc_steps,
-                            "disc_lr": _TIW.disc_lr, "steps": _TIW.steps, "lr": _TIW.lr,
-                            "batch_size": _TIW.batch_size, "objectives": list(_TIW.objectives), "schedule": {},
-                            "log_every": 100, "checkpoint_every": _TIW.checkpoint_every}
+# the defaults of a direct call; the stage passes every value from its config (``TIWConfig`` in
+# raydebias/methods/tiw.py, whose defaults these equal: tests/diffusion/test_tiw_train.py)
+DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": 300, "disc_lr": 3e-4,
+                            "steps": 1000, "lr": 1e-3, "batch_size": 64, "objectives": ["dsm", "tiw_paper"],
+                            "schedule": {}, "log_every": 100, "checkpoint_every": 250}
 
 
 class EpsUNet(nn.Module):

@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from raydebias._internal.io import atomic_path
 from raydebias.data.transforms import resize_uint8, to_model_input
 from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
+
+if TYPE_CHECKING:  # peft is imported where adapters are made or saved, not by every importer of the stages
+    from peft import LoraConfig
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file save_lora_weights writes
@@ -39,6 +40,8 @@ def add_lora(
 ) -> LoraConfig:
     """Attach a new LoRA adapter ``name`` (rank ``rank``, ``lora_alpha`` = ``alpha`` or ``rank``) and make it
     the only active one. ``lora_B`` starts at zero, so the adapted UNet equals the base until trained."""
+    from peft import LoraConfig
+
     config = LoraConfig(
         r=rank,
         lora_alpha=float(rank if alpha is None else alpha),
@@ -188,6 +191,7 @@ def save_lora(bundle: DiffusionBundle, name: str, out_dir: str | os.PathLike) ->
     """Write adapter ``name`` in the diffusers LoRA format (atomically: temp folder, then rename)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
 
     if name not in adapter_names(bundle):
         raise KeyError(f"unknown adapter {name!r}; attached: {adapter_names(bundle)}")

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from peft.tuners.lora import LoraLayer
 
 from raydebias.finetune.dreambooth_lora import _encode_all, add_lora, adapter_names, set_active
 from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
@@ -30,8 +29,10 @@ class RoutedLoRA:
 
     def __init__(self, unet: torch.nn.Module, names: list[str], base_slot: bool = False):
         """``base_slot`` appends an all-zero adapter: rows routed to ``-1`` get the base UNet (inference)."""
+        from peft.tuners.lora import LoraLayer
+
         self.names = list(names)
-        self.layers: list[tuple[LoraLayer, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor]] = []
+        self.layers: list[tuple[torch.nn.Module, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor]] = []
         for m in unet.modules():
             if isinstance(m, LoraLayer) and all(n in m.lora_A for n in self.names):
                 a = torch.stack([m.lora_A[n].weight.detach().float() for n in self.names])

@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from sklearn.mixture import GaussianMixture
 
 from raydebias.models.diffusion import DiffusionBundle
 from raydebias.models.sampling import to_uint8, cfg_context, ddim_denoise, initial_noise, latent_shape
+
+if TYPE_CHECKING:  # sklearn is imported where a GMM is fitted: 1.2 s that every importer would pay
+    from sklearn.mixture import GaussianMixture
 
 
 def reverse_timesteps(bundle: DiffusionBundle, num_steps: int) -> tuple[DDIMScheduler, torch.Tensor]:
@@ -103,6 +107,8 @@ def fit_gmm_bic(
         raise ValueError(f"z contains {int((~np.isfinite(z)).sum())} non-finite values (NaN or inf)")
     if k_max < 1:
         raise ValueError(f"k_max must be at least 1, got {k_max}")
+    from sklearn.mixture import GaussianMixture
+
     best: GaussianMixture | None = None
     bics: list[float] = []
     for k in range(1, min(k_max, z.shape[0]) + 1):

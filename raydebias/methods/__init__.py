@@ -1,6 +1,12 @@
-"""One module per method; importing this package registers them all (README, "Add a method")."""
+"""One module per method; importing this package imports (and so registers) every module in it, whatever its
+name: adding a method is adding a module (README, "Add a method")."""
+
+import importlib
+import pkgutil
 
 from raydebias.core import get_method, registered
-from raydebias.methods import baselines, diffinject, diffusing_debias, gamma_face, harnessing, tiw  # noqa: F401
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["get_method", "registered"]

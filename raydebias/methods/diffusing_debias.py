@@ -16,17 +16,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table
-from raydebias.config import AMPLIFIED
+from raydebias.config import RESOURCE, Block, Template
 from raydebias.core import Method, Stage, SyntheticSet, register
 from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 from raydebias.methods.shared import TRAIN_READS
+
+# Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF reweighting)
+AMPLIFIED = ("diffusing_debias", "diffusing_debias_lff")
+
+
+class DiffusingDebiasConfig(Block):
+    """Diffusing DeBias (docs/methods/diffusing_debias.md): class-conditional diffusion (captions carry the class only, so no bias
+    labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
+    (y, amplifier correct) on the real training split → GroupDRO."""
+
+    prompt_template: Template = "a photo of a {class}"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    images_per_class: int = Field(200, ge=1)
+    num_steps: int = Field(10, ge=1, description="DDIM steps")
+    guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
+    amplifier_epochs: int = Field(8, ge=1)
+    recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
+    lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
+    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
 
 
 def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
@@ -195,7 +217,7 @@ def _recipe(name: str) -> Method:
                       reads=(*TRAIN_READS, "ddb.recipe", "ddb.lff_ema"))]
 
     return register(Method(
-        name, stages, shared=("ddpm",),
+        name, stages, shared=("ddpm",), config=("ddb", DiffusingDebiasConfig),
         synthetic=(SyntheticSet("amplifier", "amplifier/synthetic.parquet", "class", cas=True),),
         report=report_sections, evaluate=bias_detection,
         doc="docs/methods/diffusing_debias.md"))

@@ -10,12 +10,34 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from raydebias.config import GENERATIVE
+from typing import Literal
+
+from pydantic import Field
+
+from raydebias.config import Block
 from raydebias.core import Method, Stage, SyntheticSet, register
 from raydebias.filter.stage import run_filter
 from raydebias.finetune.stage import run_finetune
 from raydebias.generate.text2img import run_generate
 from raydebias.methods.shared import TRAIN_READS
+
+# the four "Harnessing diffusion" variants: group-balanced synthetic data, then the two-stage classifier
+GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
+
+
+class TwoStageConfig(Block):
+    """Stage 1: beta·CE + (1-beta)·SupCon on the filtered synthetic set; stage 2: last-layer retraining on real."""
+
+    beta: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(0.07, gt=0)
+    epochs_synthetic: int = Field(10, ge=1)
+    epochs_llr: int = Field(10, ge=1)
+    llr: Literal["all", "balanced", "groupdro", "ft_balanced"] = Field(
+        "all", description="stage 2 on the real train split: last layer with class-balanced (LLR_all) or "
+                           "group-balanced batches (LLR_b), last layer with GroupDRO, or the whole network with "
+                           "group-balanced batches (FT_b, the paper's ablation)")
+    lr: float = Field(2e-3, gt=0)
+    llr_lr: float = Field(1e-2, gt=0)
 
 
 def run_train_generative(ctx, variant: str):
@@ -86,6 +108,7 @@ def _variant(v: str) -> Method:
 
     return register(Method(
         v, stages, shared=("clip", "embed", "cluster", "diffusion"), report=report_sections(v),
+        config=("two_stage", TwoStageConfig), pretrained=("diffusion", "clip"),
         synthetic=(SyntheticSet(f"generate/{v}", f"generate/{v}/synthetic.parquet", "group", cas=False),
                    SyntheticSet(f"filter/{v}", f"filter/{v}/synthetic.parquet", "group", cas=True)),
         doc="docs/methods/clustered_dreambooth.md"))

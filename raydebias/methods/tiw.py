@@ -15,13 +15,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from raydebias.config import RESOURCE, Block, Channels
 from raydebias.core import Method, Stage, SyntheticSet, register
+
+
+class TIWConfig(Block):
+    """TIW (docs/methods/tiw.md): a time-dependent discriminator (train vs the small unbiased ``reference_split``
+    sample) and diffusion models trained with TIW-DSM and, for comparison, plain DSM on train ∪ reference,
+    via Ray Train (DDP over ``num_workers``). Reported: subgroup proportions and FID of their samples."""
+
+    reference_split: Literal["val"] = Field("val", description="group-balanced split the reference set is drawn from")
+    reference_size: int = Field(500, ge=2)
+    objectives: list[Literal["dsm", "tiw_paper", "tiw_code"]] = Field(default_factory=lambda: ["dsm", "tiw_paper"])
+    disc_steps: int = Field(300, ge=1)
+    disc_lr: float = Field(3e-4, gt=0)
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=2)
+    block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
+    unshuffle: int = Field(4, ge=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
+    num_samples: int = Field(1000, ge=2)
+    sample_steps: int = Field(50, ge=2)
+    checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0,
+                                  description="steps between resumable checkpoints of each phase (0: none)")
 
 
 class ProbeFeatures(nn.Module):
@@ -177,6 +202,6 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     return parts
 
 
-register(Method("tiw", lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
+register(Method("tiw", config=("tiw", TIWConfig), stages=lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
                 synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False, report=report_sections,
                 result="tiw", doc="docs/methods/tiw.md"))

@@ -3,13 +3,18 @@ the config models (resource fields left out), the graph sorts topologically."""
 
 import pytest
 
-from raydebias.config import METHODS, load_config
+from raydebias.config import ConfigError, dump_config, load_config
 from raydebias.core import Stage, config_key, get_method, registered, toposort
 from raydebias.methods import get_method as get_registered
 from raydebias.pipeline import build_graph
 
 
+METHODS = ("erm", "groupdro", "vanilla", "lora", "dreambooth", "clustered_dreambooth", "diffusing_debias",
+           "diffusing_debias_lff", "diffinject", "gamma_face", "tiw")
+
+
 def test_every_configurable_method_is_registered_with_its_result_node():
+    load_config(None, [])  # validating a config discovers every method module
     assert set(registered()) == set(METHODS)
     cfg = load_config(None, [])
     for name in METHODS:
@@ -97,3 +102,77 @@ def test_the_edited_model_follows_the_model_source(tmp_path):
     ddb = deps(load_config(None, ["method=diffusing_debias", "baselines=[diffinject]", "models.source=pretrained",
                                   f"models.diffusion.pretrained={tmp_path}/sd", *base[-1:]]))
     assert "ddpm" in ddb["amplifier"] and "diffusion" in ddb["inject"]
+
+
+def test_method_blocks_are_declared_by_their_methods_and_validated_there():
+    from raydebias.core.registry import method_blocks
+    from raydebias.methods.diffinject import DiffInjectConfig
+
+    blocks = method_blocks()
+    assert blocks["diffinject"] is DiffInjectConfig and get_method("diffinject").config == ("diffinject", DiffInjectConfig)
+    assert blocks["ddb"] is get_method("diffusing_debias").config[1] is get_method("diffusing_debias_lff").config[1]
+    with pytest.raises(ConfigError, match=r"diffinject\.gamma: Input should be less than or equal to 1"):
+        load_config(None, ["diffinject.gamma=2"])
+    with pytest.raises(ConfigError, match=r"diffinjekt: unknown key"):
+        load_config(None, ["diffinjekt.gamma=0.3"])
+    with pytest.raises(ConfigError, match=r"tiw\.steps: unknown key|tiw\.stepz: unknown key"):
+        load_config(None, ["tiw.stepz=3"])
+    cfg = load_config(None, ["method=diffinject", "diffinject.gamma=0.5"])
+    assert isinstance(cfg.diffinject, DiffInjectConfig) and cfg.diffinject.gamma == 0.5
+    # the resolved config (what the run dir's config.yaml holds) validates to the same config
+    import yaml
+
+    again = load_config(None, [])
+    again = type(cfg).model_validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg and again.diffinject.gamma == 0.5
+
+
+def test_a_block_no_method_of_the_run_reads_must_keep_its_defaults():
+    with pytest.raises(ConfigError, match=r"diffinject\.gamma=0\.5: no method of this run \(clustered_dreambooth, erm"):
+        build_graph(load_config("raydebias/configs/demo.yaml", ["diffinject.gamma=0.5"]))
+    # read through a shared stage: DiffInject's ddpm model trains for ddb.steps
+    assert build_graph(load_config("raydebias/configs/diffinject.yaml", ["ddb.steps=10"]))
+    # a resolved config spells every block out at its defaults: fine
+    import yaml
+
+    cfg = load_config("raydebias/configs/demo.yaml")
+    assert build_graph(type(cfg).model_validate(yaml.safe_load(dump_config(cfg))))
+
+
+def test_a_method_is_one_module(monkeypatch):
+    """What "add a method" means: a module that declares a block and registers a method — nothing else edited —
+    and the config accepts, validates and dumps its block, and builds its graph."""
+    from pydantic import Field
+
+    import raydebias.core.registry as registry
+    from raydebias.config import Block
+    from raydebias.core import Method, register
+    from raydebias.methods.shared import TRAIN_READS
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # registered for this test only
+
+    class ToyConfig(Block):
+        strength: float = Field(0.5, ge=0, le=1)
+
+    register(Method("toy", lambda cfg: [Stage("train/toy", "train", ("data",), run=lambda ctx: None,
+                                               reads=(*TRAIN_READS, "toy"))], config=("toy", ToyConfig)))
+    cfg = load_config(None, ["method=toy", "baselines=[erm]", "toy.strength=0.9"])
+    assert cfg.toy.strength == 0.9 and "toy" in dump_config(cfg)
+    assert [s.name for s in build_graph(cfg)] == ["data", "train/toy", "train/erm", "evaluate", "report"]
+    with pytest.raises(ConfigError, match=r"toy\.strength"):
+        load_config(None, ["method=toy", "toy.strength=3"])
+
+
+def test_validating_a_config_stays_light():
+    """Every Ray worker that receives the run's config validates it, which discovers the method modules (their
+    blocks): that must not import the diffusion, CLIP, clustering or plotting stacks (seconds per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom raydebias.config import RunConfig, load_config\n"
+            "c = load_config('raydebias/configs/full.yaml')\nRunConfig.model_validate_json(c.model_dump_json())\n"
+            "print(sorted(m for m in ('sklearn', 'transformers', 'peft', 'open_clip', 'faiss', 'matplotlib', "
+            "'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__import__("pathlib").Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

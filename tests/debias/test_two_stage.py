@@ -63,7 +63,7 @@ def test_stage1_objective_mixes_ce_and_supcon():
 
 
 def test_stage_two_variants():
-    from raydebias.config import TwoStageConfig
+    from raydebias.methods.harnessing import TwoStageConfig
     from raydebias.debias.two_stage import two_stage_phases
 
     pre, llr = two_stage_phases(TwoStageConfig(llr="all", lr=1e-3, llr_lr=1e-2))

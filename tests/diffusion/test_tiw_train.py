@@ -161,3 +161,12 @@ def test_tiw_stage_end_to_end(ray_module, tmp_path):
     tiw_fid = metrics["generation"]["fidelity"]["sets"]["tiw"]["objectives"]  # the val probes' view of the samples
     assert set(tiw_fid) == {"dsm", "tiw_paper"} and all(sum(v["class_histogram"]) == 16 for v in tiw_fid.values())
     assert "TIW: generated samples vs the unbiased reference" in (run / "report.html").read_text()
+
+
+def test_direct_call_defaults_equal_the_stage_config():
+    from raydebias.diffusion.tiw_train import DEFAULTS
+    from raydebias.methods.tiw import TIWConfig
+
+    t = TIWConfig()
+    for k in ("disc_steps", "disc_lr", "steps", "lr", "batch_size", "objectives", "checkpoint_every"):
+        assert DEFAULTS[k] == getattr(t, k), k

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias.config import METHODS
+from raydebias.core import registered
 from raydebias.methods import get_method
 
 INFO = {"class_names": [f"digit {i}" for i in range(3)], "bias_names": ["red", "green", "blue"], "num_bias": 3,
@@ -31,7 +31,7 @@ def test_diffusing_debias_section_from_its_declaration(tmp_path):
 
 
 def test_every_generating_method_declares_a_report_section():
-    for name in METHODS:
+    for name in registered():
         m = get_method(name)
         if m.synthetic and name not in ("vanilla",):
             assert m.report is not None, name
