@@ -46,10 +46,6 @@ class DiffusingDebiasConfig(Block):
     num_steps: int = Field(10, ge=1, description="DDIM steps")
     guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
     amplifier_epochs: int = Field(8, ge=1)
-    amplifier_loss: Literal["ce", "gce"] = Field(
-        "ce", description="the amplifier's objective on the synthetic set: cross-entropy, or GCE (q = "
-                          "amplifier_gce_q), LfF's biased-model loss, which leans on the easiest cue, the bias")
-    amplifier_gce_q: float = Field(0.7, gt=0, le=1)
     recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
     lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
@@ -95,9 +91,8 @@ def run_amplifier(ctx):
     ctx.log(f"[amplifier] sampled {len(y_syn)} bias-amplified images ({d.images_per_class} per class)")
 
     synth = {"x": x_syn, "y": y_syn.astype(np.int64), "a": np.full(len(y_syn), -1, np.int64)}
-    phases = [{"name": "amplifier", "data": "synthetic", "recipe": "erm" if d.amplifier_loss == "ce" else "gce",
-               "epochs": d.amplifier_epochs, "sampler": "uniform",  # no val selection: it should stay biased
-               **({"recipe_args": {"q": d.amplifier_gce_q}} if d.amplifier_loss == "gce" else {})}]
+    phases = [{"name": "amplifier", "data": "synthetic", "recipe": "erm", "epochs": d.amplifier_epochs,
+               "sampler": "uniform"}]  # no val selection: the amplifier should stay biased; the last epoch is kept
     fit_classifier(ctx, "amplifier", phases, extra_data={"synthetic": synth}, out_name="amplifier/model")
 
     tr, probs, loss = score_train_split(ctx, out / "model")
