@@ -12,8 +12,13 @@ Generation: ``--rows-per-adapter`` rows per adapter sorted by adapter as the gen
 
 Ray Data vs bare loop (``--ray-actors``, 0 = skip): the same rows through the generate stage's UDF
 (``GenerateBatch``: a Ray Data actor pool of ``--ray-actors`` one-thread actors, row files written as the stage
-writes them, actor start-up included, Ray start-up not) vs ``sample_mixed`` in a loop in this process with as many
-threads, both on the base model and adapters saved to a temp run directory and loaded back.
+writes them, each image also CLIP-encoded as the stage does, actor start-up included, Ray start-up not) vs
+``sample_mixed`` + the same CLIP encoding in a loop in this process with as many threads, both on the base model,
+adapters and an untrained bootstrap CLIP saved to a temp run directory and loaded back.
+
+Bound (``--bound``): the same UNet's forward + backward with no adapter at all, ``--adapters`` × ``--steps`` steps of
+``--batch-size`` rows vs ``--steps`` steps of ``--adapters`` × ``--batch-size`` rows — the most any batched trainer
+can gain on this machine from larger batches alone (``train_speedup_bound``).
 
 Prints one JSON line: {"train_speedup": ..., "generate_speedup": ..., "ray_data_vs_bare_loop": ..., ...}.
 """
@@ -50,6 +55,7 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=100)
     ap.add_argument("--ray-actors", type=int, default=2, help="actors of the Ray Data side (0: skip that measure)")
     ap.add_argument("--ray-batch", type=int, default=25, help="rows per batch on both sides of the Ray Data measure")
+    ap.add_argument("--bound", action="store_true", help="also time the adapter-free batching bound")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, []).models.diffusion.model_copy(
@@ -92,6 +98,7 @@ def main() -> None:
             sample_mixed(trained, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch], num_steps=10,
                          guidance_scale=3.0)
         mixed.append(time.perf_counter() - t0)
+    bound = batching_bound(base, px, args.adapters, args.steps, args.batch_size, args.pairs) if args.bound else None
     ray_ratio = None
     if args.ray_actors:
         ray_s, bare_s = ray_data_vs_bare_loop(base, trained, jobs, rows, args.ray_batch, args.ray_actors, args.pairs)
@@ -104,7 +111,36 @@ def main() -> None:
                       "switching_s": [round(x, 1) for x in switch], "mixed_s": [round(x, 1) for x in mixed],
                       "adapters": args.adapters, "steps": args.steps, "batch_size": args.batch_size,
                       "images": len(rows), "gen_batch": args.gen_batch, "threads": args.threads,
-                      "ray_data_vs_bare_loop": ray_ratio}))
+                      "ray_data_vs_bare_loop": ray_ratio, "train_speedup_bound": bound}))
+
+
+def batching_bound(base, px: np.ndarray, adapters: int, steps: int, batch: int, pairs: int) -> dict:
+    """Forward + backward of the base UNet with no adapter (frozen weights, the gradient flowing through every
+    activation to the input, as a LoRA step's does; same loss and prompts) for ``adapters × steps`` steps of
+    ``batch`` rows vs ``steps`` steps of ``adapters × batch`` rows."""
+    from raydebias.models.diffusion import diffusion_loss
+
+    b = copy.deepcopy(base)
+    b.unet.train().requires_grad_(False)
+    with torch.no_grad():
+        z = b.encode(torch.from_numpy(px[: adapters * batch]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        emb = b.embed_prompts(["a photo of a sks digit"]).expand(len(z), -1, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n_steps: int, rows: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(n_steps):
+            lo = (i * rows) % max(1, len(z) - rows + 1)
+            zi = z[lo:lo + rows].clone().requires_grad_(True)
+            diffusion_loss(b, zi, emb[lo:lo + rows], generator=gen).backward()
+        return time.perf_counter() - t0
+
+    small, large = [], []
+    for _ in range(pairs):
+        small.append(run(adapters * steps, batch))
+        large.append(run(steps, adapters * batch))
+    return {"ratio": round(float(np.median(small) / np.median(large)), 2),
+            "small_batches_s": [round(x, 1) for x in small], "large_batches_s": [round(x, 1) for x in large]}
 
 
 def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pairs: int) -> tuple[list, list]:
@@ -125,6 +161,15 @@ def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pa
     atomic_write_json(run / "stages" / "diffusion" / "model.json", {"path": "stages/diffusion/model",
                                                                      "run_relative": True})
     atomic_write_json(run / "stages" / "data" / "info.json", {"image_size": base.resolution})
+    from raydebias.config import ClipModelConfig
+    from raydebias.embed.stage import load_clip
+    from raydebias.models.clip import create_clip
+
+    clip_cfg = ClipModelConfig()  # the generate actors also encode their images (for the filter): both sides do
+    create_clip(clip_cfg, "bootstrap", base.resolution).save(run / "stages" / "clip" / "model")
+    atomic_write_json(run / "stages" / "clip" / "clip.json", {"source": "bootstrap", "config": clip_cfg.model_dump(),
+                                                              "image_size": base.resolution})
+    clip = load_clip(run)
     for j in jobs:
         save_lora(trained, j["name"], run / "stages" / "finetune" / "bench" / j["name"])
     items = [{"row_id": f"r{k:05d}", "y": 0, "a": 0, "cluster": 0, "adapter": name, "prompt": prompt, "seed": seed,
@@ -149,8 +194,8 @@ def ray_data_vs_bare_loop(base, trained, jobs, rows, batch: int, actors: int, pa
         t0 = time.perf_counter()
         for lo in range(0, len(rows), batch):
             chunk = rows[lo:lo + batch]
-            sample_mixed(bundle, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk], num_steps=10,
-                         guidance_scale=3.0)
+            clip.encode_images(sample_mixed(bundle, [r[0] for r in chunk], [r[1] for r in chunk],
+                                            [r[2] for r in chunk], num_steps=10, guidance_scale=3.0))
         bare_s.append(time.perf_counter() - t0)
     ray.shutdown()
     return ray_s, bare_s

@@ -64,6 +64,7 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose
     if run_dir:
         overrides = [*overrides, f"run_dir={run_dir}"]
     cfg = load_config(config, overrides)
+    _reject_unused_overrides(cfg, overrides)
     out = Path(cfg.run_dir).expanduser().resolve()
     log_path = out / "logs" / "run.log"
     with Console(log_path, verbose=verbose) as console:
@@ -85,6 +86,19 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose
     if (ctx.run_dir / "metrics.json").exists():
         _print_table(ctx.run_dir)
     return 0
+
+
+def _reject_unused_overrides(cfg, overrides: list[str]) -> None:
+    """A ``--set`` of a method's key that no method of the run reads is a mistake (the setting would do
+    nothing): an error naming it. The same key coming from the config file is only a warning (a shipped
+    multi-method config run with fewer methods)."""
+    from raydebias.pipeline import unused_method_keys
+
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    bad = [k for k in unused_method_keys(cfg) if k.split("=", 1)[0] in given]
+    if bad:
+        raise ConfigError(f"--set {', '.join(bad)}: no method of this run ({', '.join(cfg.methods)}) reads "
+                          "this key; add the method that does to `method` / `baselines`, or drop it")
 
 
 def _serve(args) -> int:
@@ -174,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             check_graph(cfg)  # a config whose stages cannot run fails here, not at run time
+            _reject_unused_overrides(cfg, args.overrides)
+            from raydebias.pipeline import unused_method_keys
+
+            for key in unused_method_keys(cfg):
+                print(f"# warning: no method of this run reads {key}", file=sys.stderr)
             sys.stdout.write(dump_config(cfg))
             print(f"# OK: {args.config} is valid", file=sys.stderr)
             return 0

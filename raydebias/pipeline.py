@@ -36,23 +36,23 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _check_unused_blocks(cfg: RunConfig, methods: list, stages) -> None:
-    """A method's config block (``Method.config``) that no method of this run declares and no stage of its graph
-    reads must keep its defaults: ``--set diffinject.gamma=0.5`` on a run without DiffInject is an error naming
-    the key, not a silently ignored setting."""
-    from raydebias.config import ConfigError
+def unused_method_keys(cfg: RunConfig) -> list[str]:
+    """``block.key=value`` for every non-default key of a method's config block (``Method.config``) that no method
+    of this run declares and no stage of its graph reads: a setting that would do nothing. The CLI rejects such a
+    key given with ``--set`` and warns about one that comes from the config file (a shipped multi-method config
+    run with fewer methods)."""
     from raydebias.core.registry import method_blocks
+    from raydebias.methods import get_method
 
+    methods = [get_method(m) for m in cfg.methods]
+    stages = _graph(cfg, methods)
     used = {m.config[0] for m in methods if m.config} | {r.lstrip("-").split(".")[0] for s in stages for r in s.reads}
-    changed = []
+    out = []
     for name, model in method_blocks().items():
-        if name in used:
-            continue
-        value, default = getattr(cfg, name).model_dump(), model().model_dump()
-        changed += [f"{name}.{k}={value[k]!r}" for k in value if value[k] != default[k]]
-    if changed:
-        raise ConfigError(f"{', '.join(changed)}: no method of this run ({', '.join(cfg.methods)}) reads these "
-                          f"keys; add the method that does to `method`/`baselines`, or drop them")
+        if name not in used:
+            value, default = getattr(cfg, name).model_dump(), model().model_dump()
+            out += [f"{name}.{k}={value[k]!r}" for k in value if value[k] != default[k]]
+    return out
 
 
 def build_graph(cfg: RunConfig) -> list[Stage]:
@@ -60,9 +60,15 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
     need, each method's own stages (:mod:`raydebias.methods`), evaluate and report; only the kinds listed in
     ``cfg.stages`` are kept."""
     from raydebias.methods import get_method
+
+    want = set(cfg.stages)
+    return toposort([s for s in _graph(cfg, [get_method(m) for m in cfg.methods]) if s.kind in want])
+
+
+def _graph(cfg: RunConfig, methods: list) -> list[Stage]:
+    """Every stage the run's methods need, before the ``stages:`` filter."""
     from raydebias.methods.shared import DATA, REPORT, SHARED, evaluate
 
-    methods = [get_method(m) for m in cfg.methods]
     stages: dict[str, Stage] = {DATA.name: DATA}
     for name, stage in SHARED.items():
         if any(name in m.shared for m in methods):
@@ -80,9 +86,7 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
                 todo.append(SHARED[dep])
     stages["evaluate"] = evaluate([m.result_node for m in methods])
     stages["report"] = REPORT
-    _check_unused_blocks(cfg, methods, stages.values())
-    want = set(cfg.stages)
-    return toposort([s for s in stages.values() if s.kind in want])
+    return list(stages.values())
 
 
 class Manifest:
@@ -206,6 +210,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
 
     ctx = RunContext(cfg, log=log, methods=[get_method(m) for m in cfg.methods])
     nodes = check_graph(cfg)
+    unused = unused_method_keys(cfg)
+    if unused:
+        log(f"[config] warning: no method of this run reads {', '.join(unused)}")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with RunDirLock(ctx.run_dir):
         _run_nodes(ctx, nodes, log, progress or (lambda event: None))

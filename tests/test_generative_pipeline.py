@@ -74,6 +74,19 @@ def test_generated_rows_are_group_balanced_and_unique(gen_run):
     assert stats["kept_by_score"] == 200  # ceil(0.75 · 2) = 2 per group, 100 groups
 
 
+def test_generated_rows_carry_their_clip_embeddings(gen_run):
+    """The generate actors encode their images with the run's CLIP (the filter reads them): equal to encoding the
+    stored pixels again here, row by row."""
+    from raydebias.data.transforms import pixels_from_column
+    from raydebias.embed.stage import load_clip
+
+    t = pq.read_table(gen_run / "stages" / "generate" / "lora" / "synthetic.parquet")
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    want = load_clip(gen_run).encode_images(pixels_from_column(t.column("pixels").to_pylist(), 32))
+    assert emb.shape == want.shape and np.allclose(emb, want, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])  # one embedding per image, not one per batch
+
+
 def test_generate_resumes_exactly_the_missing_rows(gen_run, tiny_generative):
     """Simulate a run killed during `generate`: some batch files are gone and the stage is marked running."""
     v = "dreambooth"

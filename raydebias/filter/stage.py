@@ -23,14 +23,12 @@ def run_filter(ctx, variant: str):
     torch.set_num_threads(max(1, cfg.ray.num_cpus or 2))
     out = ctx.stage_dir(f"filter/{variant}")
     t = pq.read_table(ctx.run_dir / "stages" / "generate" / variant / "synthetic.parquet")
-    from raydebias.data.transforms import pixels_from_column
-
-    x = pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+    # encoded by the run's CLIP in the generate actors (where the accelerators are), not here on the driver
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     y, a = t.column("label").to_numpy(), t.column("bias").to_numpy()
     B = info["num_bias"] or 1
     groups = y * B + a
     clip = load_clip(ctx.run_dir)
-    emb = clip.encode_images(x)
     label_emb = clip.encode_texts([describe(cfg.filter.label_prompt, c, None) for c in info["class_names"]])
     real = load_embeddings(ctx.run_dir)
     real_groups = real["y"] * B + np.maximum(real["a"], 0)

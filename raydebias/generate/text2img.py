@@ -18,21 +18,26 @@ from raydebias.generate.plan import plan_rows
 
 ROW_SCHEMA = pa.schema([("row_id", pa.string()), ("label", pa.int64()), ("bias", pa.int64()),
                         ("cluster", pa.int64()), ("adapter", pa.string()), ("prompt", pa.string()),
-                        ("seed", pa.int64()), ("transferred", pa.bool_()), ("pixels", pa.binary())])
+                        ("seed", pa.int64()), ("transferred", pa.bool_()), ("pixels", pa.binary()),
+                        ("embedding", pa.list_(pa.float32()))])
 
 
 class GenerateBatch:
-    """Ray Data UDF: one base model per actor; adapters loaded on first use and switched per row group."""
+    """Ray Data UDF: one base model per actor; adapters loaded on first use and switched per row group. Each
+    image is also encoded by the run's CLIP here, where the accelerator is, so the filter reads its embeddings
+    instead of encoding every synthetic image again on the driver."""
 
     def __init__(self, run_dir: str, variant: str, num_steps: int, guidance_scale: float, out_dir: str,
                  class_guidance_scale: float | None = None, mixed: bool = True):
         import torch
 
         from raydebias.diffusion.base import load_base
+        from raydebias.embed.stage import load_clip
 
         torch.set_num_threads(1)
         self.run_dir, self.variant, self.out_dir = Path(run_dir), variant, Path(out_dir)
         self.bundle = load_base(self.run_dir)
+        self.clip = load_clip(self.run_dir)
         self.size = json.loads((self.run_dir / "stages" / "data" / "info.json").read_text())["image_size"]
         self.loaded: set[str] = set()
         self.num_steps, self.guidance_scale = num_steps, guidance_scale
@@ -80,11 +85,13 @@ class GenerateBatch:
         from raydebias.data.transforms import resize_uint8
 
         imgs = resize_uint8(imgs, self.size)  # the dataset's size, whatever the model's resolution
+        emb = self.clip.encode_images(imgs).astype(np.float32)
         pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
         tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
                         "cluster": batch["cluster"], "adapter": [a or "" for a in adapters],
                         "prompt": [str(p) for p in batch["prompt"]], "seed": batch["seed"],
-                        "transferred": batch["transferred"], "pixels": pixels}, schema=ROW_SCHEMA)
+                        "transferred": batch["transferred"], "pixels": pixels, "embedding": list(emb)},
+                       schema=ROW_SCHEMA)
         name = hashlib.sha1("\n".join(tbl.column("row_id").to_pylist()).encode()).hexdigest()[:16]
         with atomic_path(self.out_dir / f"part-{name}.parquet") as tmp:
             pq.write_table(tbl, tmp)
@@ -122,7 +129,9 @@ def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:
     return {"id": np.asarray(t.column("row_id").to_pylist(), dtype=object),
             "x": pixels_from_column(t.column("pixels").to_pylist(), size),
             "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
-            "transferred": t.column("transferred").to_numpy()}
+            "transferred": t.column("transferred").to_numpy(),
+            "emb": np.asarray(t.column("embedding").to_pylist(), np.float32).reshape(t.num_rows, -1)
+            if t.num_rows else np.zeros((0, 0), np.float32)}
 
 
 def run_generate(ctx, variant: str):
@@ -179,7 +188,8 @@ def run_generate(ctx, variant: str):
                 f"rows again: same seeds, same images) and {repaired['extra']} rows not in the plan")
     tbl = pa.table({"id": gen["id"][keep].tolist(), "label": gen["y"][keep], "bias": gen["a"][keep],
                     "transferred": gen["transferred"][keep],
-                    "pixels": [x.tobytes() for x in gen["x"][keep]]})
+                    "pixels": [x.tobytes() for x in gen["x"][keep]],
+                    "embedding": pa.array(list(gen["emb"][keep]), pa.list_(pa.float32(), gen["emb"].shape[1]))})
     with atomic_path(out / "synthetic.parquet") as tmp:
         pq.write_table(tbl, tmp)
     atomic_write_json(out / "plan.json", {"rows": len(rows), "transferred_groups": len({(r.y, r.a) for r in rows if r.transferred}),

@@ -98,7 +98,7 @@ def _variant(v: str) -> Method:
         return [
             Stage(f"finetune/{v}", "finetune", ("cluster", "diffusion", "data"), lambda ctx: run_finetune(ctx, v),
                   reads=("finetune", *prompts), key=variant),
-            Stage(f"generate/{v}", "generate", (f"finetune/{v}", "diffusion", "data"),
+            Stage(f"generate/{v}", "generate", (f"finetune/{v}", "diffusion", "clip", "data"),  # clip: embeddings
                   lambda ctx: run_generate(ctx, v), reads=("generate", "finetune.min_images", *prompts), key=variant),
             Stage(f"filter/{v}", "filter", (f"generate/{v}", "embed", "clip"), lambda ctx: run_filter(ctx, v),
                   reads=("filter",)),

@@ -127,16 +127,32 @@ def test_method_blocks_are_declared_by_their_methods_and_validated_there():
     assert again == cfg and again.diffinject.gamma == 0.5
 
 
-def test_a_block_no_method_of_the_run_reads_must_keep_its_defaults():
-    with pytest.raises(ConfigError, match=r"diffinject\.gamma=0\.5: no method of this run \(clustered_dreambooth, erm"):
-        build_graph(load_config("raydebias/configs/demo.yaml", ["diffinject.gamma=0.5"]))
+def test_a_method_key_no_method_of_the_run_reads_is_named(tmp_path, capsys):
+    """A non-default key of a block that no method of the run reads would do nothing: given with ``--set`` it is
+    an error naming it; coming from the config file (a multi-method config run with fewer methods) a warning."""
+    from raydebias.cli import main
+    from raydebias.pipeline import unused_method_keys
+
+    assert unused_method_keys(load_config("raydebias/configs/demo.yaml", ["diffinject.gamma=0.5"])) == [
+        "diffinject.gamma=0.5"]
     # read through a shared stage: DiffInject's ddpm model trains for ddb.steps
-    assert build_graph(load_config("raydebias/configs/diffinject.yaml", ["ddb.steps=10"]))
-    # a resolved config spells every block out at its defaults: fine
+    assert unused_method_keys(load_config("raydebias/configs/diffinject.yaml", ["ddb.steps=10"])) == []
+    # a resolved config spells every block out at its defaults: nothing to report
     import yaml
 
     cfg = load_config("raydebias/configs/demo.yaml")
-    assert build_graph(type(cfg).model_validate(yaml.safe_load(dump_config(cfg))))
+    assert unused_method_keys(type(cfg).model_validate(yaml.safe_load(dump_config(cfg)))) == []
+    run = ["--set", f"run_dir={tmp_path}"]
+    assert main(["validate", "raydebias/configs/demo.yaml", "--set", "diffinject.gamma=0.5", *run]) == 2
+    assert "--set diffinject.gamma=0.5: no method of this run (clustered_dreambooth, erm, groupdro)" in \
+        capsys.readouterr().err
+    # full.yaml run with DiffInject alone on a pretrained base model: no ddpm model is trained, so the file's
+    # ddb.guidance_scale does nothing — a warning, the run goes on
+    (tmp_path / "sd").mkdir()
+    assert main(["validate", "raydebias/configs/full.yaml", "--set", "method=diffinject", "--set", "baselines=[erm]",
+                 "--set", "models.source=pretrained", "--set", f"models.diffusion.pretrained={tmp_path}/sd",
+                 "--set", "stages=[data,diffusion,mine,inject,train,evaluate,report]", *run]) == 0
+    assert "# warning: no method of this run reads ddb.guidance_scale=5.0" in capsys.readouterr().err
 
 
 def test_a_method_is_one_module(monkeypatch):
