@@ -99,6 +99,31 @@ def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
     assert 1 <= meta["best_epoch"] <= 8
 
 
+def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, index: int):
+    """Run ``args``; when a line contains ``trigger``, SIGKILL Ray Train worker ``index`` of the ``workers`` it
+    has. Returns the process (ended), its whole output, the output after the kill and the killed pid."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    lines, after, killed = [], [], None
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if killed is not None:
+                after.append(line)
+            elif trigger in line:
+                found = [c for c in psutil.Process(p.pid).children(recursive=True)
+                         if "RayTrainWorker" in " ".join(c.cmdline())]
+                assert len(found) == workers, f"expected {workers} Ray Train worker(s), found {len(found)}"
+                killed = found[index].pid
+                os.kill(killed, signal.SIGKILL)
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            kill_tree(p)
+    return p, "".join(lines), "".join(after), killed
+
+
 @pytest.mark.timeout(600)
 def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
     """SIGKILL the Ray Train worker of the diffusion stage mid-fit: Ray Train restarts it (max_failures=1) and it
@@ -109,24 +134,7 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
                "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=800", "diffusion.batch_size=16",
                "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false"):
         args += ["--set", kv]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    lines, killed = [], None
-    try:
-        for line in p.stdout:
-            lines.append(line)
-            if killed is None and "diffusion step 200/800" in line:
-                workers = [c for c in psutil.Process(p.pid).children(recursive=True)
-                           if "RayTrainWorker" in " ".join(c.cmdline())]
-                assert workers, "no Ray Train worker found"
-                killed = workers[0].pid
-                os.kill(killed, signal.SIGKILL)
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            kill_tree(p)
-    log = "".join(lines)
+    p, log, _, killed = run_killing_a_train_worker(args, "diffusion step 200/800", workers=1, index=0)
     assert killed and p.returncode == 0, log[-3000:]
     resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/800", log)]
     # a checkpoint taken before the kill (200, or an earlier one: Ray Train registers reported checkpoints
@@ -149,26 +157,7 @@ def test_killed_train_worker_resumes_tiw_from_its_step_checkpoint(tmp_path):
                "tiw.block_out_channels=[16, 32]", "tiw.checkpoint_every=25", "tiw.num_samples=16",
                "tiw.sample_steps=3", "ray.include_dashboard=false"):
         args += ["--set", kv]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    lines, killed, after = [], None, []
-    try:
-        for line in p.stdout:
-            lines.append(line)
-            if killed is not None:
-                after.append(line)
-            elif "[tiw/tiw_paper] step 200" in line:
-                workers = [c for c in psutil.Process(p.pid).children(recursive=True)
-                           if "RayTrainWorker" in " ".join(c.cmdline())]
-                assert len(workers) == 2, "expected TIW's two DDP workers"
-                killed = workers[1].pid
-                os.kill(killed, signal.SIGKILL)
-        p.wait(timeout=120)
-    finally:
-        if p.poll() is None:
-            kill_tree(p)
-    log, tail = "".join(lines), "".join(after)
+    p, log, tail, killed = run_killing_a_train_worker(args, "[tiw/tiw_paper] step 200", workers=2, index=1)
     assert killed and p.returncode == 0, log[-3000:]
     resumed = [int(m) for m in re.findall(r"\[tiw/tiw_paper\] resumed at step (\d+)", tail)]
     # a checkpoint taken before the kill (Ray Train registers them asynchronously), never step 0
