@@ -90,7 +90,7 @@ def embed_parquet(ctx, path: Path, name: str) -> tuple[pa.Table, dict[str, int]]
     (a retried block may add copies, and Ray Data's output order varies from run to run), and the repairs made."""
     import ray
 
-    from raydebias.generate.text2img import exact_rows
+    from raydebias._internal.rows import exact_rows
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()

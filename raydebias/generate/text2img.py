@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.rows import exact_rows
 from raydebias.generate.plan import plan_rows
 
 ROW_SCHEMA = pa.schema([("row_id", pa.string()), ("label", pa.int64()), ("bias", pa.int64()),
@@ -103,21 +104,6 @@ def existing_rows(rows_dir: Path) -> set[str]:
     for f in sorted(rows_dir.glob("part-*.parquet")):
         done.update(pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist())
     return done
-
-
-def exact_rows(ids: np.ndarray, planned: set[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """Indices of ``ids`` that make exactly the planned rows, each once (the first copy of a duplicated row id:
-    rows are deterministic per id), and the counts repaired. Raises ``RuntimeError`` naming missing rows."""
-    ids = np.asarray(ids, dtype=object)
-    in_plan = np.isin(ids, list(planned))
-    _, first = np.unique(ids, return_index=True)
-    is_first = np.zeros(len(ids), bool)
-    is_first[first] = True
-    keep = np.flatnonzero(in_plan & is_first)
-    missing = planned - set(ids[keep].tolist())
-    if missing:
-        raise RuntimeError(f"{len(missing)} planned rows are missing, e.g. {sorted(missing)[:5]}")
-    return keep, {"duplicates": int((in_plan & ~is_first).sum()), "extra": int((~in_plan).sum())}
 
 
 def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:

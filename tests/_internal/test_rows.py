@@ -1,9 +1,9 @@
-"""generate's final accounting: exactly the planned rows, each once."""
+"""Row accounting of the Ray Data stages (generate, embed): exactly the planned rows, each once."""
 
 import numpy as np
 import pytest
 
-from raydebias.generate.text2img import exact_rows
+from raydebias._internal.rows import exact_rows
 
 
 def test_exact_rows_repairs_duplicates_and_extras():
