@@ -88,17 +88,19 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose
     return 0
 
 
-def _reject_unused_overrides(cfg, overrides: list[str]) -> None:
+def _reject_unused_overrides(cfg, overrides: list[str]) -> list[str]:
     """A ``--set`` of a method's key that no method of the run reads is a mistake (the setting would do
     nothing): an error naming it. The same key coming from the config file is only a warning (a shipped
-    multi-method config run with fewer methods)."""
+    multi-method config run with fewer methods): those are returned."""
     from raydebias.pipeline import unused_method_keys
 
     given = {o.split("=", 1)[0].strip() for o in overrides}
-    bad = [k for k in unused_method_keys(cfg) if k.split("=", 1)[0] in given]
+    unused = unused_method_keys(cfg)
+    bad = [k for k in unused if k.split("=", 1)[0] in given]
     if bad:
         raise ConfigError(f"--set {', '.join(bad)}: no method of this run ({', '.join(cfg.methods)}) reads "
                           "this key; add the method that does to `method` / `baselines`, or drop it")
+    return unused
 
 
 def _serve(args) -> int:
@@ -188,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             check_graph(cfg)  # a config whose stages cannot run fails here, not at run time
-            _reject_unused_overrides(cfg, args.overrides)
-            from raydebias.pipeline import unused_method_keys
-
-            for key in unused_method_keys(cfg):
+            for key in _reject_unused_overrides(cfg, args.overrides):
                 print(f"# warning: no method of this run reads {key}", file=sys.stderr)
             sys.stdout.write(dump_config(cfg))
             print(f"# OK: {args.config} is valid", file=sys.stderr)

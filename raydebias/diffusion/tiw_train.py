@@ -183,7 +183,7 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 
 def _save_resume_state(d: Path, state: dict[str, Any]) -> None:
-    """A resumable TIW checkpoint: weights as safetensors (``done/<phase>`` and ``current``), the rest (phase, step,
+    """A resumable TIW checkpoint: weights as safetensors (``done-<phase>`` and ``current``), the rest (phase, step,
     optimizer, every rank's generator state, losses, summaries) in ``state.pt`` (tensors and plain types only, so
     it loads with ``weights_only=True``)."""
     for name, st in state["weights"].items():

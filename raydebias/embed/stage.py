@@ -82,18 +82,19 @@ class EmbedImages:
                 "embedding": [e.astype(np.float32) for e in emb]}
 
 
-def embed_parquet(ctx, path: Path, name: str) -> tuple[pa.Table, dict[str, int]]:
-    """CLIP embeddings of every row of a Parquet file with ``id, label, bias, pixels`` columns (the data stage's
-    train split, a generated set), computed by a Ray Data pool of :class:`EmbedImages` actors (one CLIP per actor,
-    on a GPU when ``ray.num_gpus_per_worker``), never on the driver. The input is split into enough blocks to keep
-    every actor busy. Returns ``id, label, bias, embedding`` with exactly the file's rows, each once, in id order
-    (a retried block may add copies, and Ray Data's output order varies from run to run), and the repairs made."""
+def run_embed(ctx):
+    """CLIP embeddings of the train split, computed by a Ray Data pool of :class:`EmbedImages` actors (on a GPU
+    when ``ray.num_gpus_per_worker``), never on the driver; the input is split into enough blocks to keep every
+    actor busy."""
     import ray
 
     from raydebias._internal.rows import exact_rows
+    from raydebias.core import StageResult
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()
+    out = ctx.stage_dir("embed")
+    path = ctx.run_dir / "stages" / "data" / "train.parquet"
     ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
     ds = ray.data.read_parquet(str(path))
     blocks = min(-(-len(ids) // cfg.embed.batch_size), 4 * cfg.embed.num_actors)
@@ -109,24 +110,17 @@ def embed_parquet(ctx, path: Path, name: str) -> tuple[pa.Table, dict[str, int]]
         num_gpus=cfg.ray.num_gpus_per_worker or None,
     )
     tables = [pa.Table.from_pandas(b, preserve_index=False) for b in emb.iter_batches(batch_format="pandas")]
+    # Exactly the train rows, each once, in id order: a retried block (a killed actor) may add copies, and Ray
+    # Data's output order varies from run to run, which would change the k-means that reads this file.
     tbl = pa.concat_tables(tables).sort_by("id")
     keep, repaired = exact_rows(np.asarray(tbl.column("id").to_pylist(), dtype=object), set(map(str, ids)))
     if repaired["duplicates"] or repaired["extra"]:
-        ctx.log(f"[{name}] dropped {repaired['duplicates']} duplicated and {repaired['extra']} unknown rows")
+        ctx.log(f"[embed] dropped {repaired['duplicates']} duplicated and {repaired['extra']} unknown rows")
     tbl = tbl.take(pa.array(keep))
     dim = len(tbl.column("embedding")[0].as_py())
     tbl = tbl.set_column(tbl.schema.get_field_index("embedding"), "embedding",
                          pa.array([np.asarray(e, np.float32) for e in tbl.column("embedding").to_pylist()],
                                   pa.list_(pa.float32(), dim)))
-    return tbl, repaired
-
-
-def run_embed(ctx):
-    from raydebias.core import StageResult
-
-    out = ctx.stage_dir("embed")
-    tbl, repaired = embed_parquet(ctx, ctx.run_dir / "stages" / "data" / "train.parquet", "embed")
-    dim = len(tbl.column("embedding")[0].as_py())
     with atomic_path(out / "train.parquet") as tmp:
         pq.write_table(tbl, tmp)
     ctx.log(f"[embed] {tbl.num_rows} train images → {dim}-d CLIP embeddings")

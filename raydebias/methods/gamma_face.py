@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from raydebias.config import RESOURCE, Block
-from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.core import Method, Stage, SyntheticSet, get_method, register
 from raydebias.diffusion.base import editing_base
 from raydebias.methods.shared import TRAIN_READS
 
@@ -163,8 +163,6 @@ def _stages(cfg) -> list[Stage]:
 
 def _check(cfg) -> None:
     """The labeler is another classifier method of the same run (it trains first)."""
-    from raydebias.core import get_method
-
     labelers = [m for m in cfg.methods if m != "gamma_face" and get_method(m).classifier]
     if cfg.gamma_face.labeler not in labelers:
         raise ValueError(f"gamma_face.labeler={cfg.gamma_face.labeler!r} must be another method of this run "
