@@ -23,6 +23,9 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
         address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         _keep_token_in_env_if_home_is_read_only(log)
+        # Ray Train 2.60 patches print() in its workers to tee each line to the worker's stdout *and* its logger,
+        # so every line reached run.log twice; the cluster started here (and its workers) inherits this.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ray.init(
             address="local",  # a new cluster even when `ray start` left one (and its address file) on this host
             num_cpus=cfg.num_cpus or os.cpu_count(),
