@@ -1,6 +1,8 @@
 """Stage/method declarations: every configured method is registered and self-consistent, cache keys come from
 the config models (resource fields left out), the graph sorts topologically."""
 
+from pathlib import Path
+
 import pytest
 
 from raydebias.config import ConfigError, dump_config, load_config
@@ -146,13 +148,17 @@ def test_a_method_key_no_method_of_the_run_reads_is_named(tmp_path, capsys):
     assert main(["validate", "raydebias/configs/demo.yaml", "--set", "diffinject.gamma=0.5", *run]) == 2
     assert "--set diffinject.gamma=0.5: no method of this run (clustered_dreambooth, erm, groupdro)" in \
         capsys.readouterr().err
-    # full.yaml run with DiffInject alone on a pretrained base model: no ddpm model is trained, so the file's
-    # ddb.guidance_scale does nothing — a warning, the run goes on
+    # full.yaml (with a non-default amplifier guidance) run with DiffInject alone on a pretrained base model: no
+    # ddpm model is trained, so the file's ddb.guidance_scale does nothing — a warning, the run goes on
     (tmp_path / "sd").mkdir()
-    assert main(["validate", "raydebias/configs/full.yaml", "--set", "method=diffinject", "--set", "baselines=[erm]",
+    text = Path("raydebias/configs/full.yaml").read_text()
+    assert "guidance_scale: 2.0, amplifier_epochs" in text
+    (tmp_path / "full.yaml").write_text(text.replace("guidance_scale: 2.0, amplifier_epochs",
+                                                     "guidance_scale: 3.0, amplifier_epochs"))
+    assert main(["validate", str(tmp_path / "full.yaml"), "--set", "method=diffinject", "--set", "baselines=[erm]",
                  "--set", "models.source=pretrained", "--set", f"models.diffusion.pretrained={tmp_path}/sd",
                  "--set", "stages=[data,diffusion,mine,inject,train,evaluate,report]", *run]) == 0
-    assert "# warning: no method of this run reads ddb.guidance_scale=5.0" in capsys.readouterr().err
+    assert "# warning: no method of this run reads ddb.guidance_scale=3.0" in capsys.readouterr().err
 
 
 def test_a_method_is_one_module(monkeypatch):
