@@ -323,6 +323,9 @@ class EvaluateConfig(Block):
     batch_size: int = Field(512, ge=1)
     fidelity: bool = Field(True, description="score every synthetic set with class/bias probes trained on val, and CAS")
     fidelity_epochs: int = Field(8, ge=1, description="epochs of the fidelity probes and of the CAS classifier")
+    fidelity_probes: int = Field(1, ge=1, description="backbones per fidelity probe (an ensemble from different "
+                                                      "seeds, softmax averaged): less probe-seed noise, that many "
+                                                      "times the probe training time")
 
 
 class ReportConfig(Block):

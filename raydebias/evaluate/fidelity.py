@@ -5,7 +5,9 @@ batches, so that neither can read one attribute off the other: a class probe (y)
 synthetic image made for (y, a) is scored by both; per-group fractions are summarised over the bias-aligned and
 the bias-conflicting groups (unweighted means over groups). CAS (classification accuracy score, Ravuri & Vinyals
 2019) trains the same backbone on the synthetic set alone and reports its unbiased accuracy (AGA) on real test —
-a measurement, never used to select anything. Generators without a target group (Diffusing DeBias's class-only
+a measurement, never used to select anything. With ``probes`` > 1 each probe is an ensemble of that many
+backbones trained from different seeds (softmax averaged): one probe's seed moves the fidelity of a synthetic set
+by several points (BENCHMARKS.md, "probe variance"), an ensemble less. Generators without a target group (Diffusing DeBias's class-only
 prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead (``describe_unconditional``).
 README, "Generation fidelity".
 """
@@ -53,6 +55,25 @@ def fit_backbone(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: Classifier
     return model.eval()
 
 
+class ProbeEnsemble(torch.nn.Module):
+    """Backbones trained from different seeds; ``forward`` returns the mean of their softmax outputs."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.softmax(m(x), 1) for m in self.members]).mean(0)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: ClassifierModelConfig, groups: np.ndarray,
+              epochs: int, seed: int, members: int = 1) -> torch.nn.Module:
+    """One backbone (``members`` = 1) or a :class:`ProbeEnsemble` of ``members`` backbones seeded ``seed + 10·k``."""
+    fits = [fit_backbone(x, y, num_classes, cfg, groups=groups, epochs=epochs, seed=seed + 10 * k)
+            for k in range(members)]
+    return fits[0] if members == 1 else ProbeEnsemble(fits).eval()
+
+
 @torch.no_grad()
 def predict_labels(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     out = [model(to_model_input(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]
@@ -67,27 +88,29 @@ class Probes:
     bias_probe: torch.nn.Module | None
     info: dict[str, Any]
     accuracy: dict[str, float | None]
+    members: int = 1
 
     def summary(self) -> dict[str, Any]:
-        return {"trained_on": "val (group-balanced batches)", "probe_test_accuracy": self.accuracy}
+        return {"trained_on": "val (group-balanced batches)", "probe_test_accuracy": self.accuracy,
+                "members": self.members}
 
 
 def train_probes(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, info: dict[str, Any],
-                 cfg: ClassifierModelConfig, epochs: int = 10, seed: int = 0) -> Probes:
-    """Fit the class and bias probes on ``val`` (``x``, ``y``, ``a``); their accuracy on ``test`` is the ceiling
-    a perfect generator would score."""
+                 cfg: ClassifierModelConfig, epochs: int = 10, seed: int = 0, members: int = 1) -> Probes:
+    """Fit the class and bias probes on ``val`` (``x``, ``y``, ``a``), each an ensemble of ``members`` backbones;
+    their accuracy on ``test`` is the ceiling a perfect generator would score."""
     C, B = info["num_classes"], info["num_bias"]
     has_bias = B is not None and len(val["a"]) > 0 and bool((val["a"] >= 0).all())
     groups = val["y"] * B + val["a"] if has_bias else val["y"]
-    cp = fit_backbone(val["x"], val["y"], C, cfg, groups=groups, epochs=epochs, seed=seed)
-    bp = fit_backbone(val["x"], val["a"], B, cfg, groups=groups, epochs=epochs, seed=seed + 1) if has_bias else None
+    cp = fit_probe(val["x"], val["y"], C, cfg, groups, epochs, seed, members)
+    bp = fit_probe(val["x"], val["a"], B, cfg, groups, epochs, seed + 1, members) if has_bias else None
     acc: dict[str, float | None] = {"class": None, "bias": None}
     if test is not None and len(test["y"]):
         acc["class"] = float((predict_labels(cp, test["x"]) == test["y"]).mean())
         known = test["a"] >= 0
         if bp is not None and known.any():
             acc["bias"] = float((predict_labels(bp, test["x"][known]) == test["a"][known]).mean())
-    return Probes(cp, bp, info, acc)
+    return Probes(cp, bp, info, acc, members)
 
 
 def _mean(v: list[float]) -> float | None:
@@ -176,7 +199,7 @@ def synthetic_sets(methods: list) -> list[dict[str, Any]]:
 
 def measure_run(run_dir, methods: list, info: dict[str, Any], val: dict, test: dict,
                 cfg: ClassifierModelConfig, train: dict | None = None, seed: int = 0, epochs: int = 8,
-                log=None) -> dict[str, Any] | None:
+                log=None, probe_members: int = 1) -> dict[str, Any] | None:
     """Fidelity (and CAS) of every synthetic set the run's ``methods`` (registered declarations) wrote under
     ``run_dir/stages``."""
     from pathlib import Path
@@ -189,7 +212,7 @@ def measure_run(run_dir, methods: list, info: dict[str, Any], val: dict, test: d
     sets = [s for s in synthetic_sets(methods) if (st / s["path"]).exists()]
     if not sets or not len(val["y"]):
         return None
-    probes = train_probes(val, test, info, cfg, epochs=epochs, seed=seed)
+    probes = train_probes(val, test, info, cfg, epochs=epochs, seed=seed, members=probe_members)
     out: dict[str, Any] = {"probes": probes.summary(), "sets": {}}
     for s in sets:
         if s["target"] == "samples":

@@ -115,7 +115,8 @@ def run_evaluate(ctx):
         needs_train = any(st["target"] == "style" for st in synthetic_sets(ctx.methods))
         train = load_split(data_dir / "train.parquet", info["image_size"]) if needs_train else None
         fidelity = measure_run(ctx.run_dir, ctx.methods, info, splits["val"], splits["test"], cfg.models.classifier,
-                               train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log)
+                               train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log,
+                               probe_members=cfg.evaluate.fidelity_probes)
     if fidelity:
         report.setdefault("generation", {})["fidelity"] = fidelity
         for r in rows:  # the set each classifier trained on, in its row

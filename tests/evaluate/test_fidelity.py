@@ -10,7 +10,8 @@ from PIL import Image
 
 from raydebias.config import ClassifierModelConfig, ColoredMNISTConfig
 from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.evaluate.fidelity import cas, describe_unconditional, group_fidelity, synthetic_sets, train_probes
+from raydebias.evaluate.fidelity import (ProbeEnsemble, cas, describe_unconditional, fit_backbone, group_fidelity,
+                                         predict_labels, synthetic_sets, train_probes)
 
 CFG = ClassifierModelConfig(arch="cnn", width=16)
 
@@ -53,6 +54,25 @@ def test_real_test_images_score_the_probes_own_accuracy(data, probes):
     assert np.average([g["class"] for g in groups.values()], weights=n) == pytest.approx(res["class_fidelity"])
     kinds = [g["kind"] for g in groups.values()]
     assert kinds.count("aligned") == 10 and kinds.count("conflicting") == 90
+
+
+def test_an_ensemble_probe_averages_its_members_softmax(data):
+    import torch
+
+    val, te = data["val"], data["test"]
+    groups = val["y"] * 10 + val["a"]
+    members = [fit_backbone(val["x"], val["y"], 10, CFG, groups=groups, epochs=2, seed=s) for s in (0, 10)]
+    ens = ProbeEnsemble(members).eval()
+    with torch.no_grad():
+        from raydebias.data.transforms import to_model_input
+
+        x = to_model_input(te["x"])
+        mean = (torch.softmax(members[0](x), 1) + torch.softmax(members[1](x), 1)) / 2
+    np.testing.assert_array_equal(predict_labels(ens, te["x"]), mean.argmax(1).numpy())
+    # train_probes builds the same members (seeds seed, seed + 10) and says how many in its summary
+    pr = train_probes(val, te, data["info"], CFG, epochs=2, seed=0, members=2)
+    assert pr.summary()["members"] == 2 and isinstance(pr.class_probe, ProbeEnsemble)
+    np.testing.assert_array_equal(predict_labels(pr.class_probe, te["x"]), predict_labels(ens, te["x"]))
 
 
 def test_noise_scores_chance(data, probes):
