@@ -7,7 +7,8 @@ time of each run. Run-to-run spread on 2 CPU cores is several points, so claims 
     python bench/seeds.py configs/full.yaml --seeds 0 1 --out runs/seeds-full
 
 A finished seed's run directory is reused (``raydebias run`` skips completed stages), so an interrupted bench
-resumes. ``--json`` also writes the table as JSON next to the run directories.
+resumes. The fidelity probes are ensembles of ``--probes`` backbones (``evaluate.fidelity_probes``, default 3: one
+probe's seed moves the fidelity numbers by several points; docs/metrics.md). ``--json`` also writes the table as JSON next to the run directories.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", required=True, help="parent directory of the per-seed run directories")
     ap.add_argument("--set", action="append", default=[], metavar="K=V")
+    ap.add_argument("--probes", type=int, default=3, help="evaluate.fidelity_probes (backbones per fidelity probe)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -62,7 +64,7 @@ def main() -> int:
     for seed in args.seeds:
         d = out / f"seed{seed}"
         cmd = ["raydebias", "run", args.config, "--run-dir", str(d), "--set", f"seed={seed}",
-               "--set", f"data.builtin.seed={seed}"]
+               "--set", f"data.builtin.seed={seed}", "--set", f"evaluate.fidelity_probes={args.probes}"]
         for kv in args.set:
             cmd += ["--set", kv]
         t0 = time.perf_counter()
