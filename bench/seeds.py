@@ -8,7 +8,8 @@ time of each run. Run-to-run spread on 2 CPU cores is several points, so claims 
 
 A finished seed's run directory is reused (``raydebias run`` skips completed stages), so an interrupted bench
 resumes. The fidelity probes are ensembles of ``--probes`` backbones (``evaluate.fidelity_probes``, default 3: one
-probe's seed moves the fidelity numbers by several points; docs/metrics.md). ``--json`` also writes the table as JSON next to the run directories.
+probe's seed moves the fidelity numbers by several points; docs/metrics.md). ``--json`` also writes the table as
+JSON next to the run directories.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ batches, so that neither can read one attribute off the other: a class probe (y)
 synthetic image made for (y, a) is scored by both; per-group fractions are summarised over the bias-aligned and
 the bias-conflicting groups (unweighted means over groups). CAS (classification accuracy score, Ravuri & Vinyals
 2019) trains the same backbone on the synthetic set alone and reports its unbiased accuracy (AGA) on real test —
-a measurement, never used to select anything. With ``probes`` > 1 each probe is an ensemble of that many
-backbones trained from different seeds (softmax averaged): one probe's seed moves the fidelity of a synthetic set
-by several points (BENCHMARKS.md, "probe variance"), an ensemble less. Generators without a target group (Diffusing DeBias's class-only
-prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead (``describe_unconditional``).
+a measurement, never used to select anything. With ``evaluate.fidelity_probes`` > 1 each probe is an ensemble of
+that many backbones trained from different seeds (softmax averaged): one probe's seed moves the fidelity of a
+synthetic set by several points (BENCHMARKS.md, "probe variance"), an ensemble less. Generators without a target
+group (Diffusing DeBias's class-only prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead (``describe_unconditional``).
 README, "Generation fidelity".
 """
 
