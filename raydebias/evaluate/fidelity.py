@@ -8,8 +8,8 @@ the bias-conflicting groups (unweighted means over groups). CAS (classification 
 a measurement, never used to select anything. With ``evaluate.fidelity_probes`` > 1 each probe is an ensemble of
 that many backbones trained from different seeds (softmax averaged): one probe's seed moves the fidelity of a
 synthetic set by several points (BENCHMARKS.md, "probe variance"), an ensemble less. Generators without a target
-group (Diffusing DeBias's class-only prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead (``describe_unconditional``).
-README, "Generation fidelity".
+group (Diffusing DeBias's class-only prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead
+(``describe_unconditional``). README, "Generation fidelity".
 """
 
 from __future__ import annotations
