@@ -88,7 +88,12 @@ class Probes:
     bias_probe: torch.nn.Module | None
     info: dict[str, Any]
     accuracy: dict[str, float | None]
-    members: int = 1
+
+    @property
+    def members(self) -> int:
+        """Backbones per probe (``evaluate.fidelity_probes``)."""
+        p = self.class_probe
+        return len(p.members) if isinstance(p, ProbeEnsemble) else 1
 
     def summary(self) -> dict[str, Any]:
         return {"trained_on": "val (group-balanced batches)", "probe_test_accuracy": self.accuracy,
@@ -110,7 +115,7 @@ def train_probes(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None,
         known = test["a"] >= 0
         if bp is not None and known.any():
             acc["bias"] = float((predict_labels(bp, test["x"][known]) == test["a"][known]).mean())
-    return Probes(cp, bp, info, acc, members)
+    return Probes(cp, bp, info, acc)
 
 
 def _mean(v: list[float]) -> float | None:
