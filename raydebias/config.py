@@ -233,6 +233,11 @@ class DiffusionTrainConfig(Block):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after a linear warm-up")
     word_dropout: float = Field(0.15, ge=0, le=1, description="drop the class word (and the bias word unless set)")
     bias_word_dropout: float | None = Field(None, ge=0, le=1, description="drop the bias word; null = word_dropout")
+    balanced_word_dropout: bool = Field(
+        False, description="scale both word-dropout rates per (class, bias) group by u_g/m_g (u uniform over the "
+                           "present groups, m the training draw distribution): the same average rate, but the "
+                           "captions that lost a word are drawn group-balanced, so the class word alone does not "
+                           "learn the class's majority bias (BENCHMARKS.md, round 7; needs bias labels)")
     caption_dropout: float = Field(
         0.19, ge=0, le=1, description="empty caption (for classifier-free guidance); 0.19 = the rate every measured "
                                       "run trained with (a hidden 0.1 used to be applied before this field's 0.1)")

@@ -49,19 +49,35 @@ def model_path(run_dir: Path, spec: dict) -> str:
     return str(Path(run_dir) / spec["path"]) if spec.get("run_relative") else spec["path"]
 
 
+def balanced_dropout_scale(groups: np.ndarray, draw_probs: np.ndarray | None = None) -> dict[int, float]:
+    """Per group g: u_g / m_g, with u uniform over the present groups and m the probability that a training draw
+    lands in g (``draw_probs`` per row, default uniform over rows). Word-dropout probabilities scaled by it drop a
+    word as often on average (Σ m_g·u_g/m_g = 1), but the captions that lost a word are drawn uniformly over the
+    groups, so the remaining word is not taught the other factor's majority value (BENCHMARKS.md, round 7)."""
+    groups = np.asarray(groups)
+    m = np.full(len(groups), 1.0 / len(groups)) if draw_probs is None else np.asarray(draw_probs, float)
+    m = m / m.sum()
+    present = np.unique(groups)
+    return {int(g): float((1.0 / len(present)) / m[groups == g].sum()) for g in present}
+
+
 def word_dropout(template: str, class_names: list[str], bias_names: list[str] | None, p_word: float,
-                 p_all: float, p_bias: float | None = None):
+                 p_all: float, p_bias: float | None = None, group_scale: dict[int, float] | None = None):
     """Per-factor caption dropout: drop the class word (``p_word``) or the bias word (``p_bias``, default
     ``p_word``) or everything (``p_all``), so that class and bias are learned as separate, recombinable words
     (docs/methods/bootstrap.md). In a biased set the bias word alone predicts the class; dropping it more often
-    makes the class word carry the class's appearance."""
+    makes the class word carry the class's appearance. ``group_scale`` (group y·B + a → factor, from
+    :func:`balanced_dropout_scale`) scales both word probabilities per group, capped at 1."""
     p_bias = p_word if p_bias is None else p_bias
     from raydebias.generate.plan import describe
+
+    B = len(bias_names) if bias_names else 1
 
     def fn(caption: str, rng: np.random.Generator, y: int, a: int | None) -> str:
         if rng.random() < p_all:
             return ""
-        drop_class, drop_bias = rng.random() < p_word, rng.random() < p_bias
+        r = group_scale.get(int(y) * B + int(a), 1.0) if group_scale is not None and a is not None else 1.0
+        drop_class, drop_bias = rng.random() < min(1.0, p_word * r), rng.random() < min(1.0, p_bias * r)
         cls = "" if drop_class else class_names[y]
         bias = None if (drop_bias or a is None or bias_names is None) else bias_names[a]
         return describe(template, cls, bias) if (cls or bias) else ""
@@ -113,8 +129,6 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     tr = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])
     has_bias = use_bias and info["num_bias"] is not None and bool((tr["a"] >= 0).all())
     caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"], template)
-    drop = word_dropout(template, info["class_names"], info["bias_names"] if has_bias else None,
-                        cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     weights = None
@@ -123,6 +137,11 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         # is bias-conflicting, so the class word, not the bias word, has to explain the shape there
         weights = group_mixture_probs(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_mix,
                                       cfg.diffusion.group_balance)
+    scale = balanced_dropout_scale(tr["y"] * info["num_bias"] + tr["a"], weights) \
+        if has_bias and cfg.diffusion.balanced_word_dropout else None
+    drop = word_dropout(template, info["class_names"], info["bias_names"] if has_bias else None,
+                        cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout,
+                        group_scale=scale)
     guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
         if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
