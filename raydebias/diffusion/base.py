@@ -132,13 +132,12 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
     factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
     weights = None
+    groups = tr["y"] * info["num_bias"] + tr["a"] if has_bias else None
     if has_bias and (cfg.diffusion.group_balance > 0 or cfg.diffusion.group_mix > 0):
         # draw the rare (class, bias) pairs more often: with group_mix 0.5 about a third of each 99 %-aligned batch
         # is bias-conflicting, so the class word, not the bias word, has to explain the shape there
-        weights = group_mixture_probs(tr["y"] * info["num_bias"] + tr["a"], cfg.diffusion.group_mix,
-                                      cfg.diffusion.group_balance)
-    scale = balanced_dropout_scale(tr["y"] * info["num_bias"] + tr["a"], weights) \
-        if has_bias and cfg.diffusion.balanced_word_dropout else None
+        weights = group_mixture_probs(groups, cfg.diffusion.group_mix, cfg.diffusion.group_balance)
+    scale = balanced_dropout_scale(groups, weights) if has_bias and cfg.diffusion.balanced_word_dropout else None
     drop = word_dropout(template, info["class_names"], info["bias_names"] if has_bias else None,
                         cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout,
                         group_scale=scale)
