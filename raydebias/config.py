@@ -188,7 +188,9 @@ class TrainConfig(Block):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, json_schema_extra=RESOURCE, ge=0,
+                             description="Ray Train workers (DDP over them); 0 = Ray Train's local mode in one Ray "
+                                         "task (no worker group: ~13 s less per fit on 2 cores, BENCHMARKS.md)")
     cpus_per_worker: float = Field(1.0, gt=0)
     augment: bool = True
     groupdro_eta: float = Field(0.01, gt=0, description="GroupDRO step size for the group weights q")
@@ -260,6 +262,9 @@ class DiffusionTrainConfig(Block):
         True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
                           "49408×width entries every step; the layers above learn the few caption words)")
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
+    num_workers: int = Field(1, json_schema_extra=RESOURCE, ge=0, le=1,
+                             description="1 = one Ray Train worker; 0 = Ray Train's local mode in one Ray task "
+                                         "(no worker group, BENCHMARKS.md \"Round 8\"); also used by the ddpm stage")
     checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0, description="steps between resumable checkpoints (a restarted worker or "
                                                          "a rerun after a killed driver continues there); 0 = off")
     guard_every: int = Field(100, ge=0, description="steps between conditioning-guard checks on the val split "

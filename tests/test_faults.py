@@ -99,9 +99,11 @@ def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
     assert 1 <= meta["best_epoch"] <= 8
 
 
-def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, index: int):
+def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, index: int,
+                               marker: str = "RayTrainWorker"):
     """Run ``args``; when a line contains ``trigger``, SIGKILL Ray Train worker ``index`` of the ``workers`` it
-    has. Returns the process (ended), its whole output, the output after the kill and the killed pid."""
+    has (processes whose command line holds ``marker``: ``_fit_local`` finds the Ray task of local mode).
+    Returns the process (ended), its whole output, the output after the kill and the killed pid."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
@@ -113,7 +115,7 @@ def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, inde
                 after.append(line)
             elif trigger in line:
                 found = [c for c in psutil.Process(p.pid).children(recursive=True)
-                         if "RayTrainWorker" in " ".join(c.cmdline())]
+                         if marker in " ".join(c.cmdline())]
                 assert len(found) == workers, f"expected {workers} Ray Train worker(s), found {len(found)}"
                 killed = found[index].pid
                 os.kill(killed, signal.SIGKILL)
@@ -125,16 +127,20 @@ def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, inde
 
 
 @pytest.mark.timeout(600)
-def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path):
-    """SIGKILL the Ray Train worker of the diffusion stage mid-fit: Ray Train restarts it (max_failures=1) and it
+@pytest.mark.parametrize("num_workers", [1, 0], ids=["worker-group", "local-mode"])
+def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path, num_workers):
+    """SIGKILL the process that trains the diffusion model mid-fit — the Ray Train worker, or in local mode the
+    Ray task — : Ray Train restarts the worker (max_failures=1), Ray retries the task (max_retries=1), and either
     continues from the last checkpoint, not from step 0."""
     run_dir = tmp_path / "run"
     args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in ("data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_test=20", "stages=[data,diffusion]",
                "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=800", "diffusion.batch_size=16",
-               "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false"):
+               "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false",
+               f"diffusion.num_workers={num_workers}"):
         args += ["--set", kv]
-    p, log, _, killed = run_killing_a_train_worker(args, "diffusion step 200/800", workers=1, index=0)
+    p, log, _, killed = run_killing_a_train_worker(args, "diffusion step 200/800", workers=1, index=0,
+                                                   marker="RayTrainWorker" if num_workers else "_fit_local")
     assert killed and p.returncode == 0, log[-3000:]
     resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/800", log)]
     # a checkpoint taken before the kill (200, or an earlier one: Ray Train registers reported checkpoints

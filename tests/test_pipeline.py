@@ -57,6 +57,19 @@ def test_end_to_end_outputs(tiny_run):
     assert (tiny_run / "stages" / "train" / "erm" / "model.safetensors").exists()
 
 
+def test_local_mode_trains_the_same_classifiers(tiny_run, tmp_path):
+    """``train.num_workers=0`` (Ray Train's local mode in one Ray task) trains the same weights, bit for bit, as
+    the one-worker group of ``tiny_run``: the same loop, seeds and thread count, without the worker group."""
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tmp_path}", "train.num_workers=0", "stages=[data,train]"]),
+                 log=lambda m: None)
+    for method in ("erm", "groupdro"):
+        local = tmp_path / "stages" / "train" / method
+        assert (local / "model.safetensors").read_bytes() == \
+            (tiny_run / "stages" / "train" / method / "model.safetensors").read_bytes(), method
+        assert json.loads((local / "meta.json").read_text())["best_epoch"] == 1
+    assert not any((tmp_path / "stages" / "train" / "_ray").iterdir())  # the local checkpoints are cleaned up
+
+
 def test_rerun_skips_everything(tiny_run):
     model = tiny_run / "stages" / "train" / "erm" / "model.safetensors"
     before = model.stat().st_mtime_ns

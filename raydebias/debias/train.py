@@ -87,6 +87,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    from raydebias._internal.ray_utils import get_checkpoint, report
     from raydebias.debias import RECIPES
     from raydebias.evaluate.metrics import group_metrics
 
@@ -109,7 +110,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     start, best_score, best_epoch = 0, -math.inf, -1
     best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
     opt_state = recipe_state = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = get_checkpoint()
     if ckpt:  # resume after a worker failure
         with ckpt.as_directory() as d:
             core.load_state_dict(load_file(f"{d}/model.safetensors"))
@@ -200,13 +201,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 save_file(rs, f"{tmp}/recipe.safetensors")
             Path(f"{tmp}/state.json").write_text(json.dumps(
                 {"step": step, "best_score": best_score, "best_epoch": best_epoch}))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            checkpoint = tmp
             print(f"[train/{config['method']}] {ph['name']} epoch {epoch + 1}/{ph['epochs']} "
                   f"loss {metrics['train_loss']:.4f}{msg}", flush=True)
         metrics["best_epoch"] = best_epoch
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # report() persisted it to the run's storage
+        report(metrics, checkpoint)  # persists the checkpoint directory, then removes it
     return {"best_epoch": best_epoch, "best_score": best_score}
 
 
@@ -220,13 +219,12 @@ def baseline_phases(method: str, epochs: int) -> list[dict[str, Any]]:
 
 def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: dict[str, dict] | None = None,
                    summary: dict[str, Any] | None = None, out_name: str | None = None):
-    """Train ``phases`` with ``TorchTrainer``; write the val-selected model (the last one when no phase has
-    ``select``) to ``stages/<out_name>/`` (default ``train/<method>``)."""
+    """Train ``phases`` through Ray Train (:func:`~raydebias._internal.ray_utils.fit_torch`); write the
+    val-selected model (the last one when no phase has ``select``) to ``stages/<out_name>/`` (default
+    ``train/<method>``)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from raydebias._internal.ray_utils import keyed_train_run
+    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
     from raydebias.core import StageResult
 
     cfg = ctx.cfg
@@ -254,26 +252,15 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         resources["GPU"] = cfg.ray.num_gpus_per_worker
     storage = ctx.run_dir / "stages" / "train" / "_ray"
     run_name = keyed_train_run(storage, method.replace("/", "_"), getattr(ctx, "node_key", None))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    ctx.log(f"[train/{method}] TorchTrainer: {tc.num_workers} worker(s) × {resources}, phases "
+    mode = f"{tc.num_workers} worker(s)" if tc.num_workers else "local mode (one Ray task)"
+    ctx.log(f"[train/{method}] Ray Train, {mode} × {resources}, phases "
             + ", ".join(f"{p['name']}×{p['epochs']} on {p['data']} ({len(datasets[p['data']]['y'])} rows)" for p in phases)
             + f"; select by val {select_by}")
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
+    ckpt = fit_torch(train_loop, loop_config, num_workers=tc.num_workers, resources=resources, storage=storage,
+                     name=run_name, max_failures=tc.max_failures)
+    if ckpt is None:
         raise RuntimeError(f"train/{method}: no checkpoint was reported")
-    with result.checkpoint.as_directory() as d:
+    with ckpt.as_directory() as d:
         state = json.loads(Path(f"{d}/state.json").read_text())
         with atomic_path(out / "model.safetensors") as tmp:
             shutil.copyfile(f"{d}/best.safetensors", tmp)

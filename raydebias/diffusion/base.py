@@ -193,15 +193,14 @@ def load_train_state(d: Path) -> dict:
 
 
 def _train_loop(config: dict) -> None:
-    """Ray Train worker: :func:`train_task`, reporting a resumable checkpoint every ``diffusion.checkpoint_every``
+    """Ray Train loop: :func:`train_task`, reporting a resumable checkpoint every ``diffusion.checkpoint_every``
     steps (a restarted worker continues from the last one), then the stats (``stats.json``) as the final one."""
-    import shutil
     import tempfile
 
-    import ray.train
+    from raydebias._internal.ray_utils import get_checkpoint, report
 
     resume = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if (Path(d) / "state.pt").exists():
@@ -210,46 +209,37 @@ def _train_loop(config: dict) -> None:
     def on_checkpoint(step: int, state: dict) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="diffusion-ckpt-"))
         save_train_state(tmp, state)
-        ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        shutil.rmtree(tmp, ignore_errors=True)  # persisted to the run's storage by report()
+        report({"step": step}, tmp)
 
     stats = train_task(**config, resume=resume, on_checkpoint=on_checkpoint)
     tmp = Path(tempfile.mkdtemp(prefix="diffusion-stats-"))
     atomic_write_json(tmp / "stats.json", stats)
-    ray.train.report({"loss_last": stats["loss_last"]}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-    shutil.rmtree(tmp, ignore_errors=True)  # persisted to the run's storage by report()
+    report({"loss_last": stats["loss_last"]}, tmp)
 
 
 def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, lr: float, num_cpus: float,
-                   use_bias: bool = True) -> dict:
-    """Train the bootstrap model through Ray Train (``TorchTrainer``, one worker of ``num_cpus`` CPUs, on a GPU when
-    ``ray.num_gpus_per_worker``; one restart on failure, resumed from the last checkpoint) and return its stats. The worker writes the model to the
-    run directory (the run directory is shared storage on a cluster, as for every stage)."""
+                   use_bias: bool = True, num_workers: int = 1) -> dict:
+    """Train the bootstrap model through Ray Train (:func:`~raydebias._internal.ray_utils.fit_torch`: one
+    ``TorchTrainer`` worker of ``num_cpus`` CPUs, on a GPU when ``ray.num_gpus_per_worker``, or local mode in one
+    Ray task with ``num_workers=0``; one restart on failure, resumed from the last checkpoint) and return its stats.
+    The loop writes the model to the run directory (shared storage on a cluster, as for every stage)."""
     import shutil
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
 
     ctx.ensure_ray()
     gpus = ctx.cfg.ray.num_gpus_per_worker
     resources = {"CPU": num_cpus, **({"GPU": gpus} if gpus else {})}
-    from raydebias._internal.ray_utils import keyed_train_run
-
     storage = ctx.run_dir / "stages" / stage / "_ray"
     name = keyed_train_run(storage, stage, getattr(ctx, "node_key", None))
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"run_dir": str(ctx.run_dir), "cfg_json": ctx.cfg.model_dump_json(),
-                           "threads": max(1, int(num_cpus)), "out_stage": stage, "template": template,
-                           "steps": steps, "batch_size": batch_size, "lr": lr, "use_bias": use_bias},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:
+    config = {"run_dir": str(ctx.run_dir), "cfg_json": ctx.cfg.model_dump_json(), "threads": max(1, int(num_cpus)),
+              "out_stage": stage, "template": template, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "use_bias": use_bias}
+    ckpt = fit_torch(_train_loop, config, num_workers=min(num_workers, 1), resources=resources, storage=storage,
+                     name=name, max_failures=1)
+    if ckpt is None:
+        raise RuntimeError(f"{stage}: no checkpoint was reported")
+    with ckpt.as_directory() as d:
         stats = json.loads((Path(d) / "stats.json").read_text())
     shutil.rmtree(storage, ignore_errors=True)
     return stats
@@ -269,7 +259,8 @@ def run_diffusion(ctx):
         return StageResult([ctx.rel(out / "model.json")], {"source": "pretrained"})
     d = cfg.diffusion
     ctx.log(f"[diffusion] training the bootstrap text-to-image model: {d.steps} steps, batch {d.batch_size}")
-    stats = run_train_task(ctx, "diffusion", cfg.data.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus)
+    stats = run_train_task(ctx, "diffusion", cfg.data.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus,
+                           num_workers=d.num_workers)
     atomic_write_json(out / "model.json", {"path": ctx.rel(out / "model"), "run_relative": True, "dtype": "float32"})
     ctx.log(f"[diffusion] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

@@ -27,7 +27,8 @@ def run_ddpm(ctx):
                 "biased split (the bootstrap architecture of models.diffusion), as Diffusing DeBias prescribes")
     ctx.log(f"[ddpm] class-conditional diffusion on the biased train split: {d.steps} steps, batch {d.batch_size}, "
             f"captions {d.prompt_template!r}")
-    stats = run_train_task(ctx, "ddpm", d.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus, use_bias=False)
+    stats = run_train_task(ctx, "ddpm", d.prompt_template, d.steps, d.batch_size, d.lr, d.num_cpus, use_bias=False,
+                           num_workers=cfg.diffusion.num_workers)
     atomic_write_json(out / "model.json", {"path": ctx.rel(out / "model"), "run_relative": True})
     ctx.log(f"[ddpm] done: {stats}")
     return StageResult([ctx.rel(out / "model.json"), ctx.rel(out / "model")], stats)

@@ -210,6 +210,8 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from raydebias._internal.ray_utils import get_checkpoint, report
+
     cfg = {**DEFAULTS, **config}
     _check_objectives(cfg["objectives"])
     torch.set_num_threads(max(1, int(cfg["threads"])))
@@ -223,7 +225,7 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     every = int(cfg.get("checkpoint_every", 0))
 
     resume = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = _load_resume_state(Path(d))
@@ -252,15 +254,14 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
         def on_checkpoint(step: int, opt_state: dict) -> None:
             rngs = _gather(g.get_state(), world)  # a collective: every rank calls it at the same step
             if rank != 0:
-                ray.train.report({"phase": name, "step": step})
+                report({"phase": name, "step": step})
                 return
             tmp = Path(tempfile.mkdtemp(prefix="tiw-ckpt-"))
             weights = {f"done-{k}": v for k, v in states.items()}
             weights["current"] = _state(module)
             _save_resume_state(tmp, {"weights": weights, "phase": name, "step": step, "rng": rngs,
                                      "summary": summary, **opt_state})
-            ray.train.report({"phase": name, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-            shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by report()
+            report({"phase": name, "step": step}, tmp)  # persisted to storage, then removed
         return on_checkpoint
 
     torch.manual_seed(seed)
@@ -308,7 +309,7 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     metrics.update({f"{k}_param_sum": float(sum(v.double().sum() for v in st.values()))  # equal on all ranks (DDP)
                     for k, st in states.items()})
     if rank != 0:
-        ray.train.report(metrics)
+        report(metrics)
         return
     tmp = tempfile.mkdtemp(prefix="tiw-ckpt-")
     for name, st in states.items():
@@ -317,8 +318,7 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     rates = [f"{k} {v['it_per_s'] or 0:.1f} it/s, {v['seconds']:.1f} s" for k, v in summary.items()
              if isinstance(v, dict) and "it_per_s" in v]
     print("[tiw] done: " + "; ".join(rates), flush=True)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by report()
+    report(metrics, tmp)  # persisted to storage, then removed
 
 
 def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
@@ -327,10 +327,8 @@ def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers
     resumed from the last step checkpoint, as is a rerun with the same ``run_key`` after a killed driver); the
     final files land in ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from raydebias._internal.ray_utils import keyed_train_run
+    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
 
     _check_objectives(loop_kwargs.get("objectives", DEFAULTS["objectives"]))
     config = {**DEFAULTS, "threads": cpus_per_worker, "image_size": int(x_bias.shape[1]), **loop_kwargs,
@@ -338,17 +336,11 @@ def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers
                             "ref": ray.put(np.ascontiguousarray(x_ref, np.uint8))}}
     resources: dict[str, float] = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     name = keyed_train_run(Path(storage_path), "tiw", run_key)
-    trainer = TorchTrainer(
-        tiw_train_loop, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(storage_path), name=name, failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    if result.checkpoint is None:
+    ckpt = fit_torch(tiw_train_loop, config, num_workers=num_workers, resources=resources, storage=Path(storage_path),
+                     name=name, max_failures=1)
+    if ckpt is None:
         raise RuntimeError("tiw: no checkpoint was reported")
-    with result.checkpoint.as_directory() as d, atomic_path(out_dir) as tmp:
+    with ckpt.as_directory() as d, atomic_path(out_dir) as tmp:
         shutil.copytree(d, tmp)
     shutil.rmtree(Path(storage_path) / name, ignore_errors=True)  # Ray Train's copies; out_dir keeps the files
     return json.loads((Path(out_dir) / "losses.json").read_text())

@@ -41,7 +41,7 @@ class TIWConfig(Block):
     batch_size: int = Field(64, ge=2)
     block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
     unshuffle: int = Field(4, ge=1)
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=0, description="DDP workers; 0 = Ray Train's local mode in one Ray task")
     cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
     num_samples: int = Field(1000, ge=2)
     sample_steps: int = Field(50, ge=2)
@@ -148,7 +148,7 @@ def run_tiw(ctx):
         ctx.log("[tiw] reusing the trained models (same inputs and config)")
     else:
         ctx.log(f"[tiw] D_bias = train ({len(tr['y'])}), D_ref = {len(pick)} {t.reference_split} rows; "
-                f"{t.num_workers} DDP workers; objectives {t.objectives}")
+                f"{t.num_workers or 'local mode, no'} DDP workers; objectives {t.objectives}")
         summary = fit_tiw(
             tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers,
             cpus_per_worker=t.cpus_per_worker, use_gpu=cfg.ray.num_gpus_per_worker > 0,
@@ -157,9 +157,9 @@ def run_tiw(ctx):
             disc_steps=t.disc_steps, disc_lr=t.disc_lr, steps=t.steps, lr=t.lr, batch_size=t.batch_size,
             objectives=list(t.objectives), checkpoint_every=t.checkpoint_every)
         atomic_write_text(key_file, ctx.node_key)
-    task = ray.remote(num_cpus=t.cpus_per_worker * t.num_workers, max_retries=1, retry_exceptions=True)(measure_task)
-    measured = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), summary["model"],
-                                   max(1, int(t.cpus_per_worker * t.num_workers))))
+    cpus = t.cpus_per_worker * max(1, t.num_workers)
+    task = ray.remote(num_cpus=cpus, max_retries=1, retry_exceptions=True)(measure_task)
+    measured = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), summary["model"], max(1, int(cpus))))
     aligned_train = float((~conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"])).mean())
     stats: dict[str, Any] = {
         "reference": {"split": t.reference_split, "size": int(len(pick)),

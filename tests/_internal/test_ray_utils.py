@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from raydebias._internal.ray_utils import keyed_train_run
 
 
@@ -69,3 +71,105 @@ def test_a_train_worker_line_reaches_the_driver_once(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (p.stdout + p.stderr).count("worker-line-7f3a") == 1, p.stdout[-3000:]
+
+
+def _counting_loop(config):
+    """Reports steps 0..4 with a checkpoint each; fails once at step 2 (a marker file says whether it did)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from raydebias._internal.ray_utils import get_checkpoint, report
+
+    start, starts = 0, []
+    ckpt = get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = json.loads((Path(d) / "state.json").read_text())
+            start, starts = st["step"] + 1, st["starts"]
+    starts = [*starts, start]
+    marker = Path(config["marker"])
+    for step in range(start, 5):
+        if step == 2 and not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("injected failure at step 2")
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "state.json").write_text(json.dumps({"step": step, "starts": starts}))
+        report({"step": step}, tmp)
+        assert not tmp.exists()  # consumed
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_fit_torch_resumes_from_the_last_checkpoint_after_a_failure(ray_cluster, tmp_path, num_workers):
+    """Both modes of ``fit_torch`` (local mode in a Ray task, a one-worker group) restart a failed loop once and
+    resume it at the step after its last checkpoint; the returned checkpoint is the last one reported."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ray import cloudpickle
+
+    from raydebias._internal.ray_utils import fit_torch
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable in workers
+    try:
+        ckpt = fit_torch(_counting_loop, {"marker": str(tmp_path / "marker")}, num_workers=num_workers,
+                         resources={"CPU": 1}, storage=tmp_path / "ray", name="count", max_failures=1)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert (tmp_path / "marker").exists()  # it did fail once
+    with ckpt.as_directory() as d:
+        st = json.loads((Path(d) / "state.json").read_text())
+    assert st == {"step": 4, "starts": [0, 2]}
+
+
+def test_fit_torch_local_mode_gives_up_after_max_failures(ray_cluster, tmp_path):
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    from raydebias._internal.ray_utils import fit_torch
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match="injected failure at step 2"):
+            fit_torch(_counting_loop, {"marker": str(tmp_path / "marker")}, num_workers=0, resources={"CPU": 1},
+                      storage=tmp_path / "ray", name="count", max_failures=0)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_local_checkpoint_replacement_always_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
+    """``checkpoint`` is replaced by two renames; a crash between them leaves ``checkpoint.old``, which is read."""
+    from pathlib import Path
+
+    from raydebias._internal import ray_utils
+
+    run = tmp_path / "run"
+    assert ray_utils._local_checkpoint_dir(run) is None
+    for step in (1, 2):
+        src = tmp_path / f"src{step}"
+        src.mkdir()
+        (src / "step").write_text(str(step))
+        ray_utils._keep_local_checkpoint(run, src)
+        assert (ray_utils._local_checkpoint_dir(run) / "step").read_text() == str(step)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+    src = tmp_path / "src3"
+    src.mkdir()
+    (src / "step").write_text("3")
+    real_rename = Path.rename
+
+    def crash_on_second_rename(self, target):
+        if Path(target).name == "checkpoint":
+            raise OSError("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_second_rename)
+    with pytest.raises(OSError):
+        ray_utils._keep_local_checkpoint(run, src)
+    monkeypatch.undo()
+    assert (ray_utils._local_checkpoint_dir(run) / "step").read_text() == "2"  # the old one, whole
+    ray_utils._keep_local_checkpoint(run, src)  # the next report recovers
+    assert (ray_utils._local_checkpoint_dir(run) / "step").read_text() == "3"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
