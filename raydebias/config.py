@@ -188,7 +188,7 @@ class TrainConfig(Block):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    num_workers: int = Field(1, json_schema_extra=RESOURCE, ge=0,
+    num_workers: int = Field(1, ge=0,
                              description="Ray Train workers (DDP over them); 0 = Ray Train's local mode in one Ray "
                                          "task (no worker group: ~13 s less per fit on 2 cores, BENCHMARKS.md)")
     cpus_per_worker: float = Field(1.0, gt=0)

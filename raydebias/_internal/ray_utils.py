@@ -138,8 +138,6 @@ def _fit_local(loop: Callable[[dict], object], config: dict, storage: str, name:
         _LOCAL_RUN = None
 
 
-
-
 def report(metrics: dict, checkpoint_dir: str | Path | None = None) -> None:
     """``ray.train.report`` for loops run by :func:`fit_torch`; ``checkpoint_dir`` (a temporary directory) is
     consumed: persisted by Ray Train (worker group) or moved to the run's storage (local mode), then removed."""

@@ -235,7 +235,7 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
     config = {"run_dir": str(ctx.run_dir), "cfg_json": ctx.cfg.model_dump_json(), "threads": max(1, int(num_cpus)),
               "out_stage": stage, "template": template, "steps": steps, "batch_size": batch_size, "lr": lr,
               "use_bias": use_bias}
-    ckpt = fit_torch(_train_loop, config, num_workers=min(num_workers, 1), resources=resources, storage=storage,
+    ckpt = fit_torch(_train_loop, config, num_workers=num_workers, resources=resources, storage=storage,
                      name=name, max_failures=1)
     if ckpt is None:
         raise RuntimeError(f"{stage}: no checkpoint was reported")
