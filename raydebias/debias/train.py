@@ -44,6 +44,12 @@ def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray]
     return tr, probs, loss
 
 
+def concat_sets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The union of labelled sets (``x``, ``y``, ``a``; ``a`` = -1 where a set has no bias label)."""
+    return {"x": np.concatenate([d["x"] for d in parts]), "y": np.concatenate([d["y"] for d in parts]),
+            "a": np.concatenate([d.get("a", np.full(len(d["y"]), -1, np.int64)) for d in parts])}
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random translation of each image by up to ``pad`` pixels (zero/background padding + crop)."""
     n, _, h, w = x.shape
@@ -240,12 +246,15 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     tc = cfg.train
     use_gpu = cfg.ray.num_gpus_per_worker > 0
     datasets = {"train": train, "val": val, **(extra_data or {})}
+    for name in {p["data"] for p in phases} - datasets.keys():  # "train+synthetic": the union of named sets
+        datasets[name] = concat_sets([datasets[part] for part in name.split("+")])
     loop_config = {
         "method": method, "seed": cfg.seed, "phases": phases, "batch_size": tc.batch_size, "lr": tc.lr,
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
         "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
         "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
-        "data_refs": {k: ray.put({c: v for c, v in d.items() if c != "id"}) for k, d in datasets.items()},
+        "data_refs": {k: ray.put({c: v for c, v in d.items() if c != "id"}) for k, d in datasets.items()
+                      if k == "val" or k in {p["data"] for p in phases}},
     }
     resources = {"CPU": tc.cpus_per_worker}
     if use_gpu:
@@ -304,9 +313,7 @@ def fit_augmented(ctx, method: str, synthetic):
     xs = pixels_from_column(synthetic.column("pixels").to_pylist(), info["image_size"]) if synthetic.num_rows else \
         np.zeros((0, *tr["x"].shape[1:]), np.uint8)
     ys = synthetic.column("label").to_numpy().astype(np.int64)
-    data = {"x": np.concatenate([tr["x"], xs]), "y": np.concatenate([tr["y"], ys]),
-            "a": np.concatenate([tr["a"], np.full(len(ys), -1, np.int64)])}
-    phases = [{"name": "erm_augmented", "data": "augmented", "recipe": "erm", "epochs": ctx.cfg.train.epochs,
+    phases = [{"name": "erm_augmented", "data": "train+synthetic", "recipe": "erm", "epochs": ctx.cfg.train.epochs,
                "sampler": "uniform", "select": True}]
-    return fit_classifier(ctx, method, phases, extra_data={"augmented": data},
+    return fit_classifier(ctx, method, phases, extra_data={"synthetic": {"x": xs, "y": ys}},
                           summary={"synthetic": int(len(ys)), "real": int(len(tr["y"]))})

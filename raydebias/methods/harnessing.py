@@ -32,10 +32,11 @@ class TwoStageConfig(Block):
     temperature: float = Field(0.07, gt=0)
     epochs_synthetic: int = Field(10, ge=1)
     epochs_llr: int = Field(10, ge=1)
-    llr: Literal["all", "balanced", "groupdro", "ft_balanced"] = Field(
+    llr: Literal["all", "balanced", "groupdro", "ft_balanced", "ft_mixed"] = Field(
         "all", description="stage 2 on the real train split: last layer with class-balanced (LLR_all) or "
-                           "group-balanced batches (LLR_b), last layer with GroupDRO, or the whole network with "
-                           "group-balanced batches (FT_b, the paper's ablation)")
+                           "group-balanced batches (LLR_b), last layer with GroupDRO, the whole network with "
+                           "group-balanced batches (FT_b, the paper's ablation), or the whole network with "
+                           "group-balanced batches of real ∪ synthetic (FT_mix)")
     lr: float = Field(2e-3, gt=0)
     llr_lr: float = Field(1e-2, gt=0)
 

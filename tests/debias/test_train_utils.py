@@ -176,3 +176,27 @@ def test_augment_is_deterministic_given_the_generator_and_identity_without_paddi
     b = _augment(x, torch.Generator().manual_seed(42))
     assert torch.equal(a, b)
     assert torch.equal(_augment(x, torch.Generator().manual_seed(0), pad=0), x)
+
+
+# ---------------------------------------------------------------- concat_sets (FT_mix: real ∪ synthetic)
+
+
+def test_union_keeps_rows_in_order_and_marks_sets_without_bias_labels():
+    from raydebias.debias.train import concat_sets
+
+    real = {"x": np.zeros((3, 1, 2, 2), np.uint8), "y": np.array([0, 1, 1]), "a": np.array([0, 1, 1])}
+    synth = {"x": np.ones((2, 1, 2, 2), np.uint8), "y": np.array([1, 0])}
+    u = concat_sets([real, synth])
+    assert u["x"].shape == (5, 1, 2, 2) and u["x"][3:].all() and not u["x"][:3].any()
+    assert u["y"].tolist() == [0, 1, 1, 1, 0] and u["a"].tolist() == [0, 1, 1, -1, -1]
+
+
+def test_group_balanced_union_draws_a_group_seen_only_in_synthetic_rows_as_often_as_the_others():
+    """At 99.9 % aligned a conflicting group has no real row; in the union its synthetic rows carry its share."""
+    from raydebias.debias.train import concat_sets
+
+    real = {"x": np.zeros((100, 1, 1, 1), np.uint8), "y": np.zeros(100, np.int64), "a": np.zeros(100, np.int64)}
+    synth = {"x": np.zeros((10, 1, 1, 1), np.uint8), "y": np.zeros(10, np.int64), "a": np.ones(10, np.int64)}
+    u = concat_sets([real, synth])
+    w = group_balanced_weights(u["y"] * 2 + u["a"])
+    assert w[:100].sum() == pytest.approx(w[100:].sum())

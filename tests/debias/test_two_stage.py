@@ -67,11 +67,16 @@ def test_stage_two_variants():
     from raydebias.debias.two_stage import two_stage_phases
 
     pre, llr = two_stage_phases(TwoStageConfig(llr="all", lr=1e-3, llr_lr=1e-2))
-    assert pre["data"] == "synthetic" and pre["recipe"] == "supcon_ce" and not pre.get("select")
+    # the pre-trained model is a candidate of the val selection too (stage 2 may undo it at 99.9 %)
+    assert pre["data"] == "synthetic" and pre["recipe"] == "supcon_ce" and pre["select"]
     assert (llr["data"], llr["sampler"], llr["freeze_encoder"], llr["lr"], llr["select"]) == (
         "train", "class_balanced", True, 1e-2, True)
     _, ft = two_stage_phases(TwoStageConfig(llr="ft_balanced", lr=1e-3, llr_lr=1e-2))
     # FT_b: the whole network, group-balanced real batches, at the pre-training learning rate
     assert (ft["sampler"], ft["freeze_encoder"], ft["lr"], ft["recipe"]) == ("group_balanced", False, 1e-3, "erm")
+    _, mix = two_stage_phases(TwoStageConfig(llr="ft_mixed", lr=1e-3))
+    # FT_mix: as FT_b, on the union of the real train split and the synthetic set (fit_classifier joins them)
+    assert (mix["data"], mix["sampler"], mix["freeze_encoder"], mix["lr"]) == ("train+synthetic", "group_balanced",
+                                                                               False, 1e-3)
     _, dro = two_stage_phases(TwoStageConfig(llr="groupdro"))
     assert (dro["recipe"], dro["sampler"], dro["freeze_encoder"]) == ("groupdro", "recipe", True)
