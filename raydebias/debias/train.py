@@ -88,7 +88,9 @@ def _sample_weights(kind: str, recipe, y: np.ndarray, groups: np.ndarray) -> np.
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker: a sequence of phases (ERM/GroupDRO = one phase; the two-stage recipe =
-    synthetic pre-training then last-layer retraining), selection on val in the phases marked ``select``."""
+    synthetic pre-training then last-layer retraining), selection on val in the phases marked ``select``. A phase
+    with ``from`` starts from the weights at the end of that earlier phase: several stage-2 variants branch from one
+    pre-trained model and val picks among all their epochs."""
     import ray
     import ray.train
     import ray.train.torch
@@ -113,14 +115,19 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     phases = config["phases"]
     # (phase, epoch) pairs in order; a checkpoint stores the index of the last finished one.
     schedule = [(p, e) for p, ph in enumerate(phases) for e in range(ph["epochs"])]
+    # a phase with "from" starts from the weights at the end of that earlier phase (stage-2 branches)
+    names = [ph["name"] for ph in phases]
+    sources = {names.index(ph["from"]) for ph in phases if ph.get("from")}
     start, best_score, best_epoch = 0, -math.inf, -1
     best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+    ends: dict[int, dict[str, torch.Tensor]] = {}  # phase index → its final weights, for the phases in sources
     opt_state = recipe_state = None
     ckpt = get_checkpoint()
     if ckpt:  # resume after a worker failure
         with ckpt.as_directory() as d:
             core.load_state_dict(load_file(f"{d}/model.safetensors"))
             best_state = load_file(f"{d}/best.safetensors")
+            ends = {q: load_file(f"{d}/end_{q}.safetensors") for q in sources if Path(f"{d}/end_{q}.safetensors").exists()}
             opt_state = torch.load(f"{d}/optimizer.pt", weights_only=True)
             recipe_state = load_file(f"{d}/recipe.safetensors") if Path(f"{d}/recipe.safetensors").exists() else {}
             st = json.loads(Path(f"{d}/state.json").read_text())
@@ -137,6 +144,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             current_phase = p
             recipe = RECIPES[ph["recipe"]](ph.get("num_groups", num_groups), eta=config["groupdro_eta"],
                                            **ph.get("recipe_args", {}))
+            if ph.get("from") and epoch == 0:
+                core.load_state_dict(ends[names.index(ph["from"])])
+            for prm in core.parameters():
+                prm.requires_grad_(True)
             if ph.get("freeze_encoder"):
                 for prm in core.encoder.parameters():
                     prm.requires_grad_(False)
@@ -180,6 +191,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             total += float(loss.detach()) * len(b)
             seen += len(b)
         metrics: dict[str, Any] = {"step": step, "phase": p, "epoch": epoch, "train_loss": total / max(seen, 1)}
+        if p in sources and epoch == ph["epochs"] - 1:
+            ends[p] = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         checkpoint = None
         if rank == 0:
             msg = ""
@@ -201,6 +214,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             tmp = tempfile.mkdtemp(prefix="ckpt-")
             save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, f"{tmp}/model.safetensors")
             save_file({k: v.contiguous() for k, v in best_state.items()}, f"{tmp}/best.safetensors")
+            for q, st in ends.items():
+                save_file({k: v.contiguous() for k, v in st.items()}, f"{tmp}/end_{q}.safetensors")
             torch.save(opt.state_dict(), f"{tmp}/optimizer.pt")
             rs = recipe.state_dict()
             if rs:
@@ -282,6 +297,8 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         "normalization": {"mean": 0.5, "std": 0.5, "range": "[-1, 1]"},
         "select_by": select_by,
         "best_epoch": state["best_epoch"] + 1,
+        "best_phase": [p["name"] for p in phases for _ in range(p["epochs"])][state["best_epoch"]]
+        if state["best_epoch"] >= 0 else None,
         "best_val_score": state["best_score"] if math.isfinite(state["best_score"]) else None,
         "phases": [{k: p[k] for k in ("name", "data", "epochs")} for p in phases],
         **(summary or {}),
@@ -289,11 +306,13 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     atomic_write_json(out / "meta.json", meta)
     shutil.rmtree(storage / run_name, ignore_errors=True)  # Ray Train's copies; the selected model stays
     if any(p.get("select") for p in phases):
-        ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} (val {select_by} {state['best_score']:.3f})")
+        ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} of {len(phases)} phase(s), in {meta['best_phase']} "
+                f"(val {select_by} {state['best_score']:.3f})")
     else:
         ctx.log(f"[train/{method}] kept the last epoch ({meta['best_epoch']}; no val selection)")
     return StageResult([ctx.rel(out / "model.safetensors"), ctx.rel(out / "meta.json")],
-                       {"best_epoch": meta["best_epoch"], "best_val_score": meta["best_val_score"], "select_by": select_by})
+                       {"best_epoch": meta["best_epoch"], "best_phase": meta["best_phase"],
+                        "best_val_score": meta["best_val_score"], "select_by": select_by})
 
 
 def run_train(ctx, method: str):

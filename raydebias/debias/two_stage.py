@@ -16,19 +16,21 @@ _STAGE2 = {"all": ("erm", "class_balanced", False, "train"), "balanced": ("erm",
 
 
 def two_stage_phases(ts) -> list[dict[str, Any]]:
-    """The two phases of :func:`raydebias.debias.train.fit_classifier` for a ``TwoStageConfig``: synthetic
-    pre-training, then stage 2 on the real train split (or, ``ft_mixed``, on real ∪ synthetic); every epoch of both
-    phases is a candidate of the selection on val, so a stage 2 that undoes the synthetic pre-training (at 99.9 %
-    aligned, fine-tuning on real data drifts back to the bias: BENCHMARKS.md, "Round 10") keeps the better model."""
-    recipe, sampler, full, data = _STAGE2[ts.llr]
-    return [
-        {"name": "synthetic", "data": "synthetic", "recipe": "supcon_ce", "epochs": ts.epochs_synthetic,
-         "sampler": "uniform", "lr": ts.lr, "recipe_args": {"beta": ts.beta, "temperature": ts.temperature},
-         "select": True},
-        {"name": ts.llr if full else f"llr_{ts.llr}", "data": data, "recipe": recipe,
-         "epochs": ts.epochs_llr, "sampler": sampler, "lr": ts.lr if full else ts.llr_lr,
-         "freeze_encoder": not full, "select": True},
-    ]
+    """The phases of :func:`raydebias.debias.train.fit_classifier` for a ``TwoStageConfig``: synthetic
+    pre-training, then stage 2 on the real train split (or, ``ft_mixed``, on real ∪ synthetic). Every epoch of
+    every phase is a candidate of the selection on val, so a stage 2 that undoes the synthetic pre-training (at
+    99.9 % aligned, fine-tuning on real data drifts back to the bias: BENCHMARKS.md, "Round 10") keeps the better
+    model. With several ``llr`` variants, each starts from the pre-trained model and val picks among them."""
+    variants = [ts.llr] if isinstance(ts.llr, str) else list(ts.llr)
+    phases = [{"name": "synthetic", "data": "synthetic", "recipe": "supcon_ce", "epochs": ts.epochs_synthetic,
+               "sampler": "uniform", "lr": ts.lr, "recipe_args": {"beta": ts.beta, "temperature": ts.temperature},
+               "select": True}]
+    for v in variants:
+        recipe, sampler, full, data = _STAGE2[v]
+        phases.append({"name": v if full else f"llr_{v}", "data": data, "recipe": recipe, "epochs": ts.epochs_llr,
+                       "sampler": sampler, "lr": ts.lr if full else ts.llr_lr, "freeze_encoder": not full,
+                       "select": True, **({"from": "synthetic"} if len(variants) > 1 else {})})
+    return phases
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

@@ -79,6 +79,8 @@ def run_evaluate(ctx):
             else:
                 row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
         row["selected_epoch"] = meta["best_epoch"]
+        if meta.get("best_phase"):
+            row["selected_phase"] = meta["best_phase"]
         rows.append(row)
         ctx.log(f"[evaluate] {method:>10}: test acc {row.get('accuracy')}  wga {row.get('wga')}  aga {row.get('aga')}")
     # BPC of every method against ERM (GAMMA-FACE eq. 13); ERM itself is 0 by definition.

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raydebias.config import Block
 from raydebias.core import Method, Stage, SyntheticSet, register
@@ -25,6 +25,9 @@ from raydebias.methods.shared import TRAIN_READS
 GENERATIVE = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
 
 
+Stage2 = Literal["all", "balanced", "groupdro", "ft_balanced", "ft_mixed"]
+
+
 class TwoStageConfig(Block):
     """Stage 1: beta·CE + (1-beta)·SupCon on the filtered synthetic set; stage 2: last-layer retraining on real."""
 
@@ -32,13 +35,21 @@ class TwoStageConfig(Block):
     temperature: float = Field(0.07, gt=0)
     epochs_synthetic: int = Field(10, ge=1)
     epochs_llr: int = Field(10, ge=1)
-    llr: Literal["all", "balanced", "groupdro", "ft_balanced", "ft_mixed"] = Field(
-        "all", description="stage 2 on the real train split: last layer with class-balanced (LLR_all) or "
+    llr: Stage2 | list[Stage2] = Field(
+        "all", description="stage 2: last layer on the real train split with class-balanced (LLR_all) or "
                            "group-balanced batches (LLR_b), last layer with GroupDRO, the whole network with "
-                           "group-balanced batches (FT_b, the paper's ablation), or the whole network with "
-                           "group-balanced batches of real ∪ synthetic (FT_mix)")
+                           "group-balanced real batches (FT_b, the paper's ablation), or the whole network with "
+                           "group-balanced batches of real ∪ synthetic (FT_mix); a list trains each from the "
+                           "pre-trained model and selects among them on val")
     lr: float = Field(2e-3, gt=0)
     llr_lr: float = Field(1e-2, gt=0)
+
+    @field_validator("llr")
+    @classmethod
+    def _distinct(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) < len(v)):
+            raise ValueError(f"two_stage.llr: a list needs distinct variants, got {v}")
+        return v
 
 
 def run_train_generative(ctx, variant: str):

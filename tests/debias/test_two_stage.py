@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,5 +79,11 @@ def test_stage_two_variants():
     # FT_mix: as FT_b, on the union of the real train split and the synthetic set (fit_classifier joins them)
     assert (mix["data"], mix["sampler"], mix["freeze_encoder"], mix["lr"]) == ("train+synthetic", "group_balanced",
                                                                                False, 1e-3)
+    # a list: each variant starts from the pre-trained model ("from"), val picks among every epoch
+    pre, ft, mix = two_stage_phases(TwoStageConfig(llr=["ft_balanced", "ft_mixed"]))
+    assert (ft["name"], ft["from"], mix["name"], mix["from"]) == ("ft_balanced", "synthetic", "ft_mixed", "synthetic")
+    assert pre["select"] and ft["select"] and mix["select"]
+    with pytest.raises(ValueError, match="distinct"):
+        TwoStageConfig(llr=["ft_mixed", "ft_mixed"])
     _, dro = two_stage_phases(TwoStageConfig(llr="groupdro"))
     assert (dro["recipe"], dro["sampler"], dro["freeze_encoder"]) == ("groupdro", "recipe", True)
