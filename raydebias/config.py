@@ -321,7 +321,8 @@ class FilterConfig(Block):
     alpha: float = Field(0.5, ge=0, le=1)
     keep: float = Field(0.75, gt=0, le=1)
     min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
-    label_prompt: Template = "a photo of a {class}"
+    label_prompt: Template = Field("a photo of a {class}", description=(
+        "CLIP-Label text (the paper's); with {bias}, each image is scored against its own group's description"))
     dedup_threshold: float = Field(0.98, gt=0, le=1)
     dedup_real_quantile: float = Field(
         0.5, ge=0, le=1, description="raise dedup_threshold to this quantile of the real images' similarity to their "

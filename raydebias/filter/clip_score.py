@@ -20,6 +20,21 @@ def clip_scores(img_emb: np.ndarray, groups: np.ndarray, label_emb: np.ndarray, 
     return out
 
 
+def label_targets(template: str, class_names: list[str], bias_names: list[str] | None, y: np.ndarray,
+                  a: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """CLIP-Label's texts and each image's row among them. The paper scores "a photo of a {class}": one text per
+    class, index y. A ``template`` with ``{bias}`` (and a bias target for every image) gives one text per
+    (class, bias) group, index y·B + a: the image is scored against the description of the group it was generated
+    for, so the filter also checks the bias value the group asked for (README, "Generation fidelity")."""
+    from raydebias.generate.plan import describe
+
+    y, a = np.asarray(y, np.int64), np.asarray(a, np.int64)
+    if "{bias}" not in template or not bias_names or not len(a) or (a < 0).any():
+        return [describe(template, c, None) for c in class_names], y
+    B = len(bias_names)
+    return [describe(template, c, b) for c in class_names for b in bias_names], y * B + a
+
+
 def top_q(scores: np.ndarray, groups: np.ndarray, keep: float) -> np.ndarray:
     """Boolean mask keeping the ceil(keep·n_g) best-scoring images of every group."""
     mask = np.zeros(len(scores), dtype=bool)

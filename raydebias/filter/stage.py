@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias.filter.clip_score import clip_scores, top_q
+from raydebias.filter.clip_score import clip_scores, label_targets, top_q
 from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
@@ -16,7 +16,6 @@ def run_filter(ctx, variant: str):
     import torch
 
     from raydebias.embed.stage import load_clip, load_embeddings
-    from raydebias.generate.plan import describe
     from raydebias.core import StageResult
 
     cfg, info = ctx.cfg, ctx.data_info
@@ -29,12 +28,13 @@ def run_filter(ctx, variant: str):
     B = info["num_bias"] or 1
     groups = y * B + a
     clip = load_clip(ctx.run_dir)
-    label_emb = clip.encode_texts([describe(cfg.filter.label_prompt, c, None) for c in info["class_names"]])
+    texts, label_idx = label_targets(cfg.filter.label_prompt, info["class_names"], info.get("bias_names"), y, a)
+    label_emb = clip.encode_texts(texts)
     real = load_embeddings(ctx.run_dir)
     real_groups = real["y"] * B + np.maximum(real["a"], 0)
     centroids = {int(g): real["emb"][real_groups == g].mean(0) for g in np.unique(real_groups)
                  if (real_groups == g).sum() >= cfg.filter.min_real_for_centroid}
-    scores = clip_scores(emb, groups, label_emb, y, centroids, cfg.filter.alpha)
+    scores = clip_scores(emb, groups, label_emb, label_idx, centroids, cfg.filter.alpha)
     keep = top_q(scores, groups, cfg.filter.keep)
     sim = max_similarity(emb, real["emb"])
     threshold = duplicate_threshold(cfg.filter.dedup_threshold, self_similarity(real["emb"]),

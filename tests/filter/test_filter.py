@@ -1,6 +1,6 @@
 import numpy as np
 
-from raydebias.filter.clip_score import clip_scores, top_q
+from raydebias.filter.clip_score import clip_scores, label_targets, top_q
 from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
@@ -18,6 +18,34 @@ def test_clip_score_golden():
     s = clip_scores(img, groups, label_emb, labels, centroids, alpha=0.25)
     # img0: label cos 1, centroid cos 0 → 0.25; img1: label 0, centroid 1 → 0.75; img2: group 5 has no centroid → α=1
     np.testing.assert_allclose(s, [0.25, 0.75, np.sqrt(0.5)], rtol=1e-6)
+
+
+def test_label_targets_class_prompt_or_group_prompt():
+    y, a = np.array([0, 1, 1]), np.array([1, 0, 1])
+    texts, idx = label_targets("a photo of a {class}", ["zero", "one"], ["red", "blue"], y, a)
+    assert texts == ["a photo of a zero", "a photo of a one"] and idx.tolist() == [0, 1, 1]  # the paper's
+    texts, idx = label_targets("a photo of a {bias} {class}", ["zero", "one"], ["red", "blue"], y, a)
+    assert [texts[i] for i in idx] == ["a photo of a blue zero", "a photo of a red one", "a photo of a blue one"]
+    # no bias names, or an image without a bias target: class texts (the {bias} word dropped)
+    for names, aa in ((None, a), (["red", "blue"], np.array([1, -1, 0]))):
+        texts, idx = label_targets("a photo of a {bias} {class}", ["zero", "one"], names, y, aa)
+        assert texts == ["a photo of a zero", "a photo of a one"] and idx.tolist() == [0, 1, 1]
+
+
+def test_group_prompt_ranks_the_asked_bias_first():
+    """Two images generated for (class 0, blue): the one whose embedding matches "blue zero" is kept by the group
+    prompt; the class prompt cannot tell them apart (both match "zero" equally)."""
+    texts, idx = label_targets("a photo of a {bias} {class}", ["zero"], ["red", "blue"], np.array([0, 0]),
+                               np.array([1, 1]))
+    assert texts == ["a photo of a red zero", "a photo of a blue zero"] and idx.tolist() == [1, 1]
+    text_emb = unit([[1, 1, 0], [1, 0, 1]])
+    img = unit([[1, 1, 0], [1, 0, 1]])  # image 0 shows red, image 1 shows blue
+    groups = np.array([1, 1])
+    keep = top_q(clip_scores(img, groups, text_emb, idx, {}, alpha=1.0), groups, 0.5)
+    assert keep.tolist() == [False, True]
+    class_emb = unit([[1, 0, 0]])
+    s = clip_scores(img, groups, class_emb, np.array([0, 0]), {}, alpha=1.0)
+    assert s[0] == s[1]
 
 
 def test_top_q_per_group():
