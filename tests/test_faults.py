@@ -96,7 +96,7 @@ def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
     runs = [d.name for d in (tmp_path / "run2" / "stages" / "train" / "_ray").iterdir()]
     assert runs == [], runs  # the stale run was deleted, the finished one cleaned up
     meta = json.loads((tmp_path / "run2" / "stages" / "train" / "erm" / "meta.json").read_text())
-    assert 1 <= meta["best_epoch"] <= 8
+    assert 1 <= meta["best_epoch"] <= 8 and meta["best_phase"] == "erm"
 
 
 def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, index: int,

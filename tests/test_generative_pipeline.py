@@ -48,6 +48,10 @@ def test_every_variant_has_a_metrics_row(gen_run):
             assert 0.0 <= gen[k] <= 1.0
         row = next(r for r in report["rows"] if r["method"] == v)
         assert row["synthetic_cas"] == kept["cas"]["aga"]
+        # the phase the loop reports for the val-selected epoch is the one that epoch belongs to
+        meta = json.loads((gen_run / "stages" / "train" / v / "meta.json").read_text())
+        epochs = [p["name"] for p in meta["phases"] for _ in range(p["epochs"])]
+        assert meta["best_phase"] == epochs[meta["best_epoch"] - 1] == row.get("selected_phase", meta["best_phase"])
 
 
 def test_adapters_round_trip_and_units(gen_run):

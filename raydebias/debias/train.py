@@ -220,8 +220,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             rs = recipe.state_dict()
             if rs:
                 save_file(rs, f"{tmp}/recipe.safetensors")
+            best_phase = names[schedule[best_epoch][0]] if best_epoch >= 0 else None
             Path(f"{tmp}/state.json").write_text(json.dumps(
-                {"step": step, "best_score": best_score, "best_epoch": best_epoch}))
+                {"step": step, "best_score": best_score, "best_epoch": best_epoch, "best_phase": best_phase}))
             checkpoint = tmp
             print(f"[train/{config['method']}] {ph['name']} epoch {epoch + 1}/{ph['epochs']} "
                   f"loss {metrics['train_loss']:.4f}{msg}", flush=True)
@@ -297,8 +298,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         "normalization": {"mean": 0.5, "std": 0.5, "range": "[-1, 1]"},
         "select_by": select_by,
         "best_epoch": state["best_epoch"] + 1,
-        "best_phase": [p["name"] for p in phases for _ in range(p["epochs"])][state["best_epoch"]]
-        if state["best_epoch"] >= 0 else None,
+        "best_phase": state["best_phase"],
         "best_val_score": state["best_score"] if math.isfinite(state["best_score"]) else None,
         "phases": [{k: p[k] for k in ("name", "data", "epochs")} for p in phases],
         **(summary or {}),
