@@ -51,7 +51,7 @@ def test_every_variant_has_a_metrics_row(gen_run):
         # the phase the loop reports for the val-selected epoch is the one that epoch belongs to
         meta = json.loads((gen_run / "stages" / "train" / v / "meta.json").read_text())
         epochs = [p["name"] for p in meta["phases"] for _ in range(p["epochs"])]
-        assert meta["best_phase"] == epochs[meta["best_epoch"] - 1] == row.get("selected_phase", meta["best_phase"])
+        assert meta["best_phase"] == epochs[meta["best_epoch"] - 1] == row["selected_phase"]
 
 
 def test_adapters_round_trip_and_units(gen_run):
