@@ -323,11 +323,21 @@ class FilterConfig(Block):
     min_real_for_centroid: int = Field(5, ge=1, description="fewer real images → alpha = 1 for that group")
     label_prompt: Template = Field("a photo of a {class}", description=(
         "CLIP-Label text (the paper's); with {bias}, each image is scored against its own group's description"))
+    bias_check: bool = Field(False, description=(
+        "also drop images that CLIP, zero-shot over their class's group descriptions (label_prompt with {bias}), "
+        "places in another bias value than the one their group asked for; skipped without bias labels"))
     dedup_threshold: float = Field(0.98, gt=0, le=1)
     dedup_real_quantile: float = Field(
         0.5, ge=0, le=1, description="raise dedup_threshold to this quantile of the real images' similarity to their "
                                      "nearest other real image (an image is a copy only if closer than real images "
                                      "are to each other)")
+
+    @model_validator(mode="after")
+    def _bias_check_needs_bias_prompt(self) -> "FilterConfig":
+        if self.bias_check and "{bias}" not in self.label_prompt:
+            raise ValueError("filter.bias_check compares the group descriptions of label_prompt: it needs {bias} in "
+                             f"label_prompt (got {self.label_prompt!r})")
+        return self
 
 
 class EvaluateConfig(Block):

@@ -121,6 +121,13 @@ def test_meaningless_values_are_rejected(override, key):
     assert key in str(e.value)
 
 
+def test_filter_bias_check_needs_the_group_prompt():
+    demo = CONFIGS[0].parent / "demo.yaml"
+    with pytest.raises(ConfigError, match=r"filter(.|\n)*needs \{bias\} in label_prompt"):
+        load_config(demo, ["filter.bias_check=true", "filter.label_prompt='a photo of a {class}'"])
+    assert load_config(demo, ["filter.bias_check=true"]).filter.bias_check
+
+
 def test_pretrained_source_needs_existing_weights(tmp_path):
     demo = CONFIGS[0].parent / "demo.yaml"
     with pytest.raises(ConfigError, match="models.diffusion.pretrained is required"):

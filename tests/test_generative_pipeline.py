@@ -91,6 +91,46 @@ def test_generated_rows_carry_their_clip_embeddings(gen_run):
     assert not np.allclose(emb[0], emb[1])  # one embedding per image, not one per batch
 
 
+def test_filter_bias_check_keeps_only_images_clip_places_in_their_asked_bias(gen_run, tiny_generative, tmp_path):
+    """``filter.bias_check`` on a copy of the run: every kept image is one the run's CLIP, zero-shot over its class's
+    group descriptions, places in the bias value its group asked for (recomputed here from the stored embeddings);
+    without bias labels the check is skipped, with a note, and the top-q set is kept."""
+    import shutil
+
+    from raydebias.core import RunContext
+    from raydebias.embed.stage import load_clip
+    from raydebias.filter.stage import run_filter
+    from raydebias.generate.plan import describe
+
+    run = tmp_path / "run"
+    shutil.copytree(gen_run / "stages", run / "stages")
+    cfg = load_config(None, [*tiny_generative, f"run_dir={run}", "filter.bias_check=true",
+                             "filter.label_prompt='a photo of a {bias} {class}'"])
+    run_filter(RunContext(cfg, log=lambda m: None), "lora")
+    stats = json.loads((run / "stages" / "filter" / "lora" / "stats.json").read_text())
+    gen = pq.read_table(run / "stages" / "generate" / "lora" / "synthetic.parquet")
+    kept = pq.read_table(run / "stages" / "filter" / "lora" / "synthetic.parquet")
+    info = json.loads((run / "stages" / "data" / "info.json").read_text())
+    text = load_clip(run).encode_texts([describe("a photo of a {bias} {class}", c, b)
+                                        for c in info["class_names"] for b in info["bias_names"]])
+
+    def passes(t):
+        emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+        y, a = t.column("label").to_numpy(), t.column("bias").to_numpy()
+        return ((emb @ text.T).reshape(len(y), 10, 10)[np.arange(len(y)), y].argmax(1) == a)
+
+    assert passes(kept).all() and kept.num_rows == stats["kept"] > 0
+    assert stats["bias_check"]["failed"] == int((~passes(gen)).sum()) > 0
+    assert stats["kept_by_score"] == 200 - stats["bias_check"]["failed_after_score"]  # ceil(0.75 · 2) per group
+    assert stats["groups_left_empty"] == 100 - len(set(zip(kept.column("label").to_pylist(),
+                                                             kept.column("bias").to_pylist())))
+    info["bias_names"] = None  # a dataset without bias labels: nothing to check against
+    (run / "stages" / "data" / "info.json").write_text(json.dumps(info))
+    run_filter(RunContext(cfg, log=lambda m: None), "lora")
+    stats = json.loads((run / "stages" / "filter" / "lora" / "stats.json").read_text())
+    assert "skipped" in stats["bias_check"] and stats["kept_by_score"] == 200
+
+
 def test_generate_resumes_exactly_the_missing_rows(gen_run, tiny_generative):
     """Simulate a run killed during `generate`: some batch files are gone and the stage is marked running."""
     v = "dreambooth"

@@ -35,6 +35,20 @@ def label_targets(template: str, class_names: list[str], bias_names: list[str] |
     return [describe(template, c, b) for c in class_names for b in bias_names], y * B + a
 
 
+def bias_match(img_emb: np.ndarray, text_emb: np.ndarray, y: np.ndarray, a: np.ndarray, num_bias: int) -> np.ndarray:
+    """Zero-shot bias check: True where the image is closest, among its class's group descriptions
+    (``text_emb`` row y·B + b, as :func:`label_targets` builds them), to the one its group asked for (``a``).
+    Images without a bias target (a < 0) pass. Inputs are L2-normalised."""
+    y, a = np.asarray(y, np.int64), np.asarray(a, np.int64)
+    ok = np.ones(len(y), dtype=bool)
+    known = a >= 0
+    if known.any():
+        rows = y[known, None] * num_bias + np.arange(num_bias)[None, :]  # (n, B): the class's B descriptions
+        sims = np.einsum("nd,nbd->nb", img_emb[known], text_emb[rows])
+        ok[known] = sims.argmax(1) == a[known]
+    return ok
+
+
 def top_q(scores: np.ndarray, groups: np.ndarray, keep: float) -> np.ndarray:
     """Boolean mask keeping the ceil(keep·n_g) best-scoring images of every group."""
     mask = np.zeros(len(scores), dtype=bool)

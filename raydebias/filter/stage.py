@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias.filter.clip_score import clip_scores, label_targets, top_q
+from raydebias.filter.clip_score import bias_match, clip_scores, label_targets, top_q
 from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
@@ -36,6 +36,14 @@ def run_filter(ctx, variant: str):
                  if (real_groups == g).sum() >= cfg.filter.min_real_for_centroid}
     scores = clip_scores(emb, groups, label_emb, label_idx, centroids, cfg.filter.alpha)
     keep = top_q(scores, groups, cfg.filter.keep)
+    check = None
+    if cfg.filter.bias_check:
+        if not info.get("bias_names") or not len(a) or (a < 0).any():
+            check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
+        else:
+            match = bias_match(emb, label_emb, y, a, B)
+            check = {"failed": int((~match).sum()), "failed_after_score": int((keep & ~match).sum())}
+            keep &= match
     sim = max_similarity(emb, real["emb"])
     threshold = duplicate_threshold(cfg.filter.dedup_threshold, self_similarity(real["emb"]),
                                     cfg.filter.dedup_real_quantile)
@@ -48,6 +56,8 @@ def run_filter(ctx, variant: str):
              "dedup_threshold": threshold, "near_duplicates_of_real": int(dup.sum()),
              "dropped_as_duplicates_after_score": int((keep & dup).sum()),
              "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
+             **({"bias_check": check} if check is not None else {}),
+             "groups_left_empty": int(len(np.unique(groups)) - len(np.unique(groups[final]))),
              "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
     if cfg.models.source == "pretrained":
         # FID/KID of the kept set against the real training images on the pretrained CLIP's features: the embed

@@ -1,6 +1,6 @@
 import numpy as np
 
-from raydebias.filter.clip_score import clip_scores, label_targets, top_q
+from raydebias.filter.clip_score import bias_match, clip_scores, label_targets, top_q
 from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
 
 
@@ -46,6 +46,26 @@ def test_group_prompt_ranks_the_asked_bias_first():
     class_emb = unit([[1, 0, 0]])
     s = clip_scores(img, groups, class_emb, np.array([0, 0]), {}, alpha=1.0)
     assert s[0] == s[1]
+
+
+def test_bias_match_compares_only_the_asked_class_descriptions():
+    """Texts y·B + b for 2 classes × 2 bias values. An image passes when, among its own class's two descriptions,
+    the one of its asked bias value is the closer; the other class's texts never count; no target (−1) passes."""
+    text_emb = unit([[1, 0, 0, 0], [0, 1, 0, 0],   # zero/red, zero/blue
+                     [0, 0, 1, 0], [0, 0, 0, 1]])  # one/red, one/blue
+    img = unit([[0.9, 0.1, 0, 0],   # class 0 asked blue: looks red → fails
+                [0.1, 0.9, 0, 0],   # class 0 asked blue: looks blue → passes
+                [0, 0.9, 0.1, 0],   # class 1 asked red: nearest text overall is zero/blue, among class 1's red → passes
+                [0.5, 0, 0.1, 0.4],  # class 1 asked red: nearest overall zero/red, but among class 1's texts blue wins → fails
+                [0, 0, 0, 1]])      # no bias target
+    y, a = np.array([0, 0, 1, 1, 1]), np.array([1, 1, 0, 0, -1])
+    assert bias_match(img, text_emb, y, a, num_bias=2).tolist() == [False, True, True, False, True]
+    # the oracle: argmax over the class's rows of the full similarity matrix
+    rng = np.random.default_rng(0)
+    img, text_emb = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(3 * 4, 8)))
+    y, a = rng.integers(0, 3, 40), rng.integers(0, 4, 40)
+    sims = (img @ text_emb.T).reshape(40, 3, 4)[np.arange(40), y]
+    assert bias_match(img, text_emb, y, a, num_bias=4).tolist() == (sims.argmax(1) == a).tolist()
 
 
 def test_top_q_per_group():
