@@ -261,6 +261,11 @@ class DiffusionTrainConfig(Block):
     freeze_token_embedding: bool = Field(
         True, description="keep the text encoder's random token table fixed (spares the AdamW update of all "
                           "49408×width entries every step; the layers above learn the few caption words)")
+    coind_weight: float = Field(
+        0.0, ge=0, description="CoInD (Gaudi et al. 2025) conditional-independence term λ·‖ε(c_y) + ε(c_a) − ε(∅) − "
+                               "ε(c_y, c_a)‖² on top of the denoising loss (the paper uses 1; needs bias labels); 0 = off")
+    coind_fraction: float = Field(0.25, gt=0, le=1, description="fraction of each batch the CoInD term is computed "
+                                                                "on (it costs 4 more UNet passes per image)")
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
     num_workers: int = Field(1, json_schema_extra=RESOURCE, ge=0, le=1,
                              description="1 = one Ray Train worker; 0 = Ray Train's local mode in one Ray task "

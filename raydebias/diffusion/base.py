@@ -141,6 +141,13 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     drop = word_dropout(template, info["class_names"], info["bias_names"] if has_bias else None,
                         cfg.diffusion.word_dropout, cfg.diffusion.caption_dropout, cfg.diffusion.bias_word_dropout,
                         group_scale=scale)
+    coind = None
+    if cfg.diffusion.coind_weight > 0 and has_bias:
+        from raydebias.generate.plan import describe
+
+        # CoInD's marginals: the class word alone, the bias word alone (the captions word dropout also makes)
+        coind = [(describe(template, info["class_names"][y], None), describe(template, "", info["bias_names"][a]))
+                 for y, a in zip(tr["y"], tr["a"])]
     guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
         if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
@@ -158,10 +165,13 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         lr_schedule=cfg.diffusion.lr_schedule,
         on_checkpoint=on_checkpoint, resume=resume, guard_every=cfg.diffusion.guard_every,
         guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=res(guard.get("x")),
-        guard_captions=guard.get("captions"),
+        guard_captions=guard.get("captions"), coind_weight=cfg.diffusion.coind_weight if coind else 0.0,
+        coind_captions=coind, coind_fraction=cfg.diffusion.coind_fraction,
     )
     if guard:
         stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"
+    if cfg.diffusion.coind_weight > 0 and not coind:
+        stats["coind"] = "skipped: the captions carry no bias word"
     out = Path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:
         bundle.save(tmp)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from raydebias.data.transforms import to_model_input
-from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
+from raydebias.models.diffusion import DiffusionBundle, coind_loss, diffusion_loss
 
 
 @torch.no_grad()
@@ -65,6 +65,9 @@ def train_bootstrap_diffusion(
     guard_every: int = 0,
     guard_ratio: float = 0.5,
     guard_min_gap: float = 0.005,
+    coind_weight: float = 0.0,
+    coind_captions: list[tuple[str, str]] | None = None,
+    coind_fraction: float = 0.25,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
 
@@ -88,6 +91,8 @@ def train_bootstrap_diffusion(
     ``ema_decay``) and leaves the averaged weights in the model at the end (no measurable gain in 1,000-step CPU runs; meant for long runs).
     ``freeze_token_embedding`` leaves the text encoder's token table at its (random) initial values.
     ``sample_weights`` (one per image) draws each batch with those relative probabilities instead of uniformly.
+    ``coind_weight`` > 0 adds λ × :func:`coind_loss` on the first ``coind_fraction`` of each batch, with
+    ``coind_captions[i]`` = (class-only, bias-only) caption of image i.
     Returns loss statistics and the speed.
     """
     if len(pixels) != len(captions):
@@ -96,6 +101,8 @@ def train_bootstrap_diffusion(
         raise ValueError("need at least one image and one step")
     if sample_weights is not None and len(sample_weights) != len(pixels):
         raise ValueError(f"{len(sample_weights)} sample weights for {len(pixels)} images")
+    if coind_weight > 0 and (coind_captions is None or len(coind_captions) != len(pixels)):
+        raise ValueError("coind_weight > 0 needs one (class-only, bias-only) caption pair per image")
     probs = None if sample_weights is None else np.asarray(sample_weights, np.float64) / np.sum(sample_weights)
     p_all = float((drop_probs or {"all": 0.1}).get("all", 0.0))
     rng = np.random.default_rng(seed)
@@ -174,6 +181,7 @@ def train_bootstrap_diffusion(
         return gap
 
     losses: list[float] = []
+    coind_losses: list[float] = []
     start = 0
     if resume is not None:
         start = int(resume["step"])
@@ -217,6 +225,14 @@ def train_bootstrap_diffusion(
             emb = bundle.embed_ids(ids_for(caps))
             loss = diffusion_loss(bundle, z, emb, generator=gen, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma,
                                   p2_k=p2_k)
+            if coind_weight > 0:
+                m = max(1, round(coind_fraction * len(idx)))
+                sub = idx[:m]
+                caps4 = ([captions[i] for i in sub], [coind_captions[i][0] for i in sub],
+                         [coind_captions[i][1] for i in sub], [""] * m)
+                ci = coind_loss(bundle, z[:m], tuple(bundle.embed_ids(ids_for(c)) for c in caps4), generator=gen)
+                coind_losses.append(float(ci.detach()))
+                loss = loss + coind_weight * ci
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -269,4 +285,6 @@ def train_bootstrap_diffusion(
         "seconds": secs,
         "it_per_s": (steps - start) / secs if secs > 0 else float("inf"),
         **({"guard": {k: v for k, v in guard.items()}} if guard is not None else {}),
+        **({"coind_loss_first": float(np.mean(coind_losses[:k])), "coind_loss_last": float(np.mean(coind_losses[-k:]))}
+           if coind_losses else {}),
     }
