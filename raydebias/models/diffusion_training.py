@@ -194,6 +194,7 @@ def train_bootstrap_diffusion(
         rng.bit_generator.state = resume["numpy_rng"]
         gen.set_state(resume["torch_rng"])
         losses = list(resume["losses"])
+        coind_losses = list(resume.get("coind_losses", []))
         if guard is not None and resume.get("guard") is not None:
             guard = resume["guard"]
             best = {k: resume[f"best_{k}"] for k in ("unet", "text_encoder", "optimizer", "ema")}
@@ -250,6 +251,7 @@ def train_bootstrap_diffusion(
                     "optimizer": opt.state_dict(), "scheduler": sch.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None,
                     "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "losses": losses,
+                    "coind_losses": coind_losses,
                     **({"guard": guard, **{f"best_{k}": v for k, v in best.items()}} if best is not None else {})})
             if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
                 rate = (step + 1 - start) / (time.perf_counter() - t0)
