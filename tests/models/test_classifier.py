@@ -101,3 +101,24 @@ def test_cnn_keeps_a_4x4_map_at_any_image_size():
     a[..., 2:6, 2:6], b[..., 26:30, 26:30] = 1.0, 1.0
     with torch.no_grad():
         assert not torch.allclose(model.features(a), model.features(b))
+
+
+def test_cnn_in_channels_last_computes_the_same_function():
+    """The ``cnn`` backbone is built with channels_last conv weights (speed). The oracle is a float64 copy in the
+    default layout: logits, features (flatten order) and every gradient agree to float32 precision."""
+    import copy
+
+    torch.manual_seed(0)
+    model = create_classifier(ClassifierModelConfig(arch="cnn", width=8), C).train()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not all(m.weight.is_contiguous() for m in convs)
+    ref = copy.deepcopy(model).to(memory_format=torch.contiguous_format).double()
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    (logits, feats), (rl, rf) = model(x, return_features=True), ref(x.double(), return_features=True)
+    torch.testing.assert_close(logits, rl.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(feats, rf.float(), rtol=1e-4, atol=1e-5)
+    logits.square().sum().backward()
+    rl.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert float((p.grad - q.grad.float()).norm() / q.grad.norm()) < 1e-4, name

@@ -29,7 +29,8 @@ def served_run(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    save_file(model.state_dict(), str(mdir / "model.safetensors"))
+    # contiguous, as the train stage saves it (the cnn keeps channels_last weights)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(mdir / "model.safetensors"))
     (mdir / "meta.json").write_text(json.dumps({
         "method": "groupdro", "classifier": cfg.model_dump(), "num_classes": 10, "class_names": CLASS_NAMES,
         "image_size": 32, "best_epoch": 1}))
