@@ -68,6 +68,20 @@ def atomic_write_table(path: str | Path, table: pa.Table) -> Path:
     return Path(path)
 
 
+def save_weights(path: str | Path, state: Any, metadata: dict[str, str] | None = None) -> Path:
+    """Write a module's ``state_dict()`` (or a dict of tensors) as safetensors, atomically. Tensors are detached,
+    moved to CPU and made contiguous: safetensors refuses strided views, and a channels_last conv weight is one
+    (``models/classifier.py``), so no caller has to remember that."""
+    from safetensors.torch import save_file
+
+    if hasattr(state, "state_dict"):
+        state = state.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, p = fsspec.core.url_to_fs(uri)
     return fs, p

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.splits import load_split
 from raydebias.data.transforms import pixels_from_column, to_model_input
@@ -212,10 +212,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 msg = (f" val acc {m['accuracy']:.3f} wga {_f(m.get('wga'))} aga {_f(m.get('aga'))} "
                        f"({config['select_by']}={score:.3f}, best step {best_epoch + 1})")
             tmp = tempfile.mkdtemp(prefix="ckpt-")
-            save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, f"{tmp}/model.safetensors")
-            save_file({k: v.contiguous() for k, v in best_state.items()}, f"{tmp}/best.safetensors")
+            save_weights(f"{tmp}/model.safetensors", core)
+            save_weights(f"{tmp}/best.safetensors", best_state)
             for q, st in ends.items():
-                save_file({k: v.contiguous() for k, v in st.items()}, f"{tmp}/end_{q}.safetensors")
+                save_weights(f"{tmp}/end_{q}.safetensors", st)
             torch.save(opt.state_dict(), f"{tmp}/optimizer.pt")
             rs = recipe.state_dict()
             if rs:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import RunConfig
 
 
@@ -185,11 +185,10 @@ def save_train_state(d: Path, state: dict) -> None:
     """A resumable training state: weights as safetensors, the rest (optimizer, generators) as tensors and plain
     values that ``torch.load(weights_only=True)`` reads back."""
     import torch
-    from safetensors.torch import save_file
 
     parts = [p for p in _WEIGHT_PARTS if state.get(p) is not None]
     for part in parts:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state[part].items()}, str(d / f"{part}.safetensors"))
+        save_weights(d / f"{part}.safetensors", state[part])
     torch.save({k: v for k, v in state.items() if k not in parts}, d / "state.pt")
 
 

@@ -20,10 +20,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from raydebias._internal.io import atomic_write_json, atomic_write_text, sha256_json
+from raydebias._internal.io import atomic_write_json, atomic_write_text, save_weights, sha256_json
 from raydebias.config import ClipModelConfig
 
 CONTEXT_LENGTH = 77
@@ -256,14 +256,9 @@ class ClipEncoder:
         preprocess config) into ``out_dir``; the JSON is written last, so its presence marks a complete save."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out / WEIGHTS_FILE)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # clone: open_clip ties some tensors, and safetensors refuses shared storage
+        save_weights(out / WEIGHTS_FILE, {k: v.clone() for k, v in self.model.state_dict().items()},
+                     metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
             "name": self.name,

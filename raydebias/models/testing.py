@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from raydebias._internal.io import atomic_path
+from raydebias._internal.io import atomic_path, save_weights
 from raydebias.models.diffusion import MAX_TOKENS
 
 
@@ -55,7 +55,6 @@ def save_tiny_open_clip(out_dir: str | os.PathLike, image_size: int = 32, seed: 
     import json
 
     import open_clip
-    from safetensors.torch import save_file
 
     from raydebias.config import ClipModelConfig
     from raydebias.models.clip import tiny_model_config
@@ -67,6 +66,5 @@ def save_tiny_open_clip(out_dir: str | os.PathLike, image_size: int = 32, seed: 
     with atomic_path(out) as tmp:
         Path(tmp).mkdir(parents=True, exist_ok=True)
         (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(Path(tmp) / "open_clip_model.safetensors"))
+        save_weights(Path(tmp) / "open_clip_model.safetensors", model)
     return out

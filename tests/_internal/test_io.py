@@ -15,6 +15,7 @@ from raydebias._internal.io import (
     atomic_write_table,
     atomic_write_text,
     fingerprint_uri,
+    save_weights,
     write_table_uri,
 )
 
@@ -109,6 +110,24 @@ def test_atomic_write_table(tmp_path):
     atomic_write_table(tmp_path / "t.parquet", t.slice(1))
     assert pq.read_table(tmp_path / "t.parquet").equals(t.slice(1))
     assert listing(tmp_path) == ["t.parquet"]
+
+
+def test_save_weights_writes_channels_last_weights_and_keeps_the_old_file_on_failure(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()  # what a bare safetensors save_file refuses
+    path = save_weights(tmp_path / "w.safetensors", conv, metadata={"format": "pt"})
+    loaded = load_file(path)
+    assert loaded.keys() == conv.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in conv.state_dict().items())
+
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError):  # safetensors refuses tensors that share storage
+        save_weights(path, {"a": shared, "b": shared})
+    assert torch.equal(load_file(path)["weight"], conv.weight)
+    assert listing(tmp_path) == ["w.safetensors"]
 
 
 # ---------------------------------------------------------------- fingerprints

@@ -5,8 +5,8 @@ import typing
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from raydebias._internal.io import save_weights
 from raydebias.config import ClassifierModelConfig
 from raydebias.models.classifier import Classifier, available, create_classifier, load_classifier
 
@@ -73,9 +73,7 @@ def test_safetensors_round_trip_gives_identical_outputs(arch, tmp_path):
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32))  # move the BatchNorm running stats away from their init
     model.eval()
-    # save the way the train stage does (contiguous CPU tensors + meta.json)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
+    save_weights(tmp_path / "model.safetensors", model)  # as the train stage saves it, + meta.json
     (tmp_path / "meta.json").write_text(json.dumps({"classifier": cfg(arch).model_dump(), "num_classes": C}))
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -6,9 +6,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
+from raydebias._internal.io import save_weights
 from raydebias.config import ClipModelConfig, ColoredMNISTConfig
 from raydebias.data.builtin.colored_mnist import CLASS_NAMES, COLOR_NAMES, build_colored_mnist
 from raydebias.data.transforms import decode_image
@@ -169,7 +169,7 @@ def test_save_load_round_trip_gives_identical_embeddings(cmnist, trained, tmp_pa
 def test_pretrained_loads_a_local_checkpoint_file(tmp_path):
     src = create_clip(CFG, "bootstrap", 32, seed=3)
     ckpt = tmp_path / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(ckpt))
+    save_weights(ckpt, src.model)
     cfg = ClipModelConfig(arch=src.name, pretrained=str(ckpt))
     enc = create_clip(cfg, "pretrained", 999)  # image_size is the checkpoint arch's, not this argument
     assert enc.source == "pretrained" and enc.image_size == (32, 32)

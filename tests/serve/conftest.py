@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from raydebias._internal.io import save_weights
 from raydebias.config import ClassifierModelConfig, ColoredMNISTConfig
 from raydebias.data.builtin.colored_mnist import CLASS_NAMES, build_colored_mnist
 from raydebias.data.transforms import decode_image, to_model_input
@@ -29,8 +29,7 @@ def served_run(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    # contiguous, as the train stage saves it (the cnn keeps channels_last weights)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(mdir / "model.safetensors"))
+    save_weights(mdir / "model.safetensors", model)  # as the train stage saves it
     (mdir / "meta.json").write_text(json.dumps({
         "method": "groupdro", "classifier": cfg.model_dump(), "num_classes": 10, "class_names": CLASS_NAMES,
         "image_size": 32, "best_epoch": 1}))
