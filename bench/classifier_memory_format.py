@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 import raydebias.evaluate.fidelity as fidelity
 from raydebias.config import ClassifierModelConfig, ColoredMNISTConfig
-from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.data.transforms import decode_image
+from raydebias.data.builtin.colored_mnist import colored_mnist_arrays
 from raydebias.evaluate.metrics import group_metrics
 from raydebias.models.classifier import create_classifier
 
@@ -35,15 +33,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.layout == "contiguous":
         fidelity.create_classifier = lambda cfg, n: create_classifier(cfg, n).to(memory_format=torch.contiguous_format)
-    t = build_colored_mnist(ColoredMNISTConfig(aligned=0.99, seed=args.seed, n_train=3500, n_val=200,
-                                               n_test=500)).to_pydict()
-
-    def split(name: str) -> dict[str, np.ndarray]:
-        rows = [i for i, s in enumerate(t["split"]) if s == name]
-        return {"x": np.stack([decode_image(t["image"][i], 32, 1 << 20) for i in rows]),
-                "y": np.asarray([t["label"][i] for i in rows]), "a": np.asarray([t["bias"][i] for i in rows])}
-
-    tr, te = split("train"), split("test")
+    data = colored_mnist_arrays(ColoredMNISTConfig(aligned=0.99, seed=args.seed, n_train=3500, n_val=200,
+                                                   n_test=500), splits=("train", "test"))
+    tr, te = data["train"], data["test"]
     cfg = ClassifierModelConfig(arch="cnn", width=32)  # configs/demo.yaml
     t0 = time.perf_counter()
     model = fidelity.fit_backbone(tr["x"], tr["y"], 10, cfg, groups=tr["y"] * 10 + tr["a"], epochs=args.epochs,

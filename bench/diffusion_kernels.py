@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 
-import numpy as np
 import torch
 
 import raydebias.models.diffusion_training as training
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
-from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.data.transforms import decode_image
+from raydebias.data.builtin.colored_mnist import colored_mnist_arrays
 from raydebias.models.diffusion import bootstrap_diffusion
 
 
@@ -35,10 +33,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.optimizer == "fused":
         torch.optim.AdamW = functools.partial(torch.optim.AdamW, fused=True)  # this process only
-    t = build_colored_mnist(ColoredMNISTConfig(n_train=512, n_val=10, n_test=10)).to_pydict()
-    train = [i for i, s in enumerate(t["split"]) if s == "train"]
-    pixels = np.stack([decode_image(t["image"][i], 32, 1 << 20) for i in train])
-    caps = [f"a photo of a color {t['bias'][i]} digit {t['label'][i]}" for i in train]
+    tr = colored_mnist_arrays(ColoredMNISTConfig(n_train=512, n_val=10, n_test=10))["train"]
+    pixels, caps = tr["x"], [f"a photo of a color {a} digit {y}" for y, a in zip(tr["y"], tr["a"])]
     torch.manual_seed(0)
     b = bootstrap_diffusion(DiffusionModelConfig(text_layers=0))  # the demo's model (configs/demo.yaml)
     if args.layout == "channels_last":

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from raydebias.config import ColoredMNISTConfig, DiffusionModelConfig
-from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.data.transforms import decode_image
+from raydebias.data.builtin.colored_mnist import colored_mnist_arrays
 from raydebias.models.diffusion import bootstrap_diffusion
 from raydebias.models.diffusion_training import train_bootstrap_diffusion
 
@@ -28,10 +26,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t = build_colored_mnist(ColoredMNISTConfig(n_train=512, n_val=10, n_test=10)).to_pydict()
-    train = [i for i, s in enumerate(t["split"]) if s == "train"]
-    pixels = np.stack([decode_image(t["image"][i], 32, 1 << 20) for i in train])
-    caps = [f"a photo of a color {t['bias'][i]} digit {t['label'][i]}" for i in train]
+    tr = colored_mnist_arrays(ColoredMNISTConfig(n_train=512, n_val=10, n_test=10))["train"]
+    pixels, caps = tr["x"], [f"a photo of a color {a} digit {y}" for y, a in zip(tr["y"], tr["a"])]
     rows = []
     for name, model_cfg, freeze in [("baseline (session 1)", BASELINE, False), ("current defaults", {}, True)]:
         torch.manual_seed(0)

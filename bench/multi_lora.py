@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from raydebias.config import ColoredMNISTConfig, load_config
-from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.data.transforms import decode_image
+from raydebias.data.builtin.colored_mnist import colored_mnist_arrays
 from raydebias.finetune.dreambooth_lora import set_active, train_lora
 from raydebias.finetune.multi_lora import sample_mixed, train_loras_batched
 from raydebias.models.clip import clip_tokenizer
@@ -63,9 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = bootstrap_diffusion(cfg, tokenizer=clip_tokenizer())
     n = args.adapters * args.images
-    t = build_colored_mnist(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10)).to_pydict()
-    rows = [i for i, s in enumerate(t["split"]) if s == "train"][:n]
-    px = np.stack([decode_image(t["image"][i], 32, 32 * 32) for i in rows])
+    px = colored_mnist_arrays(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10))["train"]["x"][:n]
     jobs = [{"name": f"a{k}", "pixels": px[k * args.images:(k + 1) * args.images],
              "prompts": [f"a photo of a sks digit {k}"] * args.images, "seed": k} for k in range(args.adapters)]
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=2e-3, rank=4)

@@ -141,3 +141,17 @@ def test_deterministic_per_seed(table):
     # the train split draws different digits
     src = lambda t: {source_index(r) for r in split(t, "train")["id"]}  # noqa: E731
     assert src(other) != src(table)
+
+
+def test_colored_mnist_arrays_decode_the_tables_rows_in_order(table):
+    arrays = cm.colored_mnist_arrays(ColoredMNISTConfig(**SMALL), splits=("train", "val"))
+    t = table.to_pydict()
+    for name, n in (("train", 400), ("val", 200)):
+        rows = [i for i, s in enumerate(t["split"]) if s == name]
+        got = arrays[name]
+        assert got["x"].shape == (n, 32, 32, 3) and got["x"].dtype == np.uint8
+        np.testing.assert_array_equal(got["y"], [t["label"][i] for i in rows])
+        np.testing.assert_array_equal(got["a"], [t["bias"][i] for i in rows])
+        k = rows[7]
+        np.testing.assert_array_equal(got["x"][7], np.asarray(Image.open(io.BytesIO(t["image"][k])).convert("RGB")))
+    assert set(arrays) == {"train", "val"}

@@ -140,14 +140,10 @@ def test_sample_is_deterministic_per_seed(tiny_diffusion):
 
 
 def _colored_mnist(n: int):
-    from raydebias.data.builtin.colored_mnist import COLOR_NAMES, build_colored_mnist
-    from raydebias.data.transforms import decode_image
+    from raydebias.data.builtin.colored_mnist import COLOR_NAMES, colored_mnist_arrays
 
-    t = build_colored_mnist(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10)).to_pydict()
-    rows = [i for i, s in enumerate(t["split"]) if s == "train"]
-    pixels = np.stack([decode_image(t["image"][i], 32, 32 * 32) for i in rows])
-    captions = [f"a {COLOR_NAMES[t['bias'][i]]} digit {t['label'][i]}" for i in rows]
-    return pixels, captions
+    tr = colored_mnist_arrays(ColoredMNISTConfig(n_train=n, n_val=10, n_test=10))["train"]
+    return tr["x"], [f"a {COLOR_NAMES[a]} digit {y}" for y, a in zip(tr["y"], tr["a"])]
 
 
 def test_default_text_encoder_keeps_each_word_at_its_own_position():

@@ -91,3 +91,19 @@ def build_colored_mnist(cfg: ColoredMNISTConfig) -> pa.Table:
             "split": pa.array(rows["split"], pa.string()),
         }
     )
+
+
+def colored_mnist_arrays(cfg: ColoredMNISTConfig, splits: tuple[str, ...] = ("train",)) -> dict[str, dict]:
+    """Decoded splits of :func:`build_colored_mnist` as arrays, ``{split: {"x": uint8 (N, S, S, 3), "y", "a"}}``,
+    for benches and tests that skip the ``data`` stage (which decodes the same PNGs, ``data/stage.py``)."""
+    from raydebias.data.transforms import decode_image
+
+    t = build_colored_mnist(cfg).to_pydict()
+    out = {}
+    for name in splits:
+        rows = [i for i, s in enumerate(t["split"]) if s == name]
+        px = [decode_image(t["image"][i], cfg.image_size, cfg.image_size ** 2) for i in rows]
+        out[name] = {"x": np.stack(px) if px else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8),
+                     "y": np.asarray([t["label"][i] for i in rows], np.int64),
+                     "a": np.asarray([t["bias"][i] for i in rows], np.int64)}
+    return out
