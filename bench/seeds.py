@@ -64,13 +64,14 @@ def main() -> int:
     run_dirs, times = [], []
     for seed in args.seeds:
         d = out / f"seed{seed}"
-        cmd = ["raydebias", "run", args.config, "--run-dir", str(d), "--set", f"seed={seed}",
-               "--set", f"data.builtin.seed={seed}", "--set", f"evaluate.fidelity_probes={args.probes}"]
+        # the CLI of this interpreter's install: works from an unactivated venv (`.venv/bin/python bench/seeds.py`)
+        cmd = [sys.executable, "-m", "raydebias.cli", "run", args.config, "--run-dir", str(d),
+               "--set", f"seed={seed}", "--set", f"data.builtin.seed={seed}", "--set", f"evaluate.fidelity_probes={args.probes}"]
         for kv in args.set:
             cmd += ["--set", kv]
         t0 = time.perf_counter()
         print("$ " + " ".join(cmd), flush=True)
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, check=False).returncode
         times.append(time.perf_counter() - t0)
         if rc:
             print(f"seed {seed}: exit code {rc}", file=sys.stderr)
