@@ -151,53 +151,61 @@ def check_graph(cfg: RunConfig) -> list[Stage]:
 
 
 class RunDirLock:
-    """``<run_dir>/.lock`` (pid, host): one run per run directory. A second run exits at once naming the holder;
-    a lock whose holder is dead (same host, pid gone) is taken over."""
+    """``<run_dir>/.lock``: one run per run directory, held as a kernel lock (``flock``) on the open file.
+
+    The kernel releases the lock when the holding process dies, however it dies and whether or not its parent has
+    reaped it (a SIGKILLed driver that is still a zombie holds nothing), so a stale lock cannot block a rerun. The
+    file also names the holder (pid, host, since) for the message a second run gets. ``flock`` holds between
+    processes of one host and on shared filesystems that implement it (NFSv4, CephFS, Lustre with ``flock``)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def __enter__(self) -> "RunDirLock":
+        import fcntl
         import socket
 
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
-        for _ in range(2):
+        for _ in range(8):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                    self.path.unlink(missing_ok=True)  # its holder died: take the lock over
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
                 raise PipelineError(
                     f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                    f"since {holder.get('since')}); wait for it, or delete {self.path} if that run is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+                    f"since {holder.get('since')}); wait for it to finish") from None
+            try:  # the file may have been unlinked by a holder releasing it after we opened it: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self._fd = fd
             return self
         raise PipelineError(f"could not take {self.path}")
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter that opened it retries on the new file
+            os.close(self._fd)  # releases the flock
+            self._fd = None
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def _read_holder(fd: int) -> dict[str, Any]:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,

@@ -1,6 +1,9 @@
 """End-to-end tiny runs: every stage, metrics.json/report.html, resume, quarantine, an unseen contract dataset."""
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +11,7 @@ import pytest
 from raydebias.cli import main
 from raydebias.config import ColoredMNISTConfig, load_config
 from raydebias.data.builtin.colored_mnist import build_colored_mnist
-from raydebias.pipeline import PipelineError, run_pipeline
+from raydebias.pipeline import PipelineError, RunDirLock, run_pipeline
 
 pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
 
@@ -80,24 +83,64 @@ def test_rerun_skips_everything(tiny_run):
     assert model.stat().st_mtime_ns == before
 
 
-def test_run_dir_lock(tiny_run):
-    import socket
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from raydebias.pipeline import RunDirLock
+lock = RunDirLock(Path(sys.argv[1])).__enter__()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _lock_holder(run_dir):
     import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_run_dir_lock(tiny_run):
+    import signal
 
     lock = tiny_run / ".lock"
-    holder = subprocess.Popen(["sleep", "120"])
+    holder = _lock_holder(tiny_run)
     try:
-        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": "now"}))
         with pytest.raises(PipelineError, match=f"in use by another run \\(pid {holder.pid} on "):
             run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
         assert json.loads(lock.read_text())["pid"] == holder.pid  # the holder's lock is left alone
+        # the holder is SIGKILLed and not reaped (a zombie: its pid still answers kill(pid, 0)); the kernel has
+        # released its lock, so the next run takes it
+        holder.send_signal(signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline and _state(holder.pid) != "Z":
+            time.sleep(0.05)
+        assert _state(holder.pid) == "Z"
+        run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
     finally:
         holder.kill()
         holder.wait()
-    # its holder is dead: the lock is taken over, the run proceeds and releases it
-    run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
     assert not lock.exists()
     assert all(e["last_action"] == "skipped" for e in manifest(tiny_run)["stages"].values())
+
+
+def test_run_dir_lock_ignores_a_stale_lock_file(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "since": "then"}))
+    with RunDirLock(tmp_path) as lock:  # a file with no kernel lock on it holds nothing
+        assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(PipelineError, match="in use by another run"):
+            RunDirLock(tmp_path).__enter__()  # a second lock in this process (its own open file) is refused too
+    assert not (tmp_path / ".lock").exists()
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def test_changed_block_reruns_only_dependents(tiny_run):
