@@ -57,9 +57,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+        elif tmp.is_dir() and (path.exists() or path.is_symlink()):  # a folder replaces a file
+            path.unlink()
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, link or folder if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_path(src: str | Path, dst: str | Path) -> None:
+    """Move ``src`` (a file or a complete folder) to ``dst``, replacing what is there. On one filesystem the move
+    is a rename: readers see the old or the new whole, never a partly written one."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(f".{dst.name}.old")
+    remove_path(old)
+    if dst.exists() or dst.is_symlink():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    remove_path(old)
 
 
 def atomic_write_table(path: str | Path, table: pa.Table) -> Path:
