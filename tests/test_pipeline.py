@@ -112,13 +112,13 @@ def test_run_dir_lock(tiny_run):
         with pytest.raises(PipelineError, match=f"in use by another run \\(pid {holder.pid} on "):
             run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
         assert json.loads(lock.read_text())["pid"] == holder.pid  # the holder's lock is left alone
-        # the holder is SIGKILLed and not reaped (a zombie: its pid still answers kill(pid, 0)); the kernel has
-        # released its lock, so the next run takes it
+        # the holder is SIGKILLed and not reaped (a zombie: its pid still answers kill(pid, 0)); once its last
+        # thread has exited the kernel has closed its files and released the lock, so the next run takes it
         holder.send_signal(signal.SIGKILL)
         deadline = time.time() + 10
-        while time.time() < deadline and _state(holder.pid) != "Z":
+        while time.time() < deadline and not _zombie(holder.pid):
             time.sleep(0.05)
-        assert _state(holder.pid) == "Z"
+        assert _zombie(holder.pid)
         run_pipeline(load_config(None, [*TINY, f"run_dir={tiny_run}"]), log=lambda m: None)
     finally:
         holder.kill()
@@ -136,11 +136,13 @@ def test_run_dir_lock_ignores_a_stale_lock_file(tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
-def _state(pid: int) -> str | None:
+def _zombie(pid: int) -> bool:
+    """``pid`` is a zombie whose threads have all exited (the leader turns Z before its other threads are gone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "Z" and len(os.listdir(f"/proc/{pid}/task")) == 1
     except OSError:
-        return None
+        return False
 
 
 def test_changed_block_reruns_only_dependents(tiny_run):

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.splits import load_split
+from raydebias.data.stream import PartSet, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
 from raydebias.data.transforms import pixels_from_column, to_model_input
 from raydebias.models.classifier import create_classifier, load_classifier, predict
 
@@ -58,22 +60,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
     return torch.stack([xp[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)])
 
 
-def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
-    """This rank's sample order for one epoch: a permutation, or weighted draws with replacement.
-
-    ``rng`` must be seeded identically on every rank: all ranks draw the same order and take disjoint strided
-    shards of it. The order is padded cyclically to a multiple of ``world`` so that every rank gets the same
-    number of samples (DDP needs the same number of steps on every rank, or its all-reduces hang).
-    """
-    if weights is None:
-        idx = rng.permutation(n)
-    else:
-        idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
-    if n and n % world:
-        idx = np.resize(idx, -(-n // world) * world)
-    return idx[rank::world]
-
-
 def _sample_weights(kind: str, recipe, y: np.ndarray, groups: np.ndarray) -> np.ndarray | None:
     from raydebias.debias.groupdro import group_balanced_weights
 
@@ -102,8 +88,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(config["threads"])))
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    data = {name: ray.get(ref) for name, ref in config["data_refs"].items()}
-    val = data["val"]
+    sets = {name: PartSet.union([PartSet.open(files) for files in members]) for name, members in config["data"].items()}
+    val = sets["val"]
+    size, buffer_rows = config["image_size"], config["shuffle_buffer"]
     C, B = config["num_classes"], config["num_bias"]
     has_bias = B is not None
     num_groups = C * B if has_bias else C
@@ -158,26 +145,25 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if opt_state is not None and step == start and epoch > 0:  # resumed inside this phase
                 opt.load_state_dict(opt_state)
                 recipe.load_state_dict(recipe_state or {})
-            d = data[ph["data"]]
-            if "g" in d:  # explicit (pseudo-)groups, e.g. Diffusing DeBias's (y, amplifier correct)
-                groups = d["g"]
+            d = sets[ph["data"]]
+            if d.g is not None:  # explicit (pseudo-)groups, e.g. Diffusing DeBias's (y, amplifier correct)
+                groups = d.g
             else:
-                groups = d["y"] * B + d["a"] if has_bias and (d["a"] >= 0).all() else d["y"]
-            weights = _sample_weights(ph.get("sampler", "recipe"), recipe, d["y"], groups)
+                groups = d.y * B + d.a if has_bias and (d.a >= 0).all() else d.y
+            weights = _sample_weights(ph.get("sampler", "recipe"), recipe, d.y, groups)
         model.train()
         if ph.get("freeze_encoder"):
             core.encoder.eval()  # frozen BatchNorm statistics too
-        rng = np.random.default_rng([config["seed"], step])  # the same order on every rank; ranks take shards
-        idx = epoch_indices(len(d["y"]), weights, rng, rank, world)
+        rng = np.random.default_rng([config["seed"], step])  # the same draws on every rank; ranks take shards
+        counts = epoch_counts(len(d), weights, rng, rank, world)
         total, seen = 0.0, 0
-        for i in range(0, len(idx), bs):
-            b = idx[i : i + bs]
+        for b, xb in stream_epoch(d, counts, size, bs, buffer_rows, [config["seed"], step, rank]):
             if len(b) < 2:
                 continue
-            x = to_model_input(d["x"][b])
+            x = to_model_input(xb)
             if config["augment"]:
                 x = _augment(x, gen)
-            y = torch.as_tensor(d["y"][b]).to(device)
+            y = torch.as_tensor(d.y[b]).to(device)
             g = torch.as_tensor(groups[b]).to(device)
             kw = {"idx": torch.as_tensor(b)} if getattr(recipe, "needs_index", False) else {}
             if getattr(recipe, "needs_features", False):
@@ -200,9 +186,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 best_epoch = step
                 best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
             if ph.get("select"):
-                probs = predict(core, val["x"], device=device)
-                pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-                m = group_metrics(val["y"], pred, val["a"] if has_bias else None, C, B if has_bias else 1)
+                pred = np.concatenate([predict(core, x, device=device).argmax(1) if len(x) else np.zeros(0, np.int64)
+                                       for _, x in iter_parts(val, size)] or [np.zeros(0, np.int64)])
+                m = group_metrics(val.y, pred, val.a if has_bias else None, C, B if has_bias else 1)
                 sel = config["select_by"] if has_bias else "accuracy"
                 score = m[sel] if m.get(sel) is not None else m["accuracy"]
                 metrics.update(val_accuracy=m["accuracy"], val_wga=m.get("wga"), val_aga=m.get("aga"), val_score=score)
@@ -239,12 +225,11 @@ def baseline_phases(method: str, epochs: int) -> list[dict[str, Any]]:
     return [{"name": method, "data": "train", "recipe": method, "epochs": epochs, "sampler": "recipe", "select": True}]
 
 
-def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: dict[str, dict] | None = None,
+def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: dict[str, Any] | None = None,
                    summary: dict[str, Any] | None = None, out_name: str | None = None):
     """Train ``phases`` through Ray Train (:func:`~raydebias._internal.ray_utils.fit_torch`); write the
     val-selected model (the last one when no phase has ``select``) to ``stages/<out_name>/`` (default
     ``train/<method>``)."""
-    import ray
 
     from raydebias._internal.ray_utils import fit_torch, keyed_train_run
     from raydebias.core import StageResult
@@ -254,23 +239,28 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     info = ctx.data_info
     data_dir = ctx.run_dir / "stages" / "data"
     size = info["image_size"]
-    train, val = load_split(data_dir / "train.parquet", size), load_split(data_dir / "val.parquet", size)
     num_bias = info["num_bias"]
     num_groups = info["num_classes"] * (num_bias or 1)
     select_by = resolve_select_by(cfg.train.select_by, num_groups)
     out = ctx.stage_dir(out_name or f"train/{method}")
     tc = cfg.train
     use_gpu = cfg.ray.num_gpus_per_worker > 0
-    datasets = {"train": train, "val": val, **(extra_data or {})}
-    for name in {p["data"] for p in phases} - datasets.keys():  # "train+synthetic": the union of named sets
-        datasets[name] = concat_sets([datasets[part] for part in name.split("+")])
+    # every set as Parquet parts that the workers stream: the data stage's splits, and in-memory extra sets written
+    # beside the stage's output
+    files = {"train": parquet_parts(data_dir / "train.parquet"), "val": parquet_parts(data_dir / "val.parquet")}
+    inputs = out / "inputs"
+    shutil.rmtree(inputs, ignore_errors=True)
+    for name, d in (extra_data or {}).items():  # a Parquet file or folder of (label, bias, pixels), or arrays
+        files[name] = parquet_parts(d) if isinstance(d, (str, Path)) else write_parts(inputs / name, d)
+    used = {p["data"] for p in phases} | {"val"}
+    data = {name: [files[part] for part in name.split("+")] for name in used}  # "train+synthetic": a union
+    sizes = {name: sum(pq.ParquetFile(f).metadata.num_rows for m in members for f in m) for name, members in data.items()}
     loop_config = {
         "method": method, "seed": cfg.seed, "phases": phases, "batch_size": tc.batch_size, "lr": tc.lr,
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
         "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
         "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
-        "data_refs": {k: ray.put({c: v for c, v in d.items() if c != "id"}) for k, d in datasets.items()
-                      if k == "val" or k in {p["data"] for p in phases}},
+        "data": data, "image_size": size, "shuffle_buffer": tc.shuffle_buffer,
     }
     resources = {"CPU": tc.cpus_per_worker}
     if use_gpu:
@@ -279,7 +269,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     run_name = keyed_train_run(storage, method.replace("/", "_"), getattr(ctx, "node_key", None))
     mode = f"{tc.num_workers} worker(s)" if tc.num_workers else "local mode (one Ray task)"
     ctx.log(f"[train/{method}] Ray Train, {mode} × {resources}, phases "
-            + ", ".join(f"{p['name']}×{p['epochs']} on {p['data']} ({len(datasets[p['data']]['y'])} rows)" for p in phases)
+            + ", ".join(f"{p['name']}×{p['epochs']} on {p['data']} ({sizes[p['data']]} rows)" for p in phases)
             + f"; select by val {select_by}")
     ckpt = fit_torch(train_loop, loop_config, num_workers=tc.num_workers, resources=resources, storage=storage,
                      name=run_name, max_failures=tc.max_failures)
@@ -305,6 +295,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     }
     atomic_write_json(out / "meta.json", meta)
     shutil.rmtree(storage / run_name, ignore_errors=True)  # Ray Train's copies; the selected model stays
+    shutil.rmtree(inputs, ignore_errors=True)
     if any(p.get("select") for p in phases):
         ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} of {len(phases)} phase(s), in {meta['best_phase']} "
                 f"(val {select_by} {state['best_score']:.3f})")

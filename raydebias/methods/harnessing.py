@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from typing import Literal
@@ -57,15 +56,11 @@ def run_train_generative(ctx, variant: str):
     from raydebias.debias.train import fit_classifier
     from raydebias.debias.two_stage import two_stage_phases
 
-    cfg, info = ctx.cfg, ctx.data_info
-    from raydebias.data.transforms import pixels_from_column
-
-    t = pq.read_table(ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet")
-    synth = {"x": pixels_from_column(t.column("pixels").to_pylist(), info["image_size"]),
-             "y": t.column("label").to_numpy().astype(np.int64), "a": t.column("bias").to_numpy().astype(np.int64)}
+    cfg = ctx.cfg
+    synth = ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet"  # streamed by the workers
     phases = two_stage_phases(cfg.two_stage)
     return fit_classifier(ctx, variant, phases, extra_data={"synthetic": synth},
-                          summary={"synthetic_rows": int(len(synth["y"]))})
+                          summary={"synthetic_rows": pq.ParquetFile(synth).metadata.num_rows})
 
 
 def report_sections(variant: str):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from raydebias.debias.groupdro import group_balanced_weights
-from raydebias.debias.train import _augment, epoch_indices, resolve_select_by
+from raydebias.data.stream import epoch_indices
+from raydebias.debias.train import _augment, resolve_select_by
 
 
 def shards(n, weights, seed, world):
@@ -178,25 +179,27 @@ def test_augment_is_deterministic_given_the_generator_and_identity_without_paddi
     assert torch.equal(_augment(x, torch.Generator().manual_seed(0), pad=0), x)
 
 
-# ---------------------------------------------------------------- concat_sets (FT_mix: real ∪ synthetic)
+# ---------------------------------------------------------------- unions of part sets (FT_mix: real ∪ synthetic)
 
 
-def test_union_keeps_rows_in_order_and_marks_sets_without_bias_labels():
-    from raydebias.debias.train import concat_sets
+def test_union_keeps_rows_in_order_and_marks_sets_without_bias_labels(tmp_path):
+    from raydebias.data.stream import PartSet, iter_parts, write_parts
 
-    real = {"x": np.zeros((3, 1, 2, 2), np.uint8), "y": np.array([0, 1, 1]), "a": np.array([0, 1, 1])}
-    synth = {"x": np.ones((2, 1, 2, 2), np.uint8), "y": np.array([1, 0])}
-    u = concat_sets([real, synth])
-    assert u["x"].shape == (5, 1, 2, 2) and u["x"][3:].all() and not u["x"][:3].any()
-    assert u["y"].tolist() == [0, 1, 1, 1, 0] and u["a"].tolist() == [0, 1, 1, -1, -1]
+    real = {"x": np.zeros((3, 2, 2, 3), np.uint8), "y": np.array([0, 1, 1]), "a": np.array([0, 1, 1])}
+    synth = {"x": np.ones((2, 2, 2, 3), np.uint8), "y": np.array([1, 0])}
+    u = PartSet.union([PartSet.open(write_parts(tmp_path / "r", real, rows_per_part=2)),
+                       PartSet.open(write_parts(tmp_path / "s", synth))])
+    x = np.concatenate([x for _, x in iter_parts(u, 2)])
+    assert x.shape == (5, 2, 2, 3) and x[3:].all() and not x[:3].any()
+    assert u.y.tolist() == [0, 1, 1, 1, 0] and u.a.tolist() == [0, 1, 1, -1, -1] and len(u) == 5
 
 
-def test_group_balanced_union_draws_a_group_seen_only_in_synthetic_rows_as_often_as_the_others():
+def test_group_balanced_union_draws_a_group_seen_only_in_synthetic_rows_as_often_as_the_others(tmp_path):
     """At 99.9 % aligned a conflicting group has no real row; in the union its synthetic rows carry its share."""
-    from raydebias.debias.train import concat_sets
+    from raydebias.data.stream import PartSet, write_parts
 
-    real = {"x": np.zeros((100, 1, 1, 1), np.uint8), "y": np.zeros(100, np.int64), "a": np.zeros(100, np.int64)}
-    synth = {"x": np.zeros((10, 1, 1, 1), np.uint8), "y": np.zeros(10, np.int64), "a": np.ones(10, np.int64)}
-    u = concat_sets([real, synth])
-    w = group_balanced_weights(u["y"] * 2 + u["a"])
+    real = {"x": np.zeros((100, 1, 1, 3), np.uint8), "y": np.zeros(100, np.int64), "a": np.zeros(100, np.int64)}
+    synth = {"x": np.zeros((10, 1, 1, 3), np.uint8), "y": np.zeros(10, np.int64), "a": np.ones(10, np.int64)}
+    u = PartSet.union([PartSet.open(write_parts(tmp_path / "r", real)), PartSet.open(write_parts(tmp_path / "s", synth))])
+    w = group_balanced_weights(u.y * 2 + u.a)
     assert w[:100].sum() == pytest.approx(w[100:].sum())

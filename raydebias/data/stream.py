@@ -1,0 +1,169 @@
+"""Labelled image sets read as streams of Parquet parts: the training and evaluation loops hold a bounded window of
+pixels, never a whole split.
+
+A :class:`PartSet` is a list of Parquet files (``id``, ``label``, ``bias``, ``pixels``; optional ``group``) read
+in file-name order; a row's index is its position in that order. Its small columns (labels, bias values, groups:
+8 bytes a row each) are read whole, so that samplers and per-sample recipe state (LfF) work on indices as they
+would in memory; pixels are read a part at a time.
+
+An epoch is a multiset of row indices (a permutation, or weighted draws with replacement) given as per-row counts.
+:func:`stream_epoch` reads the parts that hold drawn rows in a seeded random order, repeats each row by its count
+into a shuffle buffer of ``buffer_rows`` rows and emits seeded random batches: with ``buffer_rows`` at least the
+epoch's size this is a uniform shuffle of the multiset; beyond it, a local shuffle (as Ray Data's
+``local_shuffle_buffer_size``) whose window is the buffer. The same seed gives the same batches. Ray Data has no
+weighted sampler (ray-project/ray#31127), hence this reader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydebias.data.transforms import pixels_from_column
+
+
+def parquet_parts(path: str | Path) -> list[str]:
+    """The Parquet files of a split written by the ``data`` stage (a folder of parts) or of a single file, in
+    name order (input order for the ``data`` stage's parts)."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.glob("*.parquet") if not f.name.startswith((".", "_")))
+    return [str(p)]
+
+
+@dataclass
+class PartSet:
+    """A labelled set as Parquet parts: ``files``, their row counts, and the small columns of all rows."""
+
+    files: list[str]
+    rows: np.ndarray  # rows per file
+    y: np.ndarray
+    a: np.ndarray  # -1 where the bias is unknown or the set has none
+    g: np.ndarray | None = None  # explicit (pseudo-)groups, when the set carries a ``group`` column
+
+    @classmethod
+    def open(cls, files: list[str]) -> "PartSet":
+        ys, as_, gs, rows = [], [], [], []
+        for f in files:
+            names = pq.ParquetFile(f).schema_arrow.names
+            t = pq.read_table(f, columns=[c for c in ("label", "bias", "group") if c in names])
+            rows.append(t.num_rows)
+            ys.append(t.column("label").to_numpy().astype(np.int64))
+            as_.append(t.column("bias").to_numpy().astype(np.int64) if "bias" in names
+                       else np.full(t.num_rows, -1, np.int64))
+            gs.append(t.column("group").to_numpy().astype(np.int64) if "group" in names else None)
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        g = cat(gs) if gs and all(x is not None for x in gs) else None
+        return cls(list(files), np.asarray(rows, np.int64), cat(ys), cat(as_), g)
+
+    @classmethod
+    def union(cls, sets: list["PartSet"]) -> "PartSet":
+        """The sets one after the other (rows of the second are indexed after the first's)."""
+        g = np.concatenate([s.g for s in sets]) if all(s.g is not None for s in sets) else None
+        return cls([f for s in sets for f in s.files], np.concatenate([s.rows for s in sets]),
+                   np.concatenate([s.y for s in sets]), np.concatenate([s.a for s in sets]), g)
+
+    def __len__(self) -> int:
+        return int(self.rows.sum())
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
+
+    def read_pixels(self, part: int, image_size: int) -> np.ndarray:
+        t = pq.read_table(self.files[part], columns=["pixels"])
+        if not t.num_rows:
+            return np.zeros((0, image_size, image_size, 3), np.uint8)
+        return pixels_from_column(t.column("pixels").to_pylist(), image_size)
+
+
+def write_parts(folder: str | Path, arrays: dict[str, np.ndarray], rows_per_part: int = 4096) -> list[str]:
+    """Write in-memory labelled arrays (``x`` uint8 NHWC, ``y``, optional ``a``, ``g``) as Parquet parts that a
+    :class:`PartSet` reads; returns the files."""
+    from raydebias._internal.io import atomic_write_table
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(arrays["y"])
+    files = []
+    for i, start in enumerate(range(0, max(n, 1), rows_per_part)):
+        sl = slice(start, min(n, start + rows_per_part))
+        x = arrays["x"][sl]
+        cols = {"label": pa.array(arrays["y"][sl], pa.int64()),
+                "bias": pa.array(arrays["a"][sl] if "a" in arrays else np.full(len(x), -1), pa.int64()),
+                "pixels": pa.array([r.tobytes() for r in x], pa.binary())}
+        if "g" in arrays:
+            cols["group"] = pa.array(arrays["g"][sl], pa.int64())
+        f = folder / f"part-{i:06d}.parquet"
+        atomic_write_table(f, pa.table(cols))
+        files.append(str(f))
+    return files
+
+
+def epoch_indices(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
+    """This rank's draws for one epoch: a permutation, or ``n`` weighted draws with replacement.
+
+    ``rng`` must be seeded identically on every rank: all ranks draw the same sequence and take disjoint strided
+    shards of it. It is padded cyclically to a multiple of ``world`` so that every rank gets the same number of
+    samples (DDP needs the same number of steps on every rank, or its all-reduces hang).
+    """
+    if weights is None:
+        idx = rng.permutation(n)
+    else:
+        idx = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    if n and n % world:
+        idx = np.resize(idx, -(-n // world) * world)
+    return idx[rank::world]
+
+
+def epoch_counts(n: int, weights: np.ndarray | None, rng: np.random.Generator, rank: int, world: int) -> np.ndarray:
+    """How often each of ``n`` rows is among this rank's draws (:func:`epoch_indices`) in one epoch."""
+    return np.bincount(epoch_indices(n, weights, rng, rank, world), minlength=n)
+
+
+def stream_epoch(data: PartSet, counts: np.ndarray, image_size: int, batch_size: int, buffer_rows: int,
+                 seed: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This epoch's batches ``(row indices, uint8 NHWC pixels)``: every row repeated ``counts[row]`` times, shuffled
+    within a buffer of ``buffer_rows`` rows (see the module docstring); the last batch may be smaller."""
+    rng = np.random.default_rng(seed)
+    offsets = data.offsets
+    parts = [p for p in rng.permutation(len(data.files)) if counts[offsets[p]:offsets[p] + data.rows[p]].any()]
+    buf_i: list[np.ndarray] = []
+    buf_x: list[np.ndarray] = []
+    held = 0
+    capacity = max(buffer_rows, batch_size)
+
+    def emit(keep: int):
+        nonlocal buf_i, buf_x, held
+        idx, x = np.concatenate(buf_i), np.concatenate(buf_x)
+        perm = rng.permutation(len(idx))
+        out = len(idx) - keep
+        out -= out % batch_size if keep else 0
+        for s in range(0, out, batch_size):
+            sel = perm[s:min(out, s + batch_size)]
+            yield idx[sel], x[sel]
+        rest = perm[out:]
+        buf_i, buf_x, held = [idx[rest]], [x[rest]], len(rest)
+
+    for p in parts:
+        c = counts[offsets[p]:offsets[p] + data.rows[p]]
+        take = np.repeat(np.arange(len(c)), c)
+        x = data.read_pixels(p, image_size)
+        buf_i.append(offsets[p] + take)
+        buf_x.append(x[take])
+        held += len(take)
+        if held >= capacity:
+            yield from emit(capacity // 2)
+    if held:
+        yield from emit(0)
+
+
+def iter_parts(data: PartSet, image_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every row once, in order: ``(row indices, uint8 NHWC pixels)`` a part at a time (evaluation)."""
+    for p, off in enumerate(data.offsets):
+        yield off + np.arange(data.rows[p]), data.read_pixels(p, image_size)

@@ -1,0 +1,74 @@
+"""Streamed epochs over Parquet parts: the drawn multiset, the pixels that go with each index, the buffer bound."""
+
+import numpy as np
+import pytest
+
+from raydebias.data.stream import PartSet, epoch_counts, epoch_indices, iter_parts, stream_epoch, write_parts
+from raydebias.debias.groupdro import group_balanced_weights
+
+
+@pytest.fixture
+def parts(tmp_path):
+    n = 50
+    x = np.zeros((n, 2, 2, 3), np.uint8)
+    x[:, 0, 0, 0] = np.arange(n)  # each row's pixels name its index
+    y = np.arange(n) % 3
+    a = (np.arange(n) < 40).astype(np.int64)
+    return PartSet.open(write_parts(tmp_path / "set", {"x": x, "y": y, "a": a}, rows_per_part=7))
+
+
+def _epoch(data, counts, buffer_rows, seed=(0, 0), bs=8):
+    batches = list(stream_epoch(data, counts, 2, bs, buffer_rows, list(seed)))
+    idx = np.concatenate([b for b, _ in batches])
+    for b, x in batches:  # the pixels that travel with an index are that row's
+        assert (x[:, 0, 0, 0] == b).all()
+    return batches, idx
+
+
+@pytest.mark.parametrize("buffer_rows", [8, 16, 1000])
+def test_an_epoch_streams_exactly_the_drawn_multiset(parts, buffer_rows):
+    w = group_balanced_weights(parts.y * 2 + parts.a)
+    counts = epoch_counts(len(parts), w, np.random.default_rng(3), 0, 1)
+    batches, idx = _epoch(parts, counts, buffer_rows)
+    assert np.array_equal(np.bincount(idx, minlength=len(parts)), counts)
+    assert all(len(b) == 8 for b, _ in batches[:-1])
+
+
+def test_counts_match_the_in_memory_draws_on_every_rank(parts):
+    for world in (1, 3):
+        for r in range(world):
+            idx = epoch_indices(len(parts), None, np.random.default_rng([5, 1]), r, world)
+            counts = epoch_counts(len(parts), None, np.random.default_rng([5, 1]), r, world)
+            assert np.array_equal(np.bincount(idx, minlength=len(parts)), counts)
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_another_order(parts):
+    counts = np.ones(len(parts), np.int64)
+    _, a = _epoch(parts, counts, 16, seed=(1, 2))
+    _, b = _epoch(parts, counts, 16, seed=(1, 2))
+    _, c = _epoch(parts, counts, 16, seed=(1, 3))
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and sorted(a) == sorted(c)
+
+
+def test_a_buffer_as_large_as_the_epoch_mixes_every_part(parts):
+    """With the whole epoch in the buffer the first batch draws from across the set, not from one or two parts."""
+    counts = np.ones(len(parts), np.int64)
+    batches, _ = _epoch(parts, counts, 1000)
+    first = batches[0][0]
+    assert len({int(i) // 7 for i in first}) >= 3
+
+
+def test_parts_with_no_drawn_row_are_not_read(parts, monkeypatch):
+    read = []
+    orig = PartSet.read_pixels
+    monkeypatch.setattr(PartSet, "read_pixels", lambda self, p, size: read.append(p) or orig(self, p, size))
+    counts = np.zeros(len(parts), np.int64)
+    counts[[0, 8]] = 2  # rows of parts 0 and 1
+    _, idx = _epoch(parts, counts, 16)
+    assert sorted(read) == [0, 1] and sorted(idx.tolist()) == [0, 0, 8, 8]
+
+
+def test_iter_parts_yields_every_row_once_in_order(parts):
+    idx = np.concatenate([i for i, _ in iter_parts(parts, 2)])
+    x = np.concatenate([x for _, x in iter_parts(parts, 2)])
+    assert idx.tolist() == list(range(50)) and (x[:, 0, 0, 0] == idx).all()
