@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import torch
 
-from raydebias._internal.io import atomic_write_json, atomic_write_table
-from raydebias.models.classifier import load_classifier, predict
+from raydebias._internal.io import atomic_write_json, atomic_write_table, replace_path
 from raydebias.data.splits import load_split
+from raydebias.data.stream import parquet_parts
+from raydebias.data.transforms import pixels_from_column
+from raydebias.models.classifier import load_classifier, predict
 from raydebias.evaluate import metrics as M
 
 
@@ -21,14 +26,18 @@ def headline_metric(num_groups: int) -> str:
 
 
 def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
-    """All metrics of one method on one split."""
+    """All metrics of one method on one split, from its softmax probabilities."""
+    return metrics_row(y, a, probs.argmax(1), probs[np.arange(len(y)), y], info)
+
+
+def metrics_row(y, a, pred, p_true, info: dict[str, Any]) -> dict[str, Any]:
+    """All metrics of one method on one split, from its predictions and each row's probability of its true class."""
     C, B = info["num_classes"], info["num_bias"]
-    pred = probs.argmax(1)
     if B is None:
         return {"accuracy": float((pred == y).mean()) if len(y) else None}
     known = a >= 0  # group metrics over rows with a known bias; overall accuracy over all rows
     acc = float((pred == y).mean())
-    y, a, pred, probs = y[known], a[known], pred[known], probs[known]
+    y, a, pred, p_true = y[known], a[known], pred[known], p_true[known]
     if not known.any():
         return {"accuracy": acc}
     train_counts = np.asarray(info["group_counts"]["train"])
@@ -40,7 +49,7 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
         sel = y == c
         prot = (a[sel] == aligned_bias[c]).astype(int)
         if 0 < prot.sum() < len(prot):
-            kls.append(M.score_kl(probs[sel, c], prot))
+            kls.append(M.score_kl(p_true[sel], prot))
     clean = lambda v: None if v is None or not np.isfinite(v) else float(v)  # noqa: E731
     row.update(
         bias=clean(M.multiclass_bias(y, pred, a, C)),
@@ -51,7 +60,65 @@ def method_row(y, a, probs, info: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+class _Predict:
+    """Ray Data UDF (actors): one Parquet part of a split per row → every method's predictions on it. Writes the
+    test predictions (``id``, ``label``, ``bias``, ``pred``, ``probs``) beside the part's name when ``out`` is set,
+    and returns the small columns the metrics need: label, bias and, per method, the prediction and the
+    probability of the true class."""
+
+    def __init__(self, model_dirs: dict[str, str], image_size: int, batch_size: int, threads: int,
+                 out: dict[str, str] | None):
+        torch.set_num_threads(threads)
+        self.models = {m: load_classifier(d)[0] for m, d in model_dirs.items()}
+        self.size, self.batch_size, self.out = image_size, batch_size, out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
+        frames = []
+        for part in batch["part"]:
+            t = pq.read_table(part)
+            y = t.column("label").to_numpy().astype(np.int64)
+            x = pixels_from_column(t.column("pixels").to_pylist(), self.size) if t.num_rows else \
+                np.zeros((0, self.size, self.size, 3), np.uint8)
+            cols: dict[str, Any] = {"label": y, "bias": t.column("bias").to_numpy().astype(np.int64)}
+            for m, model in self.models.items():
+                probs = predict(model, x, batch_size=self.batch_size).astype(np.float32) if len(x) else \
+                    np.zeros((0, 1), np.float32)
+                pred = probs.argmax(1) if len(x) else np.zeros(0, np.int64)
+                cols[f"pred:{m}"], cols[f"p_true:{m}"] = pred, probs[np.arange(len(y)), y] if len(y) else probs[:, 0]
+                if self.out is not None:
+                    atomic_write_table(Path(self.out[m]) / Path(part).name, pa.table(
+                        {"id": t.column("id"), "label": y, "bias": cols["bias"], "pred": pred,
+                         "probs": pa.array(list(probs), pa.list_(pa.float32()))}))
+            frames.append(pd.DataFrame(cols))
+        return pd.concat(frames, ignore_index=True)
+
+
+def predict_split(ctx, split: str, methods: list[str], out: dict[str, Path] | None = None) -> dict[str, np.ndarray]:
+    """Every method's predictions on a split written by the data stage, computed by Ray Data actors a part at a
+    time; returns ``label``, ``bias`` and per method ``pred:<m>`` and ``p_true:<m>`` in the split's row order."""
+    import ray
+
+    cfg, info = ctx.cfg, ctx.data_info
+    ctx.ensure_ray()
+    parts = parquet_parts(ctx.run_dir / "stages" / "data" / f"{split}.parquet")
+    dirs = {m: str(ctx.run_dir / "stages" / "train" / m) for m in methods}
+    threads = max(1, int(cfg.ray.num_cpus or 2) // 2)
+    ds = ray.data.from_items([{"part": p} for p in parts]).map_batches(
+        _Predict, fn_constructor_args=(dirs, info["image_size"], cfg.evaluate.batch_size, threads,
+                                       {m: str(p) for m, p in out.items()} if out else None),
+        batch_size=1, concurrency=(1, 2), num_cpus=0.5)
+    cols: dict[str, list[np.ndarray]] = {}
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):  # in part order (preserve_order below)
+        for k, v in b.items():
+            cols.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
 def run_evaluate(ctx):
+    from ray.data import DataContext
+
     from raydebias.core import StageResult
 
     cfg = ctx.cfg
@@ -59,23 +126,33 @@ def run_evaluate(ctx):
     data_dir = ctx.run_dir / "stages" / "data"
     out = ctx.stage_dir("evaluate")
     torch.set_num_threads(max(1, (cfg.ray.num_cpus or 2)))
-    splits = {s: load_split(data_dir / f"{s}.parquet", info["image_size"]) for s in ("val", "test")}
     num_groups = info["num_classes"] * (info["num_bias"] or 1)
     headline = headline_metric(num_groups) if info["num_bias"] else "accuracy"
+    methods = list(cfg.classifier_methods)
+    pred_dirs = {m: out / f"predictions_{m}.parquet" for m in methods}
+    tmp = {m: out / f".predictions_{m}.parquet.tmp" for m in methods}
+    for d in tmp.values():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    ctx.ensure_ray()
+    data_ctx = DataContext.get_current()
+    preserve = data_ctx.execution_options.preserve_order
+    data_ctx.execution_options.preserve_order = True  # rows come back in the split's order
+    try:
+        preds = {"val": predict_split(ctx, "val", methods), "test": predict_split(ctx, "test", methods, out=tmp)}
+    finally:
+        data_ctx.execution_options.preserve_order = preserve
     rows, outputs = [], []
-    for method in cfg.classifier_methods:
-        model, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)
+    for method in methods:
+        _, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)
         row: dict[str, Any] = {"method": method, "split": "test"}
-        for split, d in splits.items():
-            probs = predict(model, d["x"], batch_size=cfg.evaluate.batch_size)
-            r = method_row(d["y"], d["a"], probs, info) if len(d["y"]) else {}
+        for split, d in preds.items():
+            r = metrics_row(d["label"], d["bias"], d[f"pred:{method}"], d[f"p_true:{method}"], info) \
+                if len(d.get("label", ())) else {}
             if split == "test":
                 row.update(r)
-                pred_path = out / f"predictions_{method}.parquet"
-                tbl = pa.table({"id": d["id"].tolist(), "label": d["y"], "bias": d["a"], "pred": probs.argmax(1),
-                                "probs": [p.tolist() for p in probs.astype(np.float32)]})
-                atomic_write_table(pred_path, tbl)
-                outputs.append(ctx.rel(pred_path))
+                replace_path(tmp[method], pred_dirs[method])
+                outputs.append(ctx.rel(pred_dirs[method]))
             else:
                 row["val"] = {k: r.get(k) for k in ("accuracy", "wga", "aga")}
         row["selected_epoch"] = meta["best_epoch"]
@@ -112,9 +189,11 @@ def run_evaluate(ctx):
     from raydebias.evaluate.fidelity import measure_run, synthetic_sets
 
     fidelity = None
-    if cfg.evaluate.fidelity:
+    sets = synthetic_sets(ctx.methods)
+    if cfg.evaluate.fidelity and sets:
+        splits = {s: load_split(data_dir / f"{s}.parquet", info["image_size"]) for s in ("val", "test")}
         # only DiffInject's target (the style row's bias) reads the train split
-        needs_train = any(st["target"] == "style" for st in synthetic_sets(ctx.methods))
+        needs_train = any(st["target"] == "style" for st in sets)
         train = load_split(data_dir / "train.parquet", info["image_size"]) if needs_train else None
         fidelity = measure_run(ctx.run_dir, ctx.methods, info, splits["val"], splits["test"], cfg.models.classifier,
                                train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log,

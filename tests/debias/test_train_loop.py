@@ -6,14 +6,17 @@ import pytest
 import torch
 
 
-def _config(ray, phases):
+def _config(tmp_path, phases):
+    from raydebias.data.stream import write_parts
+
     rng = np.random.default_rng(0)
     data = {"x": rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8), "y": np.arange(48) % 2,
             "a": (np.arange(48) // 2) % 2}
-    refs = {k: ray.put(data) for k in ("train", "val")}
+    files = write_parts(tmp_path / "data", data, rows_per_part=20)
     return {"method": "branch-test", "seed": 0, "phases": phases, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0,
             "augment": False, "groupdro_eta": 0.01, "select_by": "aga", "classifier": {"arch": "cnn", "width": 4},
-            "num_classes": 2, "num_bias": 2, "threads": 1, "data_refs": refs}
+            "num_classes": 2, "num_bias": 2, "threads": 1, "data": {k: [files] for k in ("train", "val")},
+            "image_size": 8, "shuffle_buffer": 32}
 
 
 def _phases(branch: bool):
@@ -48,10 +51,8 @@ def _run(tmp_path, name, config, fail_at=None, monkeypatch=None):
 
 
 def test_a_branch_starts_from_the_weights_at_the_end_of_the_phase_it_names(ray_cluster, tmp_path):
-    import ray
-
-    branched = _run(tmp_path, "b", _config(ray, _phases(branch=True)))
-    chained = _run(tmp_path, "c", _config(ray, _phases(branch=False)))
+    branched = _run(tmp_path, "b", _config(tmp_path, _phases(branch=True)))
+    chained = _run(tmp_path, "c", _config(tmp_path, _phases(branch=False)))
     # "still" barely moves the weights (lr 1e-12): a branch ends where "pre" ended, a plain chain where "far" did
     assert set(branched) == {"model", "best", "end_0"} and "end_0" not in chained
     for k, v in branched["end_0"].items():
@@ -62,11 +63,9 @@ def test_a_branch_starts_from_the_weights_at_the_end_of_the_phase_it_names(ray_c
 
 
 def test_a_run_failing_at_the_start_of_a_branch_resumes_to_the_same_weights(ray_cluster, tmp_path, monkeypatch):
-    import ray
-
     phases = _phases(branch=True)
     phases[2]["lr"] = 1e-2  # a branch that trains, so that a wrong starting point shows
-    whole = _run(tmp_path, "whole", _config(ray, phases))
-    resumed = _run(tmp_path, "resumed", _config(ray, phases), fail_at=4, monkeypatch=monkeypatch)  # step 4: "still"
+    whole = _run(tmp_path, "whole", _config(tmp_path, phases))
+    resumed = _run(tmp_path, "resumed", _config(tmp_path, phases), fail_at=4, monkeypatch=monkeypatch)  # step 4: "still"
     for k, v in whole["model"].items():
         torch.testing.assert_close(resumed["model"][k], v)
