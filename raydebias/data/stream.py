@@ -45,28 +45,35 @@ class PartSet:
     y: np.ndarray
     a: np.ndarray  # -1 where the bias is unknown or the set has none
     g: np.ndarray | None = None  # explicit (pseudo-)groups, when the set carries a ``group`` column
+    where: list[str | None] | None = None  # per file: the boolean column that selects its rows (None: all rows)
 
     @classmethod
-    def open(cls, files: list[str]) -> "PartSet":
+    def open(cls, files: list[str], bias: bool = True, where: str | None = None) -> "PartSet":
+        """The set in ``files``; ``bias=False`` ignores a ``bias`` column (rows without a bias label); ``where``
+        names a boolean column: only its true rows belong to the set."""
         ys, as_, gs, rows = [], [], [], []
         for f in files:
             names = pq.ParquetFile(f).schema_arrow.names
-            t = pq.read_table(f, columns=[c for c in ("label", "bias", "group") if c in names])
+            want = [c for c in ("label", "bias", "group", where) if c and c in names and (c != "bias" or bias)]
+            t = pq.read_table(f, columns=want)
+            if where:
+                t = t.filter(t.column(where))
             rows.append(t.num_rows)
             ys.append(t.column("label").to_numpy().astype(np.int64))
-            as_.append(t.column("bias").to_numpy().astype(np.int64) if "bias" in names
+            as_.append(t.column("bias").to_numpy().astype(np.int64) if "bias" in want
                        else np.full(t.num_rows, -1, np.int64))
-            gs.append(t.column("group").to_numpy().astype(np.int64) if "group" in names else None)
+            gs.append(t.column("group").to_numpy().astype(np.int64) if "group" in want else None)
         cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         g = cat(gs) if gs and all(x is not None for x in gs) else None
-        return cls(list(files), np.asarray(rows, np.int64), cat(ys), cat(as_), g)
+        return cls(list(files), np.asarray(rows, np.int64), cat(ys), cat(as_), g, [where] * len(files))
 
     @classmethod
     def union(cls, sets: list["PartSet"]) -> "PartSet":
         """The sets one after the other (rows of the second are indexed after the first's)."""
         g = np.concatenate([s.g for s in sets]) if all(s.g is not None for s in sets) else None
         return cls([f for s in sets for f in s.files], np.concatenate([s.rows for s in sets]),
-                   np.concatenate([s.y for s in sets]), np.concatenate([s.a for s in sets]), g)
+                   np.concatenate([s.y for s in sets]), np.concatenate([s.a for s in sets]), g,
+                   [w for s in sets for w in (s.where or [None] * len(s.files))])
 
     def __len__(self) -> int:
         return int(self.rows.sum())
@@ -76,7 +83,10 @@ class PartSet:
         return np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
 
     def read_pixels(self, part: int, image_size: int) -> np.ndarray:
-        t = pq.read_table(self.files[part], columns=["pixels"])
+        where = self.where[part] if self.where else None
+        t = pq.read_table(self.files[part], columns=["pixels", *([where] if where else [])])
+        if where:
+            t = t.filter(t.column(where))
         if not t.num_rows:
             return np.zeros((0, image_size, image_size, 3), np.uint8)
         return pixels_from_column(t.column("pixels").to_pylist(), image_size)

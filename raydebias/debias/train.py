@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +23,7 @@ from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.splits import load_split
 from raydebias.data.stream import PartSet, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
-from raydebias.data.transforms import pixels_from_column, to_model_input
+from raydebias.data.transforms import to_model_input
 from raydebias.models.classifier import create_classifier, load_classifier, predict
 
 
@@ -88,7 +87,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(config["threads"])))
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
-    sets = {name: PartSet.union([PartSet.open(files) for files in members]) for name, members in config["data"].items()}
+    sets = {name: PartSet.union([PartSet.open(**m) for m in members]) for name, members in config["data"].items()}
     val = sets["val"]
     size, buffer_rows = config["image_size"], config["shuffle_buffer"]
     C, B = config["num_classes"], config["num_bias"]
@@ -247,20 +246,25 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     use_gpu = cfg.ray.num_gpus_per_worker > 0
     # every set as Parquet parts that the workers stream: the data stage's splits, and in-memory extra sets written
     # beside the stage's output
-    files = {"train": parquet_parts(data_dir / "train.parquet"), "val": parquet_parts(data_dir / "val.parquet")}
+    sources = {s: {"files": parquet_parts(data_dir / f"{s}.parquet")} for s in ("train", "val")}
     inputs = out / "inputs"
     shutil.rmtree(inputs, ignore_errors=True)
-    for name, d in (extra_data or {}).items():  # a Parquet file or folder of (label, bias, pixels), or arrays
-        files[name] = parquet_parts(d) if isinstance(d, (str, Path)) else write_parts(inputs / name, d)
+    for name, d in (extra_data or {}).items():
+        if isinstance(d, (str, Path)):  # a Parquet file or folder of (label, [bias], pixels)
+            sources[name] = {"files": parquet_parts(d)}
+        elif "files" in d:  # {"files", "bias": False (ignore its bias column), "where": a boolean column}
+            sources[name] = d
+        else:  # arrays: x, y[, a, g]
+            sources[name] = {"files": write_parts(inputs / name, d)}
     used = {p["data"] for p in phases} | {"val"}
-    data = {name: [files[part] for part in name.split("+")] for name in used}  # "train+synthetic": a union
-    sizes = {name: sum(pq.ParquetFile(f).metadata.num_rows for m in members for f in m) for name, members in data.items()}
+    data = {name: [sources[part] for part in name.split("+")] for name in used}  # "train+synthetic": a union
+    sizes = {name: sum(len(PartSet.open(**m)) for m in members) for name, members in data.items()}
     loop_config = {
         "method": method, "seed": cfg.seed, "phases": phases, "batch_size": tc.batch_size, "lr": tc.lr,
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
         "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
         "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
-        "data": data, "image_size": size, "shuffle_buffer": tc.shuffle_buffer,
+        "data": data, "image_size": size, "shuffle_buffer": max(tc.batch_size, int(tc.shuffle_buffer_mb * 2**20 / (3 * size * size))),
     }
     resources = {"CPU": tc.cpus_per_worker}
     if use_gpu:
@@ -315,15 +319,12 @@ def run_train(ctx, method: str):
     return fit_classifier(ctx, method, baseline_phases(method, ctx.cfg.train.epochs))
 
 
-def fit_augmented(ctx, method: str, synthetic):
-    """ERM on the real training split ∪ a labelled synthetic table (``pixels``, ``label``): DiffInject's and
-    GAMMA-FACE's retraining. Synthetic rows carry no bias label; val selects the epoch."""
-    info = ctx.data_info
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-    xs = pixels_from_column(synthetic.column("pixels").to_pylist(), info["image_size"]) if synthetic.num_rows else \
-        np.zeros((0, *tr["x"].shape[1:]), np.uint8)
-    ys = synthetic.column("label").to_numpy().astype(np.int64)
+def fit_augmented(ctx, method: str, synthetic: str | Path, where: str | None = None):
+    """ERM on the real training split ∪ a labelled synthetic Parquet set (``pixels``, ``label``; the rows whose
+    boolean column ``where`` is true): DiffInject's and GAMMA-FACE's retraining. Synthetic rows carry no bias
+    label; val selects the epoch. The workers stream both sets."""
+    syn = {"files": parquet_parts(synthetic), "bias": False, "where": where}
     phases = [{"name": "erm_augmented", "data": "train+synthetic", "recipe": "erm", "epochs": ctx.cfg.train.epochs,
                "sampler": "uniform", "select": True}]
-    return fit_classifier(ctx, method, phases, extra_data={"synthetic": {"x": xs, "y": ys}},
-                          summary={"synthetic": int(len(ys)), "real": int(len(tr["y"]))})
+    return fit_classifier(ctx, method, phases, extra_data={"synthetic": syn},
+                          summary={"synthetic": len(PartSet.open(**syn)), "real": ctx.data_info["counts"]["train"]})

@@ -201,11 +201,9 @@ def run_inject(ctx):
 
 def run_train_diffinject(ctx):
     """Retrain on D_orig ∪ D_syn (synthetic labels = the content image's label); val selects the epoch."""
-    import pyarrow.parquet as pq
-
     from raydebias.debias.train import fit_augmented
 
-    return fit_augmented(ctx, "diffinject", pq.read_table(ctx.run_dir / "stages" / "inject" / "synthetic.parquet"))
+    return fit_augmented(ctx, "diffinject", ctx.run_dir / "stages" / "inject" / "synthetic.parquet")
 
 
 def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:

@@ -122,12 +122,9 @@ def run_gmm(ctx):
 
 def run_train_gamma_face(ctx):
     """Retrain on real ∪ generated (the kept pseudo-labelled images); val selects the epoch."""
-    import pyarrow.parquet as pq
-
     from raydebias.debias.train import fit_augmented
 
-    gen = pq.read_table(ctx.run_dir / "stages" / "gmm" / "generated.parquet")
-    return fit_augmented(ctx, "gamma_face", gen.filter(gen.column("kept")))
+    return fit_augmented(ctx, "gamma_face", ctx.run_dir / "stages" / "gmm" / "generated.parquet", where="kept")
 
 
 def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:

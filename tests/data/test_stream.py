@@ -72,3 +72,22 @@ def test_iter_parts_yields_every_row_once_in_order(parts):
     idx = np.concatenate([i for i, _ in iter_parts(parts, 2)])
     x = np.concatenate([x for _, x in iter_parts(parts, 2)])
     assert idx.tolist() == list(range(50)) and (x[:, 0, 0, 0] == idx).all()
+
+
+def test_a_set_can_ignore_its_bias_column_and_keep_only_the_rows_a_column_selects(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.arange(6, dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
+    f = tmp_path / "gen.parquet"
+    pq.write_table(pa.table({"label": np.arange(6) % 2, "bias": np.arange(6), "kept": [True, False] * 3,
+                             "pixels": [r.tobytes() for r in x]}), f)
+    s = PartSet.open([str(f)], bias=False, where="kept")
+    assert len(s) == 3 and s.y.tolist() == [0, 0, 0] and s.a.tolist() == [-1, -1, -1]
+    _, px = next(iter_parts(s, 2))
+    assert px[:, 0, 0, 0].tolist() == [0, 2, 4]  # the kept rows' pixels, in order
+    counts = np.array([0, 2, 1])
+    batches = list(stream_epoch(s, counts, 2, 4, 16, [0]))
+    idx = np.concatenate([b for b, _ in batches])
+    assert sorted(idx.tolist()) == [1, 1, 2]
+    assert all((xb[:, 0, 0, 0] == 2 * b).all() for b, xb in batches)

@@ -15,7 +15,7 @@ def _config(tmp_path, phases):
     files = write_parts(tmp_path / "data", data, rows_per_part=20)
     return {"method": "branch-test", "seed": 0, "phases": phases, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0,
             "augment": False, "groupdro_eta": 0.01, "select_by": "aga", "classifier": {"arch": "cnn", "width": 4},
-            "num_classes": 2, "num_bias": 2, "threads": 1, "data": {k: [files] for k in ("train", "val")},
+            "num_classes": 2, "num_bias": 2, "threads": 1, "data": {k: [{"files": files}] for k in ("train", "val")},
             "image_size": 8, "shuffle_buffer": 32}
 
 

@@ -1,0 +1,87 @@
+"""Architecture guard for the data path: no stage function decodes a pixel column in the driver.
+
+Pixel columns are read by Ray Data UDFs and actors (classes: ``__call__`` runs in a Ray worker) or by the Ray Train
+loop, never by the stage functions that run in the driver. A call to :func:`load_split` (a whole split as arrays) or
+:func:`pixels_from_column` (a decoded pixel column) anywhere else fails this test, except in the functions listed in
+``NOT_YET_STREAMED``: the stages whose data path still runs through the driver. That list only shrinks: an entry
+whose call is gone fails the test too, so that converting a stage removes it from the list."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "raydebias"
+CALLS = {"load_split", "pixels_from_column"}
+# where the readers themselves live
+DEFINITIONS = {"data/splits.py", "data/stream.py", "data/transforms.py"}
+# functions that run in Ray Train workers
+WORKER_FUNCTIONS = {("debias/train.py", "train_loop")}
+# (module, function): the stages that still load whole pixel sets, in the driver or in one Ray task (``*_task``:
+# the memory moved, it did not stream); docs/scale.md, "Not yet streamed"
+NOT_YET_STREAMED = {
+    ("debias/train.py", "score_train_split"),  # the bias amplifier's / GCE model's scores on the train split
+    ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
+    ("diffusion/base.py", "train_task"),
+    ("embed/stage.py", "run_clip"),  # the bootstrap CLIP trainer
+    ("evaluate/fidelity.py", "measure_run"),  # fidelity probes and CAS
+    ("evaluate/report.py", "_pixels"),  # the report's sample grids
+    ("evaluate/report.py", "render_report"),
+    ("evaluate/stage.py", "run_evaluate"),  # the fidelity probes' val/test arrays (only with synthetic sets)
+    ("finetune/stage.py", "_train_pack"),  # per-cluster DreamBooth-LoRA images (one Ray task per pack)
+    ("finetune/stage.py", "_train_unit"),
+    ("generate/text2img.py", "load_generated"),  # the filter's input
+    ("methods/diffinject.py", "inject_task"),
+    ("methods/diffinject.py", "run_inject"),
+    ("methods/diffusing_debias.py", "_train_with_pseudo"),
+    ("methods/gamma_face.py", "gmm_task"),
+    ("methods/tiw.py", "measure_task"),
+    ("methods/tiw.py", "run_tiw"),
+}
+
+
+def _driver_calls() -> set[tuple[str, str]]:
+    """(module, enclosing top-level function) of every pixel-reading call outside classes and worker functions."""
+    found = set()
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(PKG))
+        if rel in DEFINITIONS:
+            continue
+        tree = ast.parse(path.read_text())
+        for top in tree.body:
+            if isinstance(top, ast.ClassDef):  # Ray Data UDFs and actors: their methods run in Ray workers
+                continue
+            name = getattr(top, "name", "<module>")
+            if (rel, name) in WORKER_FUNCTIONS:
+                continue
+            for node in ast.walk(top):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                    if called in CALLS:
+                        found.add((rel, name))
+    return found
+
+
+def test_no_stage_decodes_pixels_in_the_driver_beyond_the_listed_ones():
+    calls = _driver_calls()
+    new = calls - NOT_YET_STREAMED
+    assert not new, f"pixel columns read in the driver (read them in a Ray Data UDF or actor instead): {sorted(new)}"
+
+
+def test_the_list_of_stages_not_yet_streamed_only_shrinks():
+    gone = NOT_YET_STREAMED - _driver_calls()
+    assert not gone, f"no longer read pixels in the driver: remove them from NOT_YET_STREAMED: {sorted(gone)}"
+
+
+def test_the_guard_sees_a_driver_side_read(tmp_path):
+    """The scan flags a stage function that loads a split, and not the same call inside a UDF class."""
+    mod = tmp_path / "raydebias"
+    (mod / "toy").mkdir(parents=True)
+    (mod / "toy" / "stage.py").write_text(
+        "def run_toy(ctx):\n    return load_split(ctx.path, 32)\n\n"
+        "class Udf:\n    def __call__(self, b):\n        return pixels_from_column(b, 32)\n")
+    global PKG
+    old, PKG = PKG, mod
+    try:
+        assert _driver_calls() == {("toy/stage.py", "run_toy")}
+    finally:
+        PKG = old
