@@ -125,18 +125,20 @@ def _spilled(since: float) -> int:
     return total
 
 
-def measure(cmd: list[str], env: dict[str, str], interval: float, log: Path) -> dict:
-    """Run ``cmd``; sample the peak memory of it and all its descendants until it exits."""
+def measure(cmd: list[str], env: dict[str, str], interval: float, log: Path, cwd: Path) -> dict:
+    """Run ``cmd`` in ``cwd`` (``python -m`` imports from its working directory first: the checkout under test);
+    sample the peak memory of it and all its descendants until it exits."""
     import psutil
 
     t0 = time.time()
     shm0 = _shm_used()
     peaks: dict[int, dict[str, int]] = {}
     kinds: dict[int, str] = {}
+    titles: dict[int, str] = {}
     shm_peak = 0
     spilled = 0
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -150,6 +152,11 @@ def measure(cmd: list[str], env: dict[str, str], interval: float, log: Path) -> 
                 if p.pid not in kinds or kinds[p.pid] in ("other", "worker"):
                     kinds[p.pid] = "driver" if p.pid == proc.pid else _kind(p)
                 pk = peaks.setdefault(p.pid, {"VmHWM": 0, "RssAnon": 0})
+                if s.get("RssAnon", 0) > pk["RssAnon"]:
+                    try:
+                        titles[p.pid] = " ".join(p.cmdline())[:60]  # Ray titles a worker by what it runs now
+                    except psutil.Error:
+                        pass
                 for k in pk:
                     pk[k] = max(pk[k], s.get(k, 0))
             shm_peak = max(shm_peak, _shm_used() - shm0)
@@ -157,11 +164,14 @@ def measure(cmd: list[str], env: dict[str, str], interval: float, log: Path) -> 
             time.sleep(interval)
     mb = lambda b: round(b / 2**20, 1)  # noqa: E731
     by = lambda kind, k: max((peaks[p][k] for p in peaks if kinds.get(p) == kind), default=0)  # noqa: E731
+    workers = [p for p in peaks if kinds.get(p) == "worker"]
+    top = max(workers, key=lambda p: peaks[p]["RssAnon"], default=None)
     return {"rc": proc.returncode, "wall_s": round(time.time() - t0, 1),
             "driver_hwm_mb": mb(by("driver", "VmHWM")), "driver_anon_peak_mb": mb(by("driver", "RssAnon")),
             "worker_hwm_mb": mb(by("worker", "VmHWM")), "worker_anon_peak_mb": mb(by("worker", "RssAnon")),
             "raylet_hwm_mb": mb(by("raylet", "VmHWM")), "gcs_hwm_mb": mb(by("gcs", "VmHWM")),
-            "shm_peak_mb": mb(shm_peak), "spilled_mb": mb(spilled), "processes": len(peaks)}
+            "worker_anon_peak_at": titles.get(top), "shm_peak_mb": mb(shm_peak), "spilled_mb": mb(spilled),
+            "processes": len(peaks)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                "--run-dir", str(run_dir), "--set", f"data.uri={data}", "--set", "data.image_size=64",
                "--set", "stages=[data, train, evaluate]", "--set", "method=erm", "--set", "baselines=[]",
                "--set", f"train.epochs={args.epochs}", *[x for s in args.set for x in ("--set", s)]]
-        res = measure(cmd, env, args.interval, work / f"log-{args.tag}-{n}.txt")
+        res = measure(cmd, env, args.interval, work / f"log-{args.tag}-{n}.txt", impl)
         row = {"tag": args.tag, "rows": n, **res}
         try:
             m = json.loads((run_dir / "manifest.json").read_text())

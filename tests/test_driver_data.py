@@ -18,7 +18,6 @@ WORKER_FUNCTIONS = {("debias/train.py", "train_loop")}
 # (module, function): the stages that still load whole pixel sets, in the driver or in one Ray task (``*_task``:
 # the memory moved, it did not stream); docs/scale.md, "Not yet streamed"
 NOT_YET_STREAMED = {
-    ("debias/train.py", "score_train_split"),  # the bias amplifier's / GCE model's scores on the train split
     ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
     ("diffusion/base.py", "train_task"),
     ("embed/stage.py", "run_clip"),  # the bootstrap CLIP trainer
@@ -31,7 +30,6 @@ NOT_YET_STREAMED = {
     ("generate/text2img.py", "load_generated"),  # the filter's input
     ("methods/diffinject.py", "inject_task"),
     ("methods/diffinject.py", "run_inject"),
-    ("methods/diffusing_debias.py", "_train_with_pseudo"),
     ("methods/gamma_face.py", "gmm_task"),
     ("methods/tiw.py", "measure_task"),
     ("methods/tiw.py", "run_tiw"),

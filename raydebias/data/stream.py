@@ -48,9 +48,11 @@ class PartSet:
     where: list[str | None] | None = None  # per file: the boolean column that selects its rows (None: all rows)
 
     @classmethod
-    def open(cls, files: list[str], bias: bool = True, where: str | None = None) -> "PartSet":
+    def open(cls, files: list[str], bias: bool = True, where: str | None = None,
+             groups: list[int] | None = None) -> "PartSet":
         """The set in ``files``; ``bias=False`` ignores a ``bias`` column (rows without a bias label); ``where``
-        names a boolean column: only its true rows belong to the set."""
+        names a boolean column: only its true rows belong to the set; ``groups``: each row's (pseudo-)group, in
+        row order, in place of a ``group`` column."""
         ys, as_, gs, rows = [], [], [], []
         for f in files:
             names = pq.ParquetFile(f).schema_arrow.names
@@ -65,6 +67,10 @@ class PartSet:
             gs.append(t.column("group").to_numpy().astype(np.int64) if "group" in want else None)
         cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         g = cat(gs) if gs and all(x is not None for x in gs) else None
+        if groups is not None:
+            g = np.asarray(groups, np.int64)
+            if len(g) != sum(rows):
+                raise ValueError(f"{len(g)} groups for a set of {sum(rows)} rows")
         return cls(list(files), np.asarray(rows, np.int64), cat(ys), cat(as_), g, [where] * len(files))
 
     @classmethod

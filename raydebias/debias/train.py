@@ -21,10 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
-from raydebias.data.splits import load_split
 from raydebias.data.stream import PartSet, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
 from raydebias.data.transforms import to_model_input
-from raydebias.models.classifier import create_classifier, load_classifier, predict
+from raydebias.models.classifier import create_classifier, predict
 
 
 def resolve_select_by(select_by: str, num_groups: int) -> str:
@@ -35,20 +34,17 @@ def resolve_select_by(select_by: str, num_groups: int) -> str:
 
 
 def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The run's training split, a trained classifier's softmax on it and each row's CE (−log p_y): how the
-    bias amplifier, DiffInject's GCE model and the ERM error set are read."""
-    torch.set_num_threads(max(1, int(ctx.cfg.ray.num_cpus or 2)))
-    model, _ = load_classifier(model_dir)
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", ctx.data_info["image_size"])
-    probs = predict(model, tr["x"])
-    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None))
+    """The run's training split (``id``, ``y``, ``a``), a trained classifier's softmax on it and each row's CE
+    (−log p_y), computed by Ray Data actors: how the bias amplifier, DiffInject's GCE model and the ERM error set
+    are read."""
+    from raydebias.evaluate.predict import predict_parts
+
+    r = predict_parts(ctx, parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet"), {"m": model_dir},
+                      with_probs=True, with_ids=True)
+    tr = {"id": r["id"].astype(object), "y": r["label"].astype(np.int64), "a": r["bias"].astype(np.int64)}
+    probs = r["probs:m"]
+    loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None)) if len(probs) else np.zeros(0)
     return tr, probs, loss
-
-
-def concat_sets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The union of labelled sets (``x``, ``y``, ``a``; ``a`` = -1 where a set has no bias label)."""
-    return {"x": np.concatenate([d["x"] for d in parts]), "y": np.concatenate([d["y"] for d in parts]),
-            "a": np.concatenate([d.get("a", np.full(len(d["y"]), -1, np.int64)) for d in parts])}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import torch
 
-from raydebias._internal.io import atomic_write_json, atomic_write_table, replace_path
+from raydebias._internal.io import atomic_write_json, replace_path
 from raydebias.data.splits import load_split
-from raydebias.data.stream import parquet_parts
-from raydebias.data.transforms import pixels_from_column
-from raydebias.models.classifier import load_classifier, predict
+from raydebias.evaluate.predict import predict_split
+from raydebias.models.classifier import load_classifier
 from raydebias.evaluate import metrics as M
 
 
@@ -60,65 +56,7 @@ def metrics_row(y, a, pred, p_true, info: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-class _Predict:
-    """Ray Data UDF (actors): one Parquet part of a split per row → every method's predictions on it. Writes the
-    test predictions (``id``, ``label``, ``bias``, ``pred``, ``probs``) beside the part's name when ``out`` is set,
-    and returns the small columns the metrics need: label, bias and, per method, the prediction and the
-    probability of the true class."""
-
-    def __init__(self, model_dirs: dict[str, str], image_size: int, batch_size: int, threads: int,
-                 out: dict[str, str] | None):
-        torch.set_num_threads(threads)
-        self.models = {m: load_classifier(d)[0] for m, d in model_dirs.items()}
-        self.size, self.batch_size, self.out = image_size, batch_size, out
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        import pyarrow.parquet as pq
-
-        frames = []
-        for part in batch["part"]:
-            t = pq.read_table(part)
-            y = t.column("label").to_numpy().astype(np.int64)
-            x = pixels_from_column(t.column("pixels").to_pylist(), self.size) if t.num_rows else \
-                np.zeros((0, self.size, self.size, 3), np.uint8)
-            cols: dict[str, Any] = {"label": y, "bias": t.column("bias").to_numpy().astype(np.int64)}
-            for m, model in self.models.items():
-                probs = predict(model, x, batch_size=self.batch_size).astype(np.float32) if len(x) else \
-                    np.zeros((0, 1), np.float32)
-                pred = probs.argmax(1) if len(x) else np.zeros(0, np.int64)
-                cols[f"pred:{m}"], cols[f"p_true:{m}"] = pred, probs[np.arange(len(y)), y] if len(y) else probs[:, 0]
-                if self.out is not None:
-                    atomic_write_table(Path(self.out[m]) / Path(part).name, pa.table(
-                        {"id": t.column("id"), "label": y, "bias": cols["bias"], "pred": pred,
-                         "probs": pa.array(list(probs), pa.list_(pa.float32()))}))
-            frames.append(pd.DataFrame(cols))
-        return pd.concat(frames, ignore_index=True)
-
-
-def predict_split(ctx, split: str, methods: list[str], out: dict[str, Path] | None = None) -> dict[str, np.ndarray]:
-    """Every method's predictions on a split written by the data stage, computed by Ray Data actors a part at a
-    time; returns ``label``, ``bias`` and per method ``pred:<m>`` and ``p_true:<m>`` in the split's row order."""
-    import ray
-
-    cfg, info = ctx.cfg, ctx.data_info
-    ctx.ensure_ray()
-    parts = parquet_parts(ctx.run_dir / "stages" / "data" / f"{split}.parquet")
-    dirs = {m: str(ctx.run_dir / "stages" / "train" / m) for m in methods}
-    threads = max(1, int(cfg.ray.num_cpus or 2) // 2)
-    ds = ray.data.from_items([{"part": p} for p in parts]).map_batches(
-        _Predict, fn_constructor_args=(dirs, info["image_size"], cfg.evaluate.batch_size, threads,
-                                       {m: str(p) for m, p in out.items()} if out else None),
-        batch_size=1, concurrency=(1, 2), num_cpus=0.5)
-    cols: dict[str, list[np.ndarray]] = {}
-    for b in ds.iter_batches(batch_format="numpy", batch_size=None):  # in part order (preserve_order below)
-        for k, v in b.items():
-            cols.setdefault(k, []).append(np.asarray(v))
-    return {k: np.concatenate(v) for k, v in cols.items()}
-
-
 def run_evaluate(ctx):
-    from ray.data import DataContext
-
     from raydebias.core import StageResult
 
     cfg = ctx.cfg
@@ -135,13 +73,7 @@ def run_evaluate(ctx):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
     ctx.ensure_ray()
-    data_ctx = DataContext.get_current()
-    preserve = data_ctx.execution_options.preserve_order
-    data_ctx.execution_options.preserve_order = True  # rows come back in the split's order
-    try:
-        preds = {"val": predict_split(ctx, "val", methods), "test": predict_split(ctx, "test", methods, out=tmp)}
-    finally:
-        data_ctx.execution_options.preserve_order = preserve
+    preds = {"val": predict_split(ctx, "val", methods), "test": predict_split(ctx, "test", methods, out=tmp)}
     rows, outputs = [], []
     for method in methods:
         _, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)

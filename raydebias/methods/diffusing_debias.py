@@ -90,10 +90,10 @@ def run_amplifier(ctx):
     atomic_write_table(out / "synthetic.parquet", tbl)
     ctx.log(f"[amplifier] sampled {len(y_syn)} bias-amplified images ({d.images_per_class} per class)")
 
-    synth = {"x": x_syn, "y": y_syn.astype(np.int64), "a": np.full(len(y_syn), -1, np.int64)}
     phases = [{"name": "amplifier", "data": "synthetic", "recipe": "erm", "epochs": d.amplifier_epochs,
                "sampler": "uniform"}]  # no val selection: the amplifier should stay biased; the last epoch is kept
-    fit_classifier(ctx, "amplifier", phases, extra_data={"synthetic": synth}, out_name="amplifier/model")
+    fit_classifier(ctx, "amplifier", phases, extra_data={"synthetic": out / "synthetic.parquet"},
+                   out_name="amplifier/model")
 
     tr, probs, loss = score_train_split(ctx, out / "model")
     correct = probs.argmax(1) == tr["y"]
@@ -115,21 +115,22 @@ def run_amplifier(ctx):
                        {k: v for k, v in stats.items() if k != "pseudo_group_sizes"})
 
 
-def _train_with_pseudo(ctx):
-    from raydebias.data.splits import load_split
+def _train_with_pseudo(ctx) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The train split's parts, its labels and each row's amplifier verdict (correct) and loss, in row order."""
+    from raydebias.data.stream import PartSet, parquet_parts
 
-    info = ctx.data_info
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    files = parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")
+    ids = [i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
     pg = pq.read_table(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet")
     rows = {i: k for k, i in enumerate(pg.column("id").to_pylist())}
-    missing = [i for i in tr["id"] if i not in rows]
+    missing = [i for i in ids if i not in rows]
     if missing:
         raise RuntimeError(f"train/diffusing_debias: {len(missing)} training rows have no pseudo-group "
                            f"(first: {missing[0]!r}); rerun the amplifier stage")
-    order = np.array([rows[i] for i in tr["id"]], dtype=np.int64)
+    order = np.array([rows[i] for i in ids], dtype=np.int64)
     correct = pg.column("amplifier_correct").to_numpy(zero_copy_only=False)[order].astype(np.int64)
     loss = pg.column("amplifier_loss").to_numpy()[order].astype(np.float64)
-    return tr, correct, loss
+    return files, PartSet.open(files).y, correct, loss
 
 
 def run_train_ddb(ctx, method: str = "diffusing_debias"):
@@ -140,8 +141,8 @@ def run_train_ddb(ctx, method: str = "diffusing_debias"):
     from raydebias.debias.train import fit_classifier
 
     cfg, info = ctx.cfg, ctx.data_info
-    tr, correct, loss = _train_with_pseudo(ctx)
-    data = {"x": tr["x"], "y": tr["y"], "a": tr["a"], "g": 2 * tr["y"] + correct}
+    files, y, correct, loss = _train_with_pseudo(ctx)
+    data = {"files": files, "groups": (2 * y + correct).tolist()}  # the workers stream the real split
     if method == "diffusing_debias":
         phase = {"name": "groupdro_pseudo", "recipe": cfg.ddb.recipe, "sampler": "recipe",
                  "num_groups": 2 * info["num_classes"]}
