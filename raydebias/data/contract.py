@@ -83,6 +83,24 @@ def inside_root(uri: str, root: str) -> bool:
     return p1 == p2 or p1.startswith(p2.rstrip("/") + "/")
 
 
+def row_id(rid: Any, image: Any, path: Any) -> str:
+    """A row's id: its ``id`` cell, else a hash of its image bytes (else of its path)."""
+    if not _missing(rid):
+        return str(rid)
+    src = image if isinstance(image, (bytes, bytearray)) else str(path).encode()
+    return hashlib.sha1(src).hexdigest()[:16]
+
+
+def normalize_split(split: Any, has_column: bool) -> str | None:
+    """The contract's split name for a ``split`` cell (aliases resolved); ``train`` without a split column; None
+    for a missing or unknown split in a dataset that has the column (the row is quarantined)."""
+    if not has_column:
+        return "train"
+    if _missing(split):
+        return None
+    return _SPLIT_ALIASES.get(str(split).strip().lower())
+
+
 class DecodeBatch:
     """Ray Data UDF: decode + validate a pandas batch. Never raises for a bad row: it sets ``reason``.
 
@@ -158,12 +176,7 @@ class DecodeBatch:
                 pixels = decode_image(data, cfg.image_size, cfg.max_image_pixels).tobytes()
             except (ValueError, ImageError) as e:
                 reason = str(e)
-            raw = images[i] if isinstance(images[i], (bytes, bytearray)) else None
-            rid = ids[i]
-            if _missing(rid):
-                src = raw if raw is not None else str(paths[i]).encode()
-                rid = hashlib.sha1(src).hexdigest()[:16]
-            out["id"].append(str(rid))
+            out["id"].append(row_id(ids[i], images[i], paths[i]))
             out["label"].append(y if reason is None else None)
             out["bias"].append(a if reason is None else None)
             out["split"].append(split)
@@ -190,7 +203,6 @@ class IngestResult:
 
 
 ORDER = "_order"  # a row's position in the input (sources in order, then files by name, then rows): "first" means this
-_STAGED = ("id", ORDER, "split", "label", "bias", "pixels", "reason", "raw_label", "raw_bias", "raw_image", "raw_path")
 
 
 @dataclass
@@ -248,6 +260,33 @@ def _list_sources(cfg: DataConfig, source_uri: str | None) -> tuple[list[_Source
     return sources, list(columns), list(dict.fromkeys([*roots, *cfg.path_roots]))
 
 
+def _may_have_nulls(sources: list[_Source], column: str) -> bool:
+    """Whether ``column`` may hold nulls in any input file, by the Parquet footers' statistics (True when a file
+    has none, or lives in memory)."""
+    import ray
+
+    from raydebias._internal.io import url_to_fs
+
+    for src in sources:
+        if src.uri is None:
+            t = ray.get(src.ref)
+            if column in t.column_names and t.column(column).null_count:
+                return True
+            continue
+        fs, p = url_to_fs(src.uri)
+        with fs.open(p, "rb") as fh:
+            md = pq.ParquetFile(fh).metadata
+        names = md.schema.to_arrow_schema().names
+        if column not in names:
+            return True
+        j = names.index(column)
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(j).statistics
+            if st is None or not st.has_null_count or st.null_count:
+                return True
+    return False
+
+
 def check_schema(columns: list[str], cfg: DataConfig) -> None:
     missing = []
     if "label" not in columns:
@@ -295,51 +334,21 @@ def _read_sources(batch: dict[str, np.ndarray], columns: list[str], batch_size: 
                 fh.close()
 
 
-class _DecodeAndStage(DecodeBatch):
-    """Ray Data UDF (actors): decode and validate a batch (:class:`DecodeBatch`), write it to the staging folder
-    as ``part-<first input position>.parquet`` and return one row of counts: the decoded pixels stay on disk,
-    out of the driver and the object store."""
-
-    def __init__(self, cfg, num_classes, num_bias, roots, staging: str, val_fraction: float):
-        super().__init__(cfg, num_classes, num_bias, roots)
-        self.staging, self.fraction = staging, val_fraction
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        df = super().__call__(batch)
-        df[ORDER] = batch[ORDER].to_numpy()
-        _write_part(self.staging, int(df[ORDER].min()), _staged_table(df))
-        ok = df["reason"].isna()
-        split = df["split"].where(df["split"].notna(), "train")
-        key = _carve_keys(df["id"])
-        train_ok = ok & (split == "train")
-        return pd.DataFrame([{
-            "rows": len(df),
-            **{f"ok_{s}": int((ok & (split == s)).sum()) for s in SPLITS},
-            "move_val": int((train_ok & (key < self.fraction)).sum()),
-            "move_test": int((train_ok & (key > 1 - self.fraction)).sum()),
-            "move_test_not_val": int((train_ok & (key > 1 - self.fraction) & ~(key < self.fraction)).sum()),
-        }])
+def _keys(batch: pd.DataFrame, image_column: str, path_column: str, has_split: bool,
+          fraction: float) -> pd.DataFrame:
+    """Ray Data UDF (tasks): a batch of input rows → each row's id, input position, split and carve key (the small
+    columns from which duplicates and held-out splits are decided before any image is decoded)."""
+    n = len(batch)
+    get = lambda col: batch[col].tolist() if col in batch.columns else [None] * n  # noqa: E731
+    ids = [row_id(r, im, p) for r, im, p in zip(get("id"), get(image_column), get(path_column))]
+    return pd.DataFrame({"id": ids, ORDER: batch[ORDER].to_numpy(),
+                         "split": [normalize_split(v, has_split) for v in get("split")],
+                         "key": _carve_keys(ids)})
 
 
-def _carve_keys(ids: pd.Series) -> np.ndarray:
+def _carve_keys(ids) -> np.ndarray:
     """A row's deterministic place in [0, 1] by its id's hash: who is held out when a split is missing."""
     return np.array([int(hashlib.sha1(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for i in ids], np.float64)
-
-
-def _staged_table(df: pd.DataFrame) -> pa.Table:
-    out = {c: df[c].tolist() for c in _STAGED}
-    out["raw_image"] = [v if isinstance(v, (bytes, bytearray)) else None for v in out["raw_image"]]
-    for c in ("label", "bias"):
-        out[c] = [None if _missing(v) else int(v) for v in out[c]]
-    for c in ("split", "reason", "raw_path"):
-        out[c] = [v if isinstance(v, str) else None for v in out[c]]
-    return pa.table(out, schema=_STAGED_SCHEMA)
-
-
-_STAGED_SCHEMA = pa.schema([("id", pa.string()), (ORDER, pa.int64()), ("split", pa.string()), ("label", pa.int64()),
-                            ("bias", pa.int64()), ("pixels", pa.binary()), ("reason", pa.string()),
-                            ("raw_label", pa.string()), ("raw_bias", pa.string()), ("raw_image", pa.binary()),
-                            ("raw_path", pa.string())])
 
 
 def _write_part(folder: str, first: int, table: pa.Table) -> None:
@@ -350,87 +359,115 @@ def _write_part(folder: str, first: int, table: pa.Table) -> None:
     write_table_uri(table, f"{folder.rstrip('/')}/part-{first:012d}.parquet")
 
 
-class _Route:
-    """Ray Data UDF: one staged part per row → its rows written to the split folders and the quarantine folder, with
-    later rows of a duplicated id quarantined (the first in input order is kept); returns the part's counts."""
+class _DecodeAndWrite(DecodeBatch):
+    """Ray Data UDF (actors): decode and validate a batch (:class:`DecodeBatch`), quarantine the later rows of a
+    duplicated id (the first in input order is kept), hold out val/test rows where a split is missing, and write
+    the batch's rows to the split folders and the quarantine folder as ``part-<first input position>.parquet``.
+    Returns the batch's counts (``key``, ``n``): per split, per (split, class, bias) group, per quarantine reason."""
 
-    def __init__(self, folders: dict[str, str], duplicates, carve: dict[str, bool], fraction: float, has_split: bool,
-                 has_bias: bool, image_size: int):
+    def __init__(self, cfg, num_classes, num_bias, roots, folders: dict[str, str], duplicates, carve: dict[str, bool],
+                 has_split: bool, has_bias: bool):
+        super().__init__(cfg, num_classes, num_bias, roots)
         self.folders, self.duplicates, self.carve = folders, duplicates, carve
-        self.fraction, self.has_split, self.has_bias, self.size = fraction, has_split, has_bias, image_size
+        self.has_split, self.has_bias = has_split, has_bias
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import ray
 
-        from raydebias._internal.io import url_to_fs
-
-        dups = ray.get(self.duplicates) if isinstance(self.duplicates, ray.ObjectRef) else self.duplicates
+        if isinstance(self.duplicates, ray.ObjectRef):
+            self.duplicates = ray.get(self.duplicates)
+        t = super().__call__(batch)
+        order = batch[ORDER].to_numpy()
+        first = int(order.min())
+        reason = [r if isinstance(r, str) else None for r in t["reason"]]
+        for i, rid in enumerate(t["id"]):
+            keep = self.duplicates.get(rid)
+            if keep is not None and keep != order[i] and reason[i] is None:
+                reason[i] = f"duplicate id {rid!r} (row {keep} of the input has it)"
+        bad = np.array([r is not None for r in reason], bool)
+        split = np.array([s if self.has_split and isinstance(s, str) else "train" for s in t["split"]], object)
+        key = _carve_keys(t["id"])
+        fraction = self.cfg.val_fraction
+        if self.carve["val"]:
+            split[(split == "train") & (key < fraction)] = "val"
+        if self.carve["test"]:
+            split[(split == "train") & (key > 1 - fraction)] = "test"
         counts: dict[str, int] = {}
-        for part in batch["part"]:
-            fs, p = url_to_fs(part)
-            with fs.open(p, "rb") as f:
-                t = pq.read_table(f).to_pandas()
-            first = int(t[ORDER].iloc[0])
-            reason = [r if isinstance(r, str) else None for r in t["reason"]]
-            for i, (rid, order) in enumerate(zip(t["id"], t[ORDER])):
-                keep = dups.get(rid)
-                if keep is not None and keep != order and reason[i] is None:
-                    reason[i] = f"duplicate id {rid!r} (row {keep} of the input has it)"
-            bad = np.array([r is not None for r in reason], bool)
-            split = np.array([s if self.has_split and isinstance(s, str) else "train" for s in t["split"]], object)
-            key = _carve_keys(t["id"])
-            train = split == "train"
-            if self.carve["val"]:
-                split[train & (key < self.fraction)] = "val"
-            if self.carve["test"]:
-                split[(split == "train") & (key > 1 - self.fraction)] = "test"
-            for s in SPLITS:
-                sel = ~bad & (split == s)
-                if not sel.any():
-                    continue
-                rows = t[sel]
-                bias = rows["bias"].to_numpy(np.int64) if self.has_bias else np.full(len(rows), -1, np.int64)
-                _write_part(self.folders[s], first, pa.table(
-                    {"id": rows["id"].tolist(), "label": rows["label"].to_numpy(np.int64), "bias": bias,
-                     "pixels": rows["pixels"].tolist()}, schema=NORMALIZED_SCHEMA))
-                labels = rows["label"].to_numpy(np.int64)
-                for y, a in zip(labels, bias):
-                    k = f"group:{s}:{y}:{a}"
-                    counts[k] = counts.get(k, 0) + 1
-                counts[f"count:{s}"] = counts.get(f"count:{s}", 0) + int(sel.sum())
-            if bad.any():
-                q = t[bad].assign(reason=[r for r in reason if r is not None])
-                images = []
-                for raw, pixels in zip(q["raw_image"], q["pixels"]):
-                    image = raw if isinstance(raw, (bytes, bytearray)) else None
-                    if image is None and isinstance(pixels, (bytes, bytearray)):  # a decodable duplicate: its pixels
-                        image = encode_png(np.frombuffer(pixels, np.uint8).reshape(self.size, self.size, 3))
-                    images.append(image)
-                _write_part(self.folders["quarantine"], first, pa.table({
-                    "id": q["id"].tolist(), "split": [s if isinstance(s, str) else None for s in q["split"]],
-                    "label": q["raw_label"].tolist(), "bias": q["raw_bias"].tolist(), "image": images,
-                    "path": [v if isinstance(v, str) else None for v in q["raw_path"]], "reason": q["reason"].tolist(),
-                }, schema=QUARANTINE_SCHEMA))
-                for r in q["reason"]:
-                    k = "reason:" + ("duplicate id" if r.startswith("duplicate id") else r.split(":")[0])
-                    counts[k] = counts.get(k, 0) + 1
+        for s in SPLITS:
+            sel = ~bad & (split == s)
+            if not sel.any():
+                continue
+            rows = t[sel]
+            labels = rows["label"].to_numpy(np.int64)
+            bias = rows["bias"].to_numpy(np.int64) if self.has_bias else np.full(len(rows), -1, np.int64)
+            _write_part(self.folders[s], first, pa.table(
+                {"id": rows["id"].tolist(), "label": labels, "bias": bias, "pixels": rows["pixels"].tolist()},
+                schema=NORMALIZED_SCHEMA))
+            for (y, a), n in pd.Series(list(zip(labels, bias))).value_counts().items():
+                counts[f"group:{s}:{y}:{a}"] = int(n)
+            counts[f"count:{s}"] = int(sel.sum())
+        if bad.any():
+            q = t[bad]
+            images = []
+            for raw, pixels in zip(q["raw_image"], q["pixels"]):
+                image = raw if isinstance(raw, (bytes, bytearray)) else None
+                if image is None and isinstance(pixels, (bytes, bytearray)):  # a decodable duplicate: its pixels
+                    size = self.cfg.image_size
+                    image = encode_png(np.frombuffer(pixels, np.uint8).reshape(size, size, 3))
+                images.append(image)
+            reasons = [r for r in reason if r is not None]
+            _write_part(self.folders["quarantine"], first, pa.table({
+                "id": q["id"].tolist(), "split": [v if isinstance(v, str) else None for v in q["split"]],
+                "label": q["raw_label"].tolist(), "bias": q["raw_bias"].tolist(), "image": images,
+                "path": [v if isinstance(v, str) else None for v in q["raw_path"]], "reason": reasons,
+            }, schema=QUARANTINE_SCHEMA))
+            for r in reasons:
+                k = "reason:" + ("duplicate id" if r.startswith("duplicate id") else r.split(":")[0])
+                counts[k] = counts.get(k, 0) + 1
+        counts["rows"] = len(t)
         return pd.DataFrame({"key": list(counts), "n": list(counts.values())})
 
 
-def _duplicated_ids(staging: str) -> dict[str, int]:
-    """Every id that more than one input row has → the input position of its first row: an aggregation in Ray Data
-    over the staged ``(id, position)`` columns; only the duplicated ids reach the driver."""
-    import ray
+def _plan(keys, fraction: float, rows: int) -> tuple[dict[str, int], dict[str, bool]]:
+    """From the rows' keys (a Ray Dataset of ``id``, position, ``split``, ``key``): every duplicated id → the input
+    position of its first row, by a Ray Data ``groupby`` (only these ids reach the driver); and whether val / test
+    are held out of train (a split the dataset does not have, and a hold-out that leaves train neither empty nor
+    whole; counted over the rows whose split is train, before decoding), from per-block counts."""
+    from ray.data import DataContext
     from ray.data.aggregate import Count, Min
-
-    from raydebias._internal.io import arrow_filesystem, url_to_fs
-
-    fs, p = url_to_fs(staging)
+    from ray.data.context import ShuffleStrategy
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(p, filesystem=arrow_filesystem(fs)).select_columns(["id", ORDER])
-    agg = ds.groupby("id").aggregate(Count(alias_name="n"), Min(ORDER, alias_name="first"))
-    return {r["id"]: int(r["first"]) for r in agg.filter(expr=col("n") > 1).iter_rows()}
+    data_ctx = DataContext.get_current()
+    before = data_ctx.shuffle_strategy
+    # the sort-based pull shuffle over a few partitions: ~0.2 s where the default hash shuffle's aggregator actors
+    # take ~5 s to start on 2 cores (BENCHMARKS.md, "Scale"); a partition per 200 k ids
+    data_ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        agg = keys.groupby("id", num_partitions=max(2, -(-rows // 200_000))).aggregate(
+            Count(alias_name="n"), Min(ORDER, alias_name="first"))
+        duplicates = {r["id"]: int(r["first"]) for r in agg.filter(expr=col("n") > 1).iter_rows()}
+    finally:
+        data_ctx.shuffle_strategy = before
+
+    def block_counts(b: pd.DataFrame) -> pd.DataFrame:
+        train = (b["split"] == "train").to_numpy()
+        k = b["key"].to_numpy()
+        c = {f"split:{s}": int((b["split"] == s).sum()) for s in SPLITS}
+        c.update(val=int((train & (k < fraction)).sum()), test=int((train & (k > 1 - fraction)).sum()),
+                 test_not_val=int((train & (k > 1 - fraction) & ~(k < fraction)).sum()))
+        return pd.DataFrame([c])
+
+    n: dict[str, int] = {}
+    for b in keys.map_batches(block_counts, batch_format="pandas", batch_size=None).iter_batches(
+            batch_format="pandas", batch_size=None):
+        for k, v in b.sum().items():
+            n[k] = n.get(k, 0) + int(v)
+    n_train = n.get("split:train", 0)
+    carve = {"val": not n.get("split:val") and 0 < n.get("val", 0) < n_train}
+    left = n_train - (n.get("val", 0) if carve["val"] else 0)
+    carve["test"] = not n.get("split:test") and 0 < n.get("test_not_val" if carve["val"] else "test", 0) < left
+    return duplicates, {k: bool(v) for k, v in carve.items()}
 
 
 def ingest(
@@ -443,10 +480,10 @@ def ingest(
     """Read, validate and decode the dataset; write ``<out_dir>/{train,val,test}.parquet`` (folders of Parquet
     parts) and the quarantined rows to ``quarantine_path`` (a folder of parts), each replaced as a whole.
 
-    Two streaming passes through Ray Data, the rows never on the driver: (1) read each input file in batches →
-    decode and validate in actors → stage the decoded batch on disk, returning counts; the duplicated ids are found
-    by an aggregation over the staged ``(id, position)`` columns; (2) each staged part → its rows written to the
-    split folders or the quarantine by the worker that reads it. The driver holds counts and duplicated ids."""
+    Two streaming passes through Ray Data, the rows never on the driver: (1) the small columns (id, split) of every
+    row, tagged with its input position → Ray Data aggregations decide the duplicated ids and the held-out splits;
+    (2) each input file read in batches → decoded, validated and written to the split folders or the quarantine by
+    the actor that decoded it, which returns counts. The driver holds counts and the duplicated ids."""
     import shutil
 
     import ray
@@ -462,45 +499,48 @@ def ingest(
     total = sum(s.rows for s in sources)
     wanted = [c for c in (cfg.image_column, cfg.path_column, "label", "bias", "split", "id") if c in columns]
     out_dir = Path(out_dir)
-    work = out_dir / "_ingest"  # staged parts and the new outputs, moved into place when complete
+    work = out_dir / "_ingest"  # the new outputs, moved into place when complete
     shutil.rmtree(work, ignore_errors=True)
-    staging = work / "staging"
-    staging.mkdir(parents=True)
     folders = {s: str(work / f"{s}.parquet") for s in SPLITS} | {"quarantine": str(work / "quarantine.parquet")}
     for f in folders.values():
-        Path(f).mkdir()
+        Path(f).mkdir(parents=True)
     try:
         refs = [src.ref for src in sources]
         files = ray.data.from_items([{"uri": src.uri or "", "source": i, "split": src.split or "", "offset": src.offset}
                                      for i, src in enumerate(sources)])
-        staged = files.map_batches(_read_sources, fn_kwargs={"columns": wanted, "batch_size": cfg.batch_size,
-                                                             "refs": refs}, batch_size=1, num_cpus=0.25).map_batches(
-            _DecodeAndStage, fn_constructor_args=(cfg, num_classes, num_bias, roots, str(staging), cfg.val_fraction),
-            batch_size=cfg.batch_size, batch_format="pandas", concurrency=(1, 2), num_cpus=0.5)
-        seen = pd.Series(0, index=["rows", *(f"ok_{s}" for s in SPLITS), "move_val", "move_test", "move_test_not_val"])
-        t0, last = time.time(), 0.0
-        for batch in staged.iter_batches(batch_format="pandas", batch_size=None):
-            seen = seen.add(batch.sum(), fill_value=0)
-            now = time.time()
-            if now - last > 5 or seen["rows"] == total:
-                rate = seen["rows"] / max(now - t0, 1e-9)
-                log(f"[data] {int(seen['rows'])}/{total} rows  {rate:,.0f} rows/s  "
-                    f"ETA {(total - seen['rows']) / max(rate, 1e-9):,.0f}s")
-                last = now
-        duplicates = _duplicated_ids(str(staging))
-        n_train = int(seen["ok_train"])
-        carve = {"val": bool(not seen["ok_val"] and 0 < seen["move_val"] < n_train)}
-        left = n_train - (int(seen["move_val"]) if carve["val"] else 0)
-        carve["test"] = bool(not seen["ok_test"] and 0 < (seen["move_test_not_val"] if carve["val"]
-                                                           else seen["move_test"]) < left)
-        parts = sorted(str(p) for p in staging.glob("part-*.parquet"))
-        routed = ray.data.from_items([{"part": p} for p in parts]).map_batches(
-            _Route, fn_constructor_args=(folders, ray.put(duplicates), carve, cfg.val_fraction, has_split,
-                                         has_bias, cfg.image_size),
-            batch_size=1, concurrency=(1, 2), num_cpus=0.5)
+
+        def read(cols: list[str]):
+            return files.map_batches(_read_sources, fn_kwargs={"columns": cols, "batch_size": cfg.batch_size,
+                                                               "refs": refs}, batch_size=1, num_cpus=0.25)
+
+        # pass 1: the small columns that decide duplicates and held-out splits (image bytes only for rows that
+        # need a content-hash id)
+        key_cols = [c for c in ("id", "split") if c in columns]
+        if "id" not in columns or _may_have_nulls(sources, "id"):
+            key_cols += [c for c in (cfg.image_column, cfg.path_column) if c in columns]
+        keys = read(key_cols).map_batches(
+            _keys, fn_kwargs={"image_column": cfg.image_column, "path_column": cfg.path_column,
+                              "has_split": has_split, "fraction": cfg.val_fraction},
+            batch_format="pandas", batch_size=None, num_cpus=0.25).materialize()
+        duplicates, carve = _plan(keys, cfg.val_fraction, total)
+        del keys
+        # pass 2: decode, validate and write every row where it belongs; batch_size=None: one batch per block the
+        # reader yielded (one input file's rows), so every part's rows are the same on every run
+        written = read(wanted).map_batches(
+            _DecodeAndWrite, fn_constructor_args=(cfg, num_classes, num_bias, roots, folders, ray.put(duplicates),
+                                                  carve, has_split, has_bias),
+            batch_size=None, batch_format="pandas", concurrency=(1, 2), num_cpus=0.5)
         counts: dict[str, int] = {}
-        for r in routed.iter_rows():
-            counts[r["key"]] = counts.get(r["key"], 0) + int(r["n"])
+        t0, last = time.time(), 0.0
+        for b in written.iter_batches(batch_format="pandas", batch_size=None):
+            for k, n in zip(b["key"], b["n"]):
+                counts[k] = counts.get(k, 0) + int(n)
+            now = time.time()
+            if now - last > 5 or counts["rows"] == total:
+                rate = counts["rows"] / max(now - t0, 1e-9)
+                log(f"[data] {counts['rows']}/{total} rows  {rate:,.0f} rows/s  "
+                    f"ETA {(total - counts['rows']) / max(rate, 1e-9):,.0f}s")
+                last = now
         quarantined = sum(n for k, n in counts.items() if k.startswith("reason:"))
         reasons = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith("reason:")}
         split_counts = {s: counts.get(f"count:{s}", 0) for s in SPLITS}

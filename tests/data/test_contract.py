@@ -249,3 +249,28 @@ def test_unknown_bias_in_val_is_not_a_crash(ray_cluster, tmp_path):
     assert (va["a"] == -1).sum() == 1
     m = group_metrics(va["y"], va["y"], va["a"], 2, 2)
     assert m["unknown_bias"] == 1 and m["wga"] == 1.0
+
+
+def test_two_ingests_of_the_same_files_write_the_same_parts(ray_cluster, tmp_path):
+    """Parts are named by input position and hold one input batch each: identical runs give identical bytes (the
+    pipeline's content hashes, and so its caching, depend on it), however the read and decode tasks interleave."""
+    from raydebias._internal.io import sha256_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(3):
+        d = good_rows(30)
+        d["id"] = [f"f{f}-{i}" for i in range(30)]
+        d["id"][0] = "dup"  # the same id in every file: the first file's row is kept
+        write(src, d, f"part-{f}.parquet")
+    hashes = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        out.mkdir()
+        res = ingest(DataConfig(uri=str(src), image_size=8, batch_size=7, class_names=["a", "b"],
+                                bias_names=["x", "y"]), str(src), out, tmp_path / f"q-{run}", log=lambda m: None)
+        assert res.quarantined == 2 and sum(res.counts.values()) == 88
+        hashes.append({str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*.parquet")) if p.is_file()})
+    assert hashes[0] == hashes[1] and len(hashes[0]) > 3
+    kept = {i for s in ("train", "val", "test") for i in load_split(tmp_path / "a" / f"{s}.parquet", 8)["id"]}
+    assert "dup" in kept and pq.read_table(tmp_path / "q-a").column("id").to_pylist() == ["dup", "dup"]
