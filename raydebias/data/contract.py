@@ -202,6 +202,7 @@ class IngestResult:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
+CHUNK = "_chunk"  # the input position of the first row of the reader batch a row came in
 ORDER = "_order"  # a row's position in the input (sources in order, then files by name, then rows): "first" means this
 
 
@@ -327,8 +328,9 @@ def _read_sources(batch: dict[str, np.ndarray], columns: list[str], batch_size: 
                 if split:
                     df["split"] = str(split)
                 df[ORDER] = np.arange(pos, pos + len(df), dtype=np.int64)
+                df[CHUNK] = pos  # the reader's batch: one output part each, however Ray Data groups batches
                 pos += len(df)
-                yield df[[*columns, ORDER]]
+                yield df[[*columns, ORDER, CHUNK]]
         finally:
             if fh is not None:
                 fh.close()
@@ -378,13 +380,12 @@ class _DecodeAndWrite(DecodeBatch):
             self.duplicates = ray.get(self.duplicates)
         t = super().__call__(batch)
         order = batch[ORDER].to_numpy()
-        first = int(order.min())
         reason = [r if isinstance(r, str) else None for r in t["reason"]]
         for i, rid in enumerate(t["id"]):
             keep = self.duplicates.get(rid)
             if keep is not None and keep != order[i] and reason[i] is None:
                 reason[i] = f"duplicate id {rid!r} (row {keep} of the input has it)"
-        bad = np.array([r is not None for r in reason], bool)
+        t["reason"] = reason
         split = np.array([s if self.has_split and isinstance(s, str) else "train" for s in t["split"]], object)
         key = _carve_keys(t["id"])
         fraction = self.cfg.val_fraction
@@ -392,7 +393,19 @@ class _DecodeAndWrite(DecodeBatch):
             split[(split == "train") & (key < fraction)] = "val"
         if self.carve["test"]:
             split[(split == "train") & (key > 1 - fraction)] = "test"
+        t["split_out"] = split
         counts: dict[str, int] = {}
+        chunks = batch[CHUNK].to_numpy()
+        for first in np.unique(chunks):
+            self._write(t[chunks == first], int(first), counts)
+        counts["rows"] = len(t)
+        return pd.DataFrame({"key": list(counts), "n": list(counts.values())})
+
+    def _write(self, t: pd.DataFrame, first: int, counts: dict[str, int]) -> None:
+        """One reader batch's rows → ``part-<first>.parquet`` in each split folder it has rows for, and in the
+        quarantine folder; adds its counts to ``counts``."""
+        bad = t["reason"].notna().to_numpy()
+        split = t["split_out"].to_numpy()
         for s in SPLITS:
             sel = ~bad & (split == s)
             if not sel.any():
@@ -404,8 +417,9 @@ class _DecodeAndWrite(DecodeBatch):
                 {"id": rows["id"].tolist(), "label": labels, "bias": bias, "pixels": rows["pixels"].tolist()},
                 schema=NORMALIZED_SCHEMA))
             for (y, a), n in pd.Series(list(zip(labels, bias))).value_counts().items():
-                counts[f"group:{s}:{y}:{a}"] = int(n)
-            counts[f"count:{s}"] = int(sel.sum())
+                k = f"group:{s}:{y}:{a}"
+                counts[k] = counts.get(k, 0) + int(n)
+            counts[f"count:{s}"] = counts.get(f"count:{s}", 0) + int(sel.sum())
         if bad.any():
             q = t[bad]
             images = []
@@ -415,7 +429,7 @@ class _DecodeAndWrite(DecodeBatch):
                     size = self.cfg.image_size
                     image = encode_png(np.frombuffer(pixels, np.uint8).reshape(size, size, 3))
                 images.append(image)
-            reasons = [r for r in reason if r is not None]
+            reasons = q["reason"].tolist()
             _write_part(self.folders["quarantine"], first, pa.table({
                 "id": q["id"].tolist(), "split": [v if isinstance(v, str) else None for v in q["split"]],
                 "label": q["raw_label"].tolist(), "bias": q["raw_bias"].tolist(), "image": images,
@@ -424,8 +438,6 @@ class _DecodeAndWrite(DecodeBatch):
             for r in reasons:
                 k = "reason:" + ("duplicate id" if r.startswith("duplicate id") else r.split(":")[0])
                 counts[k] = counts.get(k, 0) + 1
-        counts["rows"] = len(t)
-        return pd.DataFrame({"key": list(counts), "n": list(counts.values())})
 
 
 def _plan(keys, fraction: float, rows: int) -> tuple[dict[str, int], dict[str, bool]]:
@@ -504,6 +516,13 @@ def ingest(
     folders = {s: str(work / f"{s}.parquet") for s in SPLITS} | {"quarantine": str(work / "quarantine.parquet")}
     for f in folders.values():
         Path(f).mkdir(parents=True)
+    from ray.data import DataContext
+
+    data_ctx = DataContext.get_current()
+    block_size = data_ctx.target_max_block_size
+    # small blocks: a reader emits each batch of data.batch_size rows as it goes (not a whole file's rows), so a
+    # decode actor holds a few batches, however large the input files
+    data_ctx.target_max_block_size = 8 * 2**20
     try:
         refs = [src.ref for src in sources]
         files = ray.data.from_items([{"uri": src.uri or "", "source": i, "split": src.split or "", "offset": src.offset}
@@ -556,6 +575,7 @@ def ingest(
                 _write_part(folders[s], 0, NORMALIZED_SCHEMA.empty_table())
             replace_path(folders[s], out_dir / f"{s}.parquet")
     finally:
+        data_ctx.target_max_block_size = block_size
         shutil.rmtree(work, ignore_errors=True)
     if quarantined:
         log(f"[data] {quarantined} row(s) quarantined → {quarantine_path}: {reasons}")

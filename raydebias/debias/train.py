@@ -39,8 +39,8 @@ def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray]
     are read."""
     from raydebias.evaluate.predict import predict_parts
 
-    r = predict_parts(ctx, parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet"), {"m": model_dir},
-                      with_probs=True, with_ids=True)
+    parts = [(p, "train", False) for p in parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")]
+    r = predict_parts(ctx, parts, {"m": model_dir}, with_probs=True, with_ids=True)["train"]
     tr = {"id": r["id"].astype(object), "y": r["label"].astype(np.int64), "a": r["bias"].astype(np.int64)}
     probs = r["probs:m"]
     loss = -np.log(np.clip(probs[np.arange(len(tr["y"])), tr["y"]], 1e-12, None)) if len(probs) else np.zeros(0)

@@ -19,42 +19,46 @@ from raydebias.data.transforms import pixels_from_column
 from raydebias.models.classifier import load_classifier, predict
 
 
-class _Predict:
-    """Ray Data UDF (actors): one Parquet part per row → every model's predictions on it. Writes ``id``, ``label``,
-    ``bias``, ``pred``, ``probs`` per model beside the part's name when ``out`` is set, and returns per row the
-    label, the bias and per model ``pred:<m>``, ``p_true:<m>`` (the probability of the true class) and, with
-    ``with_probs``, ``probs:<m>``; with ``with_ids`` the ``id`` too."""
+_MODELS: dict[tuple[str, int], torch.nn.Module] = {}  # per worker process: a reused worker loads a model once
 
-    def __init__(self, model_dirs: dict[str, str], image_size: int, batch_size: int, threads: int,
-                 out: dict[str, str] | None, with_probs: bool, with_ids: bool):
-        torch.set_num_threads(threads)
-        self.models = {m: load_classifier(d)[0] for m, d in model_dirs.items()}
-        self.size, self.batch_size, self.out = image_size, batch_size, out
-        self.with_probs, self.with_ids = with_probs, with_ids
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        frames = []
-        for part in batch["part"]:
-            t = pq.read_table(part)
-            y = t.column("label").to_numpy().astype(np.int64)
-            x = pixels_from_column(t.column("pixels").to_pylist(), self.size) if t.num_rows else \
-                np.zeros((0, self.size, self.size, 3), np.uint8)
-            cols: dict[str, Any] = {"label": y, "bias": t.column("bias").to_numpy().astype(np.int64)}
-            if self.with_ids:
-                cols["id"] = t.column("id").to_pylist()
-            for m, model in self.models.items():
-                probs = predict(model, x, batch_size=self.batch_size).astype(np.float32) if len(x) else \
-                    np.zeros((0, 1), np.float32)
-                pred = probs.argmax(1) if len(x) else np.zeros(0, np.int64)
-                cols[f"pred:{m}"], cols[f"p_true:{m}"] = pred, probs[np.arange(len(y)), y] if len(y) else probs[:, 0]
-                if self.with_probs:
-                    cols[f"probs:{m}"] = list(probs)
-                if self.out is not None:
-                    atomic_write_table(Path(self.out[m]) / Path(part).name, pa.table(
-                        {"id": t.column("id"), "label": y, "bias": cols["bias"], "pred": pred,
-                         "probs": pa.array(list(probs), pa.list_(pa.float32()))}))
-            frames.append(pd.DataFrame(cols))
-        return pd.concat(frames, ignore_index=True)
+def _model(model_dir: str) -> torch.nn.Module:
+    key = (model_dir, Path(model_dir, "model.safetensors").stat().st_mtime_ns)
+    if key not in _MODELS:
+        _MODELS[key] = load_classifier(model_dir)[0]
+    return _MODELS[key]
+
+
+def _predict_parts(batch: dict[str, np.ndarray], model_dirs: dict[str, str], image_size: int, batch_size: int,
+                   out: dict[str, str] | None, with_probs: bool, with_ids: bool) -> pd.DataFrame:
+    """Ray Data UDF (tasks): Parquet parts (``part``, ``tag``; ``write``: whether to save its predictions) → every
+    model's predictions on them. Saves ``id``, ``label``, ``bias``, ``pred``, ``probs`` per model under ``out[m]``
+    beside the part's name, and returns per row the tag, label, bias and per model ``pred:<m>``, ``p_true:<m>``
+    (the probability of the true class) and, with ``with_probs``, ``probs:<m>``; with ``with_ids`` the ``id``."""
+    torch.set_num_threads(1)
+    frames = []
+    for part, tag, write in zip(batch["part"], batch["tag"], batch["write"]):
+        t = pq.read_table(part)
+        y = t.column("label").to_numpy().astype(np.int64)
+        x = pixels_from_column(t.column("pixels").to_pylist(), image_size) if t.num_rows else \
+            np.zeros((0, image_size, image_size, 3), np.uint8)
+        cols: dict[str, Any] = {"tag": [str(tag)] * len(y), "label": y,
+                                "bias": t.column("bias").to_numpy().astype(np.int64)}
+        if with_ids:
+            cols["id"] = t.column("id").to_pylist()
+        for m, d in model_dirs.items():
+            probs = predict(_model(d), x, batch_size=batch_size).astype(np.float32) if len(x) else \
+                np.zeros((0, 1), np.float32)
+            pred = probs.argmax(1) if len(x) else np.zeros(0, np.int64)
+            cols[f"pred:{m}"], cols[f"p_true:{m}"] = pred, probs[np.arange(len(y)), y] if len(y) else probs[:, 0]
+            if with_probs:
+                cols[f"probs:{m}"] = list(probs)
+            if write and out is not None:
+                atomic_write_table(Path(out[m]) / Path(part).name, pa.table(
+                    {"id": t.column("id"), "label": y, "bias": cols["bias"], "pred": pred,
+                     "probs": pa.array(list(probs), pa.list_(pa.float32()))}))
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)
 
 
 @contextlib.contextmanager
@@ -70,35 +74,46 @@ def _in_order():
         data_ctx.execution_options.preserve_order = before
 
 
-def predict_parts(ctx, parts: list[str], model_dirs: dict[str, str | Path], out: dict[str, Path] | None = None,
-                  with_probs: bool = False, with_ids: bool = False) -> dict[str, np.ndarray]:
-    """Every model's predictions on the Parquet ``parts`` (``id``, ``label``, ``bias``, ``pixels``), by Ray Data
-    actors; returns the columns of :class:`_Predict` in the parts' row order."""
+def predict_parts(ctx, parts: list[tuple[str, str, bool]], model_dirs: dict[str, str | Path],
+                  out: dict[str, Path] | None = None, with_probs: bool = False,
+                  with_ids: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Every model's predictions on Parquet parts (``id``, ``label``, ``bias``, ``pixels``) given as ``(path, tag,
+    write)``, by Ray Data tasks (pooled workers: no actor to start); returns, per tag, the columns of
+    :func:`_predict_parts` in the parts' row order. Parts marked ``write`` save their predictions under ``out``."""
     import ray
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()
-    threads = max(1, int(cfg.ray.num_cpus or 2) // 2)
-    ds = ray.data.from_items([{"part": p} for p in parts]).map_batches(
-        _Predict, fn_constructor_args=({m: str(d) for m, d in model_dirs.items()}, info["image_size"],
-                                       cfg.evaluate.batch_size, threads,
-                                       {m: str(p) for m, p in out.items()} if out else None, with_probs, with_ids),
-        batch_size=1, concurrency=(1, 2), num_cpus=0.5)
+    ds = ray.data.from_items([{"part": p, "tag": t, "write": w} for p, t, w in parts]).map_batches(
+        _predict_parts, fn_kwargs={"model_dirs": {m: str(d) for m, d in model_dirs.items()},
+                                   "image_size": info["image_size"], "batch_size": cfg.evaluate.batch_size,
+                                   "out": {m: str(p) for m, p in out.items()} if out else None,
+                                   "with_probs": with_probs, "with_ids": with_ids},
+        batch_size=1, num_cpus=1)
     cols: dict[str, list] = {}
     with _in_order():
         for b in ds.iter_batches(batch_format="pandas", batch_size=None):
             for k in b.columns:
                 cols.setdefault(k, []).extend(b[k].tolist())
-    result = {k: np.asarray(v) for k, v in cols.items() if not k.startswith("probs:")}
-    for k, v in cols.items():
-        if k.startswith("probs:"):
-            result[k] = np.stack(v) if v else np.zeros((0, info["num_classes"]), np.float32)
+    tags = np.asarray(cols.pop("tag", []), dtype=object)
+    result = {}
+    for tag in dict.fromkeys(t for _, t, _ in parts):
+        sel = tags == tag
+        r = {k: np.asarray(v, dtype=object if k == "id" else None)[sel] for k, v in cols.items()
+             if not k.startswith("probs:")}
+        for k, v in cols.items():
+            if k.startswith("probs:"):
+                r[k] = np.stack([v[i] for i in np.flatnonzero(sel)]) if sel.any() else \
+                    np.zeros((0, info["num_classes"]), np.float32)
+        result[tag] = r
     return result
 
 
-def predict_split(ctx, split: str, methods: list[str], out: dict[str, Path] | None = None,
-                  with_probs: bool = False, with_ids: bool = False) -> dict[str, np.ndarray]:
-    """:func:`predict_parts` of the trained classifiers ``stages/train/<method>`` on a split of the data stage."""
-    parts = parquet_parts(ctx.run_dir / "stages" / "data" / f"{split}.parquet")
+def predict_splits(ctx, splits: dict[str, bool], methods: list[str], out: dict[str, Path] | None = None,
+                   with_probs: bool = False, with_ids: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`predict_parts` of the trained classifiers ``stages/train/<method>`` on splits of the data stage, in
+    one Ray Data pass; ``splits``: split → whether to save its predictions under ``out``."""
+    parts = [(p, s, w) for s, w in splits.items()
+             for p in parquet_parts(ctx.run_dir / "stages" / "data" / f"{s}.parquet")]
     return predict_parts(ctx, parts, {m: ctx.run_dir / "stages" / "train" / m for m in methods}, out,
                          with_probs, with_ids)

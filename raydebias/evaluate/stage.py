@@ -11,7 +11,7 @@ import torch
 
 from raydebias._internal.io import atomic_write_json, replace_path
 from raydebias.data.splits import load_split
-from raydebias.evaluate.predict import predict_split
+from raydebias.evaluate.predict import predict_splits
 from raydebias.models.classifier import load_classifier
 from raydebias.evaluate import metrics as M
 
@@ -73,7 +73,7 @@ def run_evaluate(ctx):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
     ctx.ensure_ray()
-    preds = {"val": predict_split(ctx, "val", methods), "test": predict_split(ctx, "test", methods, out=tmp)}
+    preds = predict_splits(ctx, {"val": False, "test": True}, methods, out=tmp)
     rows, outputs = [], []
     for method in methods:
         _, meta = load_classifier(ctx.run_dir / "stages" / "train" / method)
