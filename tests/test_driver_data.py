@@ -13,8 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "raydebias"
 CALLS = {"load_split", "pixels_from_column"}
 # where the readers themselves live
 DEFINITIONS = {"data/splits.py", "data/stream.py", "data/transforms.py"}
-# functions that run in Ray Train workers
-WORKER_FUNCTIONS = {("debias/train.py", "train_loop")}
+# functions that run in Ray workers: the Ray Train loop and Ray Data function UDFs
+WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "_predict_parts")}
 # (module, function): the stages that still load whole pixel sets, in the driver or in one Ray task (``*_task``:
 # the memory moved, it did not stream); docs/scale.md, "Not yet streamed"
 NOT_YET_STREAMED = {
