@@ -316,8 +316,8 @@ def _read_sources(batch: dict[str, np.ndarray], columns: list[str], batch_size: 
             pf = pq.ParquetFile(fh)
             parts = pf.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in pf.schema_arrow.names])
         else:
-            parts = ray.get(refs[int(source)]).select(
-                [c for c in columns if c in ray.get(refs[int(source)]).column_names]).to_batches(batch_size)
+            table = ray.get(refs[int(source)])
+            parts = table.select([c for c in columns if c in table.column_names]).to_batches(batch_size)
         pos = int(offset)
         try:
             for rb in parts:

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydebias.data.transforms import pixels_from_column
@@ -96,6 +97,14 @@ class PartSet:
         if not t.num_rows:
             return np.zeros((0, image_size, image_size, 3), np.uint8)
         return pixels_from_column(t.column("pixels").to_pylist(), image_size)
+
+
+def count_rows(files: list[str], where: str | None = None, **_) -> int:
+    """Rows of the set :meth:`PartSet.open` would read from ``files`` (extra keys of a set spec are ignored): the
+    Parquet footers' row counts, or the true cells of the boolean column ``where``."""
+    if where is None:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(int(pc.sum(pq.read_table(f, columns=[where]).column(where)).as_py() or 0) for f in files)
 
 
 def write_parts(folder: str | Path, arrays: dict[str, np.ndarray], rows_per_part: int = 4096) -> list[str]:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
-from raydebias.data.stream import PartSet, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
+from raydebias.data.stream import PartSet, count_rows, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
 from raydebias.data.transforms import to_model_input
 from raydebias.models.classifier import create_classifier, predict
 
@@ -35,7 +35,7 @@ def resolve_select_by(select_by: str, num_groups: int) -> str:
 
 def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """The run's training split (``id``, ``y``, ``a``), a trained classifier's softmax on it and each row's CE
-    (−log p_y), computed by Ray Data actors: how the bias amplifier, DiffInject's GCE model and the ERM error set
+    (−log p_y), computed by Ray Data tasks: how the bias amplifier, DiffInject's GCE model and the ERM error set
     are read."""
     from raydebias.evaluate.predict import predict_parts
 
@@ -254,7 +254,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
             sources[name] = {"files": write_parts(inputs / name, d)}
     used = {p["data"] for p in phases} | {"val"}
     data = {name: [sources[part] for part in name.split("+")] for name in used}  # "train+synthetic": a union
-    sizes = {name: sum(len(PartSet.open(**m)) for m in members) for name, members in data.items()}
+    sizes = {name: sum(count_rows(**m) for m in members) for name, members in data.items()}
     loop_config = {
         "method": method, "seed": cfg.seed, "phases": phases, "batch_size": tc.batch_size, "lr": tc.lr,
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
@@ -323,4 +323,4 @@ def fit_augmented(ctx, method: str, synthetic: str | Path, where: str | None = N
     phases = [{"name": "erm_augmented", "data": "train+synthetic", "recipe": "erm", "epochs": ctx.cfg.train.epochs,
                "sampler": "uniform", "select": True}]
     return fit_classifier(ctx, method, phases, extra_data={"synthetic": syn},
-                          summary={"synthetic": len(PartSet.open(**syn)), "real": ctx.data_info["counts"]["train"]})
+                          summary={"synthetic": count_rows(**syn), "real": ctx.data_info["counts"]["train"]})

@@ -1,4 +1,4 @@
-"""Trained classifiers' predictions on a Parquet set, computed by Ray Data actors a part at a time: the driver
+"""Trained classifiers' predictions on a Parquet set, computed by Ray Data tasks a part at a time: the driver
 receives small per-row columns (label, bias, predictions, probabilities), never pixels."""
 
 from __future__ import annotations

@@ -72,7 +72,6 @@ def run_evaluate(ctx):
     for d in tmp.values():
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
-    ctx.ensure_ray()
     preds = predict_splits(ctx, {"val": False, "test": True}, methods, out=tmp)
     rows, outputs = [], []
     for method in methods:

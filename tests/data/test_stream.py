@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raydebias.data.stream import PartSet, epoch_counts, epoch_indices, iter_parts, stream_epoch, write_parts
+from raydebias.data.stream import PartSet, count_rows, epoch_counts, epoch_indices, iter_parts, stream_epoch, write_parts
 from raydebias.debias.groupdro import group_balanced_weights
 
 
@@ -83,7 +83,7 @@ def test_a_set_can_ignore_its_bias_column_and_keep_only_the_rows_a_column_select
     pq.write_table(pa.table({"label": np.arange(6) % 2, "bias": np.arange(6), "kept": [True, False] * 3,
                              "pixels": [r.tobytes() for r in x]}), f)
     s = PartSet.open([str(f)], bias=False, where="kept")
-    assert len(s) == 3 and s.y.tolist() == [0, 0, 0] and s.a.tolist() == [-1, -1, -1]
+    assert count_rows([str(f)], where="kept") == len(s) == 3 and count_rows([str(f)]) == 6 and s.y.tolist() == [0, 0, 0] and s.a.tolist() == [-1, -1, -1]
     _, px = next(iter_parts(s, 2))
     assert px[:, 0, 0, 0].tolist() == [0, 2, 4]  # the kept rows' pixels, in order
     counts = np.array([0, 2, 1])
