@@ -27,7 +27,6 @@ NOT_YET_STREAMED = {
     ("evaluate/stage.py", "run_evaluate"),  # the fidelity probes' val/test arrays (only with synthetic sets)
     ("finetune/stage.py", "_train_pack"),  # per-cluster DreamBooth-LoRA images (one Ray task per pack)
     ("finetune/stage.py", "_train_unit"),
-    ("generate/text2img.py", "load_generated"),  # the filter's input
     ("methods/diffinject.py", "inject_task"),
     ("methods/diffinject.py", "run_inject"),
     ("methods/gamma_face.py", "gmm_task"),

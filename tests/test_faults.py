@@ -225,7 +225,7 @@ def _reset_generate(run_dir: Path) -> None:
 
     g = run_dir / "stages" / "generate" / "clustered_dreambooth"
     shutil.rmtree(g / "rows")
-    (g / "synthetic.parquet").unlink()
+    shutil.rmtree(g / "synthetic.parquet")
 
 
 @pytest.mark.timeout(1200)
@@ -302,7 +302,7 @@ def test_killed_actors_and_driver_mid_generate_give_exactly_the_planned_rows(tmp
             time.sleep(0.05)
     finally:
         kill_tree(p)
-    written = {r for f in run_dir.glob(rows_glob) for r in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()}
+    written = {r for f in run_dir.glob(rows_glob) for r in pq.read_table(f, columns=["id"]).column(0).to_pylist()}
     assert 0 < len(written) < 300, len(written)
     p = start(run_dir, *sets)
     _, log = epochs_of(p)

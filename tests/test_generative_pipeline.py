@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -138,7 +139,7 @@ def test_generate_resumes_exactly_the_missing_rows(gen_run, tiny_generative):
     before = pq.read_table(gen_dir / "synthetic.parquet").sort_by("id")
     parts = sorted(gen_dir.glob("rows/*/part-*.parquet"))
     assert len(parts) >= 2
-    removed = set(pq.read_table(parts[0]).column("row_id").to_pylist())
+    removed = set(pq.read_table(parts[0]).column("id").to_pylist())
     parts[0].unlink()
     m = manifest(gen_run)
     m["stages"][f"generate/{v}"]["status"] = "running"
@@ -171,3 +172,34 @@ def test_prior_preservation_trains_with_base_model_class_images(gen_run, tmp_pat
     assert (out / "pytorch_lora_weights.safetensors").exists()
     ft["prior_preservation"] = False
     assert _train_unit(str(gen_run), {**unit, "class_prompt": "x"}, ft, 0, 32, str(tmp_path / "b"))["prior_images"] == 0
+
+
+def test_streamed_filter_keeps_what_the_whole_table_selection_keeps(gen_run, tiny_generative):
+    """The filter's two streaming passes keep exactly the rows, with the scores, that the selection computed on
+    the whole generated table at once gives: CLIP-Score against the class texts and the real group centroids,
+    top ``keep`` per group, near-duplicates of real images dropped."""
+    from raydebias.embed.stage import load_clip, load_embeddings
+    from raydebias.filter.clip_score import clip_scores, label_targets, top_q
+    from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
+
+    cfg = load_config(None, [*tiny_generative, *VARIANT_OVERRIDES, f"run_dir={gen_run}"])
+    info = json.loads((gen_run / "stages" / "data" / "info.json").read_text())
+    gen = pq.read_table(gen_run / "stages" / "generate" / "lora" / "synthetic.parquet")
+    emb = np.stack(gen.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    y, a = gen.column("label").to_numpy(), gen.column("bias").to_numpy()
+    B = info["num_bias"]
+    real = load_embeddings(gen_run)
+    rg = real["y"] * B + real["a"]
+    centroids = {int(g): real["emb"][rg == g].mean(0) for g in np.unique(rg)
+                 if (rg == g).sum() >= cfg.filter.min_real_for_centroid}
+    texts, idx = label_targets(cfg.filter.label_prompt, info["class_names"], info["bias_names"], y, a)
+    scores = clip_scores(emb, y * B + a, load_clip(gen_run).encode_texts(texts), idx, centroids, cfg.filter.alpha)
+    threshold = duplicate_threshold(cfg.filter.dedup_threshold, self_similarity(real["emb"]),
+                                    cfg.filter.dedup_real_quantile)
+    final = top_q(scores, y * B + a, cfg.filter.keep) & (max_similarity(emb, real["emb"]) < threshold)
+    want = dict(zip(np.asarray(gen.column("id").to_pylist())[final], scores[final]))
+    kept = pq.read_table(gen_run / "stages" / "filter" / "lora" / "synthetic.parquet")
+    got = dict(zip(kept.column("id").to_pylist(), kept.column("score").to_pylist()))
+    assert got.keys() == want.keys() and len(got) == kept.num_rows > 0
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5, atol=1e-6)
+    assert kept.column("pixels").to_pylist() == gen.filter(pa.array(final)).column("pixels").to_pylist()

@@ -29,10 +29,16 @@ def label_targets(template: str, class_names: list[str], bias_names: list[str] |
     from raydebias.generate.plan import describe
 
     y, a = np.asarray(y, np.int64), np.asarray(a, np.int64)
-    if "{bias}" not in template or not bias_names or not len(a) or (a < 0).any():
+    if not scores_groups(template, bias_names, a):
         return [describe(template, c, None) for c in class_names], y
     B = len(bias_names)
     return [describe(template, c, b) for c in class_names for b in bias_names], y * B + a
+
+
+def scores_groups(template: str, bias_names: list[str] | None, a: np.ndarray) -> bool:
+    """Whether :func:`label_targets` scores against group descriptions (index y·B + a) rather than class ones (y)."""
+    a = np.asarray(a)
+    return "{bias}" in template and bool(bias_names) and len(a) > 0 and not (a < 0).any()
 
 
 def bias_match(img_emb: np.ndarray, text_emb: np.ndarray, y: np.ndarray, a: np.ndarray, num_bias: int) -> np.ndarray:

@@ -1,81 +1,179 @@
 """``filter`` stage: score synthetic images with CLIP, keep the top ``keep`` per group, drop near-duplicates of
-real training images; the kept set is what the classifier trains on."""
+real training images; the kept set is what the classifier trains on.
+
+Two streaming passes over the generated parts, no image on the driver: Ray Data actors (each with the faiss index
+of the real training embeddings, built once) score every row from the embeddings the generate actors stored; the
+driver picks the top ``keep`` of every group from the small per-row columns (group, score, bias match, similarity);
+Ray tasks then write each part's kept rows."""
 
 from __future__ import annotations
+
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias.filter.clip_score import bias_match, clip_scores, label_targets, top_q
-from raydebias.filter.dedup import duplicate_threshold, max_similarity, self_similarity
+from raydebias._internal.io import atomic_write_json, atomic_write_table, remove_path, replace_path
+from raydebias.data.stream import parquet_parts
+from raydebias.filter.clip_score import bias_match, clip_scores, label_targets, scores_groups, top_q
+from raydebias.filter.dedup import duplicate_threshold, self_similarity
+
+
+def _real_embeddings(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = pq.read_table(path, columns=["label", "bias", "embedding"])
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32) if t.num_rows else \
+        np.zeros((0, 1), np.float32)
+    return t.column("label").to_numpy(), t.column("bias").to_numpy(), emb
+
+
+def real_reference(path: str, num_bias: int, min_real: int, threshold: float, quantile: float) -> dict:
+    """From the real training embeddings: each group's centroid (groups with at least ``min_real`` images) and the
+    near-duplicate threshold (:func:`duplicate_threshold`)."""
+    y, a, emb = _real_embeddings(path)
+    groups = y * num_bias + np.maximum(a, 0)
+    centroids = {int(g): emb[groups == g].mean(0) for g in np.unique(groups) if (groups == g).sum() >= min_real}
+    return {"centroids": centroids, "threshold": duplicate_threshold(threshold, self_similarity(emb), quantile)}
+
+
+class ScoreParts:
+    """Ray Data UDF (actors): synthetic parts → per row the CLIP-Score, the zero-shot bias match and the cosine
+    similarity to the nearest real training image. Pixels are never read: the generate actors stored each image's
+    CLIP embedding. The faiss index of the real embeddings is built once per actor."""
+
+    def __init__(self, real_path: str, label_emb: np.ndarray, per_group: bool, num_bias: int,
+                 centroids: dict[int, np.ndarray], alpha: float, bias_check: bool):
+        import faiss
+
+        _, _, real = _real_embeddings(real_path)
+        self.index = faiss.IndexFlatIP(real.shape[1])
+        self.index.add(np.ascontiguousarray(real))
+        self.label_emb, self.per_group, self.B = label_emb, per_group, num_bias
+        self.centroids, self.alpha, self.bias_check = centroids, alpha, bias_check
+
+    def __call__(self, batch: dict) -> dict:
+        cols: dict[str, list] = {k: [] for k in ("part", "row", "group", "score", "match", "sim")}
+        for i, part in zip(batch["index"], batch["part"]):
+            t = pq.read_table(str(part), columns=["label", "bias", "embedding"])
+            n = t.num_rows
+            if not n:
+                continue
+            y, a = t.column("label").to_numpy().astype(np.int64), t.column("bias").to_numpy().astype(np.int64)
+            emb = np.ascontiguousarray(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), np.float32)
+            groups = y * self.B + a
+            label_idx = y * self.B + a if self.per_group else y
+            match = bias_match(emb, self.label_emb, y, a, self.B) if self.bias_check else np.ones(n, bool)
+            sims, _ = self.index.search(emb, 1)
+            for k, v in (("part", np.full(n, int(i))), ("row", np.arange(n)), ("group", groups),
+                         ("score", clip_scores(emb, groups, self.label_emb, label_idx, self.centroids, self.alpha)),
+                         ("match", match), ("sim", sims[:, 0])):
+                cols[k].append(v)
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+
+
+def write_kept(part: str, rows: np.ndarray, scores: np.ndarray, dst: str) -> int:
+    """Ray task: the rows ``rows`` of ``part``, with their ``score``, written to ``dst``."""
+    t = pq.read_table(part).take(pa.array(rows, pa.int64()))
+    atomic_write_table(dst, t.append_column("score", pa.array(scores, pa.float32())))
+    return t.num_rows
+
+
+def fid_of_kept(real_path: str, kept: str, num_bias: int) -> dict:
+    """Ray task: FID/KID of the kept set against the real training images on the pretrained CLIP's features (the
+    embed stage's embeddings and the ones scored here: nothing is encoded twice), overall and per group."""
+    from raydebias.evaluate.fid import fid_kid_features
+
+    y, a, real = _real_embeddings(real_path)
+    rg = y * num_bias + np.maximum(a, 0)
+    t = pq.read_table(kept, columns=["label", "bias", "embedding"])
+    fake = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    fg = t.column("label").to_numpy() * num_bias + t.column("bias").to_numpy()
+    per_group = {}
+    for g in np.unique(fg):
+        rf, ff = real[rg == g], fake[fg == g]
+        if len(rf) >= 20 and len(ff) >= 10:
+            per_group[f"{g // num_bias},{g % num_bias}"] = fid_kid_features(rf, ff, kid_subset=min(len(rf), len(ff)))["kid"]
+    return {"fid_kid_clip_features": fid_kid_features(real, fake), "kid_per_group_clip_features": per_group}
 
 
 def run_filter(ctx, variant: str):
-    import torch
+    import ray
 
-    from raydebias.embed.stage import load_clip, load_embeddings
     from raydebias.core import StageResult
+    from raydebias.embed.stage import load_clip
 
     cfg, info = ctx.cfg, ctx.data_info
-    torch.set_num_threads(max(1, cfg.ray.num_cpus or 2))
+    ctx.ensure_ray()
     out = ctx.stage_dir(f"filter/{variant}")
-    t = pq.read_table(ctx.run_dir / "stages" / "generate" / variant / "synthetic.parquet")
-    # encoded by the run's CLIP in the generate actors (where the accelerators are), not here on the driver
-    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    y, a = t.column("label").to_numpy(), t.column("bias").to_numpy()
+    parts = parquet_parts(ctx.run_dir / "stages" / "generate" / variant / "synthetic.parquet")
+    real_path = str(ctx.run_dir / "stages" / "embed" / "train.parquet")
     B = info["num_bias"] or 1
-    groups = y * B + a
-    clip = load_clip(ctx.run_dir)
-    texts, label_idx = label_targets(cfg.filter.label_prompt, info["class_names"], info.get("bias_names"), y, a)
-    label_emb = clip.encode_texts(texts)
-    real = load_embeddings(ctx.run_dir)
-    real_groups = real["y"] * B + np.maximum(real["a"], 0)
-    centroids = {int(g): real["emb"][real_groups == g].mean(0) for g in np.unique(real_groups)
-                 if (real_groups == g).sum() >= cfg.filter.min_real_for_centroid}
-    scores = clip_scores(emb, groups, label_emb, label_idx, centroids, cfg.filter.alpha)
-    keep = top_q(scores, groups, cfg.filter.keep)
+    ya = pa.concat_tables([pq.read_table(p, columns=["label", "bias"]) for p in parts])
+    y, a = ya.column("label").to_numpy(), ya.column("bias").to_numpy()
+    texts, _ = label_targets(cfg.filter.label_prompt, info["class_names"], info.get("bias_names"), y, a)
+    per_group = scores_groups(cfg.filter.label_prompt, info.get("bias_names"), a)
+    label_emb = load_clip(ctx.run_dir).encode_texts(texts)
     check = None
-    if cfg.filter.bias_check:
-        if not info.get("bias_names") or not len(a) or (a < 0).any():
-            check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
-        else:
-            match = bias_match(emb, label_emb, y, a, B)
-            check = {"failed": int((~match).sum()), "failed_after_score": int((keep & ~match).sum())}
-            keep &= match
-    sim = max_similarity(emb, real["emb"])
-    threshold = duplicate_threshold(cfg.filter.dedup_threshold, self_similarity(real["emb"]),
-                                    cfg.filter.dedup_real_quantile)
+    if cfg.filter.bias_check and (not info.get("bias_names") or not len(a) or (a < 0).any()):
+        check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
+    ref = ray.get(ray.remote(num_cpus=1)(real_reference).remote(
+        real_path, B, cfg.filter.min_real_for_centroid, cfg.filter.dedup_threshold, cfg.filter.dedup_real_quantile))
+
+    # pass 1: per-row scores by an actor pool, one part per call; the driver gets the small columns
+    ds = ray.data.from_items([{"index": i, "part": p} for i, p in enumerate(parts)],
+                             override_num_blocks=max(1, len(parts))).map_batches(
+        ScoreParts, batch_size=1, batch_format="numpy",
+        fn_constructor_args=(real_path, label_emb, per_group, B, ref["centroids"], cfg.filter.alpha,
+                             bool(cfg.filter.bias_check and check is None)),
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.embed.num_actors, len(parts)))),
+        num_cpus=cfg.embed.cpus_per_actor)
+    batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
+    col = {k: np.concatenate([b[k] for b in batches]) for k in ("part", "row", "group", "score", "match", "sim")}
+    order = np.lexsort((col["row"], col["part"]))  # the parts' row order, whatever order the actors finished in
+    col = {k: v[order] for k, v in col.items()}
+    groups, scores, sim = col["group"].astype(np.int64), col["score"].astype(np.float32), col["sim"]
+    keep = top_q(scores, groups, cfg.filter.keep)
+    if cfg.filter.bias_check and check is None:
+        match = col["match"].astype(bool)
+        check = {"failed": int((~match).sum()), "failed_after_score": int((keep & ~match).sum())}
+        keep &= match
+    threshold = ref["threshold"]
     dup = sim >= threshold
     final = keep & ~dup
-    tbl = t.filter(pa.array(final)).append_column("score", pa.array(scores[final], pa.float32()))
-    with atomic_path(out / "synthetic.parquet") as tmp:
-        pq.write_table(tbl, tmp)
+    if not final.any():
+        raise RuntimeError(f"filter/{variant}: no synthetic image survived filtering ({int(len(final))} generated, "
+                           f"{int(keep.sum())} kept by score, {int(dup.sum())} near-duplicates of real images); "
+                           "check the CLIP model (clip.steps) or raise filter.dedup_threshold")
+
+    # pass 2: each part's kept rows, written by Ray tasks into a folder that replaces the old output whole
+    dst = out / "synthetic.parquet"
+    tmp = out / f".synthetic.parquet.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write = ray.remote(num_cpus=0.5)(write_kept)
+        refs = []
+        for i, p in enumerate(parts):
+            sel = (col["part"] == i) & final
+            if sel.any():
+                refs.append(write.remote(p, col["row"][sel], scores[sel], str(tmp / Path(p).name)))
+        written = sum(ray.get(refs))
+        assert written == int(final.sum()), (written, int(final.sum()))
+        replace_path(tmp, dst)
+    finally:
+        remove_path(tmp)
     stats = {"generated": int(len(final)), "kept_by_score": int(keep.sum()),
              "dedup_threshold": threshold, "near_duplicates_of_real": int(dup.sum()),
              "dropped_as_duplicates_after_score": int((keep & dup).sum()),
              "kept": int(final.sum()), "alpha": cfg.filter.alpha, "keep": cfg.filter.keep,
              **({"bias_check": check} if check is not None else {}),
              "groups_left_empty": int(len(np.unique(groups)) - len(np.unique(groups[final]))),
-             "groups_with_centroid": len(centroids), "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
+             "groups_with_centroid": len(ref["centroids"]),
+             "max_sim_to_real_p99": float(np.quantile(sim, 0.99)) if len(sim) else None}
     if cfg.models.source == "pretrained":
-        # FID/KID of the kept set against the real training images on the pretrained CLIP's features: the embed
-        # stage's embeddings and the ones scored above, nothing encoded twice. With the bootstrap CLIP these
-        # numbers said nothing (FID 0.21 in the demo); generation fidelity (evaluate, class/bias probes on val) is
-        # the measure there.
-        from raydebias.evaluate.fid import fid_kid_features
-
-        stats["fid_kid_clip_features"] = fid_kid_features(real["emb"], emb[final])
-        per_group = {}
-        for g in np.unique(groups[final]):
-            rf, ff = real["emb"][real_groups == g], emb[final & (groups == g)]
-            if len(rf) >= 20 and len(ff) >= 10:
-                per_group[f"{g // B},{g % B}"] = fid_kid_features(rf, ff, kid_subset=min(len(rf), len(ff)))["kid"]
-        stats["kid_per_group_clip_features"] = per_group
+        # With the bootstrap CLIP these numbers said nothing (FID 0.21 in the demo); generation fidelity (evaluate,
+        # class/bias probes on val) is the measure there.
+        stats.update(ray.get(ray.remote(num_cpus=1)(fid_of_kept).remote(real_path, str(dst), B)))
     atomic_write_json(out / "stats.json", stats)
     ctx.log(f"[filter/{variant}] {stats}")
-    if not final.any():
-        raise RuntimeError(f"filter/{variant}: no synthetic image survived filtering ({stats}); check the CLIP "
-                           "model (clip.steps) or raise filter.dedup_threshold")
-    return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "stats.json")], stats)
+    return StageResult([ctx.rel(dst), ctx.rel(out / "stats.json")], stats)

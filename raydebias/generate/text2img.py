@@ -1,7 +1,8 @@
 """``generate`` stage: M images per (y, a) group from the fine-tuned adapters (or the base model), as a Ray Data
-actor pool over prompt batches. Each actor loads the base model once and switches adapters without reloading.
-Every batch is written atomically as its own Parquet file keyed by its row ids, so a killed run resumes by
-generating exactly the missing rows (no duplicates)."""
+actor pool over fixed chunks of the plan. Each actor loads the base model once and switches adapters without
+reloading, and writes each chunk atomically as its own Parquet part named by the chunk's row ids: a killed run
+resumes by generating exactly the missing chunks, and a retried chunk rewrites the same file. The stage's output
+``synthetic.parquet/`` links those parts in plan order; no image passes through the driver."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias._internal.rows import exact_rows
+from raydebias._internal.io import atomic_path, atomic_write_json, atomic_write_table
 from raydebias.generate.plan import plan_rows
 
-ROW_SCHEMA = pa.schema([("row_id", pa.string()), ("label", pa.int64()), ("bias", pa.int64()),
-                        ("cluster", pa.int64()), ("adapter", pa.string()), ("prompt", pa.string()),
-                        ("seed", pa.int64()), ("transferred", pa.bool_()), ("pixels", pa.binary()),
-                        ("embedding", pa.list_(pa.float32()))])
+COLUMNS = ("row_id", "y", "a", "cluster", "adapter", "prompt", "seed", "transferred")
+
+
+def chunk_name(row_ids: list[str]) -> str:
+    """A chunk's part name: a hash of its row ids, so a rerun with the same plan finds its finished parts."""
+    return hashlib.sha1("\n".join(row_ids).encode()).hexdigest()[:16]
 
 
 class GenerateBatch:
@@ -60,7 +62,17 @@ class GenerateBatch:
             self._load(adapter)
         set_active(self.bundle, None if adapter is None else [adapter])
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, chunks: dict) -> dict:
+        """A batch of plan chunks (``rows``: each chunk's rows as JSON) → one Parquet part per chunk."""
+        for rows in chunks["rows"]:
+            rows = json.loads(str(rows))
+            batch = {c: [r[c] for r in rows] for c in COLUMNS}
+            if self.class_guidance_scale is not None:
+                batch["partial_prompt"] = [r["partial_prompt"] for r in rows]
+            self._write(batch)
+        return {"chunk": chunks["chunk"]}
+
+    def _write(self, batch: dict) -> None:
         from raydebias.models.sampling import sample
 
         n = len(batch["row_id"])
@@ -88,36 +100,35 @@ class GenerateBatch:
         imgs = resize_uint8(imgs, self.size)  # the dataset's size, whatever the model's resolution
         emb = self.clip.encode_images(imgs).astype(np.float32)
         pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in imgs]
-        tbl = pa.table({"row_id": [str(r) for r in batch["row_id"]], "label": batch["y"], "bias": batch["a"],
-                        "cluster": batch["cluster"], "adapter": [a or "" for a in adapters],
-                        "prompt": [str(p) for p in batch["prompt"]], "seed": batch["seed"],
-                        "transferred": batch["transferred"], "pixels": pixels, "embedding": list(emb)},
-                       schema=ROW_SCHEMA)
-        name = hashlib.sha1("\n".join(tbl.column("row_id").to_pylist()).encode()).hexdigest()[:16]
-        with atomic_path(self.out_dir / f"part-{name}.parquet") as tmp:
-            pq.write_table(tbl, tmp)
-        return {"row_id": batch["row_id"]}
+        ids = [str(r) for r in batch["row_id"]]
+        tbl = pa.table({"id": ids, "label": pa.array(batch["y"], pa.int64()), "bias": pa.array(batch["a"], pa.int64()),
+                        "transferred": pa.array(batch["transferred"], pa.bool_()), "pixels": pixels,
+                        "embedding": pa.array(list(emb), pa.list_(pa.float32(), emb.shape[1])),
+                        "cluster": pa.array(batch["cluster"], pa.int64()), "adapter": [a or "" for a in adapters],
+                        "prompt": [str(p) for p in batch["prompt"]], "seed": pa.array(batch["seed"], pa.int64())})
+        atomic_write_table(self.out_dir / f"part-{chunk_name(ids)}.parquet", tbl)
 
 
-def existing_rows(rows_dir: Path) -> set[str]:
-    done: set[str] = set()
-    for f in sorted(rows_dir.glob("part-*.parquet")):
-        done.update(pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist())
-    return done
+def plan_chunks(rows: list[dict], batch_size: int) -> list[list[dict]]:
+    """The plan cut into chunks of ``batch_size`` rows, the rows of one adapter together (a chunk switches
+    adapters rarely), in a fixed order: the same plan gives the same chunks, run after run."""
+    rows = sorted(rows, key=lambda r: (r["adapter"] or "", r["row_id"]))
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def load_generated(rows_dir: Path, size: int) -> dict[str, np.ndarray]:
-    from raydebias.data.transforms import pixels_from_column
+def link_parts(parts: list[Path], dst: Path) -> None:
+    """Commit ``parts`` as the folder ``dst`` (``part-<i>.parquet`` in the given order): hard links where the
+    filesystem has them, copies where it does not; ``dst`` is replaced whole."""
+    import os
+    import shutil
 
-    files = sorted(Path(rows_dir).glob("part-*.parquet"))
-    t = pa.concat_tables([pq.read_table(f) for f in files]) if files else ROW_SCHEMA.empty_table()
-    t = t.sort_by("row_id")
-    return {"id": np.asarray(t.column("row_id").to_pylist(), dtype=object),
-            "x": pixels_from_column(t.column("pixels").to_pylist(), size),
-            "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
-            "transferred": t.column("transferred").to_numpy(),
-            "emb": np.asarray(t.column("embedding").to_pylist(), np.float32).reshape(t.num_rows, -1)
-            if t.num_rows else np.zeros((0, 0), np.float32)}
+    with atomic_path(dst) as tmp:
+        tmp.mkdir()
+        for i, p in enumerate(parts):
+            try:
+                os.link(p, tmp / f"part-{i:06d}.parquet")
+            except OSError:
+                shutil.copyfile(p, tmp / f"part-{i:06d}.parquet")
 
 
 def run_generate(ctx, variant: str):
@@ -139,46 +150,37 @@ def run_generate(ctx, variant: str):
     rows = plan_rows(variant, units, tr.column("label").to_numpy(), np.maximum(tr.column("bias").to_numpy(), 0),
                      info["class_names"], info["bias_names"] or ["any"], cfg.data.prompt_template,
                      cfg.finetune.identifier, cfg.generate.images_per_group, cfg.seed)
-    planned = {r.row_id for r in rows}
-    done = existing_rows(rows_dir) & planned
-    todo = [r.as_dict() for r in rows if r.row_id not in done]
-    # rows of one adapter together, so that a batch switches adapters rarely
-    todo.sort(key=lambda r: (r["adapter"] or "", r["row_id"]))
+    chunks = plan_chunks([r.as_dict() for r in rows], cfg.generate.batch_size)
+    names = [chunk_name([r["row_id"] for r in c]) for c in chunks]
+    todo = [(n, c) for n, c in zip(names, chunks) if not (rows_dir / f"part-{n}.parquet").exists()]
+    n_todo = sum(len(c) for _, c in todo)
     ctx.log(f"[generate/{variant}] {len(rows)} rows planned ({cfg.generate.images_per_group} per group), "
-            f"{len(done)} already generated, {len(todo)} to go")
+            f"{len(rows) - n_todo} already generated, {n_todo} to go")
     if todo:
         ctx.ensure_ray()
-        for r in todo:
-            r["adapter"] = r["adapter"] or ""
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // cfg.generate.batch_size))
+        items = [{"chunk": n, "rows": json.dumps([{**r, "adapter": r["adapter"] or ""} for r in c])} for n, c in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         res = ds.map_batches(
             GenerateBatch,
             fn_constructor_args=(str(ctx.run_dir), variant, cfg.generate.num_steps, cfg.generate.guidance_scale,
                                  str(rows_dir), cfg.generate.class_guidance_scale, cfg.generate.mixed_adapters),
-            batch_size=cfg.generate.batch_size,
+            batch_size=1,
             batch_format="numpy",
             # a fixed pool: every actor starts at once (an autoscaling pool from 1 ran most of a short stage on one
             # actor; BENCHMARKS.md, "Many LoRA adapters")
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.generate.num_actors,
-                                                               -(-len(todo) // cfg.generate.batch_size)))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.generate.num_actors, len(items)))),
             num_cpus=cfg.generate.cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_worker or None,
         )
-        n = sum(len(b["row_id"]) for b in res.iter_batches(batch_format="numpy"))
-        ctx.log(f"[generate/{variant}] generated {n} rows")
-    # One canonical file for downstream stages: exactly the planned rows, each once (exact_rows names any missing).
-    gen = load_generated(rows_dir, info["image_size"])
-    keep, repaired = exact_rows(gen["id"], planned)
-    if repaired["duplicates"] or repaired["extra"]:
-        ctx.log(f"[generate/{variant}] dropped {repaired['duplicates']} duplicated rows (a retried batch writes its "
-                f"rows again: same seeds, same images) and {repaired['extra']} rows not in the plan")
-    tbl = pa.table({"id": gen["id"][keep].tolist(), "label": gen["y"][keep], "bias": gen["a"][keep],
-                    "transferred": gen["transferred"][keep],
-                    "pixels": [x.tobytes() for x in gen["x"][keep]],
-                    "embedding": pa.array(list(gen["emb"][keep]), pa.list_(pa.float32(), gen["emb"].shape[1]))})
-    with atomic_path(out / "synthetic.parquet") as tmp:
-        pq.write_table(tbl, tmp)
+        n = sum(len(b["chunk"]) for b in res.iter_batches(batch_format="numpy"))
+        ctx.log(f"[generate/{variant}] generated {n} chunks")
+    # the stage's output: exactly the planned rows, each once, in plan order (footers only are read here)
+    parts = [rows_dir / f"part-{n}.parquet" for n in names]
+    missing = [p.name for p, c in zip(parts, chunks) if not p.exists() or pq.ParquetFile(p).metadata.num_rows != len(c)]
+    if missing:
+        raise RuntimeError(f"generate/{variant}: {len(missing)} chunks missing or incomplete, e.g. {missing[:3]}")
+    link_parts(parts, out / "synthetic.parquet")
     atomic_write_json(out / "plan.json", {"rows": len(rows), "transferred_groups": len({(r.y, r.a) for r in rows if r.transferred}),
                                           "adapters": len(units)})
     return StageResult([ctx.rel(out / "synthetic.parquet"), ctx.rel(out / "plan.json")],
-                       {"rows": len(rows), "generated_now": len(todo), **repaired})
+                       {"rows": len(rows), "generated_now": n_todo})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from typing import Literal
 
@@ -54,13 +53,14 @@ class TwoStageConfig(Block):
 def run_train_generative(ctx, variant: str):
     """The two-stage classifier on the filtered synthetic set of ``variant`` (docs/methods/clustered_dreambooth.md)."""
     from raydebias.debias.train import fit_classifier
+    from raydebias.data.stream import count_rows, parquet_parts
     from raydebias.debias.two_stage import two_stage_phases
 
     cfg = ctx.cfg
     synth = ctx.run_dir / "stages" / "filter" / variant / "synthetic.parquet"  # streamed by the workers
     phases = two_stage_phases(cfg.two_stage)
     return fit_classifier(ctx, variant, phases, extra_data={"synthetic": synth},
-                          summary={"synthetic_rows": pq.ParquetFile(synth).metadata.num_rows})
+                          summary={"synthetic_rows": count_rows(parquet_parts(synth))})
 
 
 def report_sections(variant: str):
