@@ -19,11 +19,17 @@ raylet, GCS, workers and actors) every ``--interval`` seconds. Prints one JSON l
 - per stage: seconds and rows/s (the rows the stage reads: all N for ``data``, the train split's rows × epochs for
   ``train/erm``, val + test for ``evaluate``) and ``wall_s`` of the whole command.
 
+``--filter`` measures the ``filter`` stage instead, on N generated rows: a base run (10,000 real rows, stages
+``data, clip, embed`` with ``clip.steps=100``, built once) and a generated set of N rows (the held-out rows' pixels
+and CLIP embeddings, repeated with a small rotation of each embedding so that no two rows are equal, 256 rows a
+part), then ``run_filter`` in a fresh process, sampled the same way.
+
 ``--impl DIR`` runs the package from another checkout (``git worktree add /tmp/base <commit>``) with this
 interpreter: the baseline in the same session.
 
     python bench/scale.py --rows 10000 40000 160000
     python bench/scale.py --rows 10000 40000 --impl /tmp/base --tag in-memory
+    python bench/scale.py --filter --rows 10000 40000 160000
 """
 
 from __future__ import annotations
@@ -174,6 +180,85 @@ def measure(cmd: list[str], env: dict[str, str], interval: float, log: Path, cwd
             "processes": len(peaks)}
 
 
+FILTER_SETS = ["data.image_size=64", "method=clustered_dreambooth", "baselines=[]", "clip.steps=100"]
+VARIANT = "clustered_dreambooth"
+
+
+def build_filter_run(work: Path, impl: Path, env: dict[str, str], n_generated: int) -> Path:
+    """A run directory whose ``data``, ``clip`` and ``embed`` stages are done on 10,000 real rows (built once) and
+    whose ``generate`` output holds ``n_generated`` rows made from the held-out rows (see the module docstring)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = work / "filter-base"
+    if not (base / "_complete").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        data = build_dataset(work / "data-10000", 10_000)
+        subprocess.run([sys.executable, "-m", "raydebias.cli", "run", str(impl / "configs" / "parquet_dataset.yaml"),
+                        "--run-dir", str(base), "--set", f"data.uri={data}", "--set", "stages=[data, clip, embed]",
+                        *[x for s in FILTER_SETS for x in ("--set", s)]], env=env, cwd=impl, check=True)
+        (base / "_complete").write_text("")
+    run = work / f"filter-run-{n_generated}"
+    if (run / "_complete").exists():
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base / "stages", run / "stages")
+    sys.path.insert(0, str(impl))
+    from raydebias.data.transforms import pixels_from_column
+    from raydebias.embed.stage import load_clip
+
+    info = json.loads((run / "stages" / "data" / "info.json").read_text())
+    held = pa.concat_tables([pq.read_table(run / "stages" / "data" / f"{s}.parquet",
+                                           columns=["label", "bias", "pixels"]) for s in ("val", "test")])
+    emb = load_clip(run).encode_images(pixels_from_column(held.column("pixels").to_pylist(), info["image_size"]))
+    out = run / "stages" / "generate" / VARIANT / "synthetic.parquet"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for p, start in enumerate(range(0, n_generated, 256)):
+        idx = np.arange(start, min(start + 256, n_generated)) % held.num_rows
+        e = emb[idx] + rng.normal(0, 0.05, emb[idx].shape).astype(np.float32)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        t = held.take(pa.array(idx))
+        pq.write_table(pa.table({"id": [f"gen-{start + i:09d}" for i in range(len(idx))], "label": t.column("label"),
+                                 "bias": t.column("bias"), "transferred": pa.array(np.zeros(len(idx), bool)),
+                                 "pixels": t.column("pixels"),
+                                 "embedding": pa.array(list(e), pa.list_(pa.float32(), e.shape[1]))}),
+                       out / f"part-{p:06d}.parquet")
+    (run / "_complete").write_text("")
+    return run
+
+
+FILTER_SCRIPT = """
+import sys
+from raydebias.config import load_config
+from raydebias.core import RunContext
+from raydebias.filter.stage import run_filter
+import time
+cfg = load_config(sys.argv[1], [f"run_dir={sys.argv[2]}", *sys.argv[4:]])
+ctx = RunContext(cfg, log=print)
+ctx.ensure_ray()  # started once per pipeline run: not the stage's cost
+t0 = time.perf_counter()
+run_filter(ctx, sys.argv[3])
+print(f"STAGE_SECONDS {time.perf_counter() - t0:.2f}")
+"""
+
+
+def bench_filter(args, work: Path, impl: Path, env: dict[str, str]) -> None:
+    for n in args.rows:
+        run = build_filter_run(work, impl, env, n)
+        shutil.rmtree(run / "stages" / "filter", ignore_errors=True)
+        cmd = [sys.executable, "-c", FILTER_SCRIPT, str(impl / "configs" / "parquet_dataset.yaml"), str(run), VARIANT,
+               *FILTER_SETS, *args.set]
+        res = measure(cmd, env, args.interval, work / f"log-filter-{args.tag}-{n}.txt", impl)
+        row = {"tag": args.tag, "stage": "filter", "generated": n, **res}
+        if res["rc"] == 0:
+            stats = json.loads((run / "stages" / "filter" / VARIANT / "stats.json").read_text())
+            log = (work / f"log-filter-{args.tag}-{n}.txt").read_text()
+            sec = float(log.split("STAGE_SECONDS ")[1].split()[0])
+            row.update(kept=stats["kept"], filter_s=sec, filter_rows_per_s=round(n / sec, 1))
+        print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 40_000, 160_000])
@@ -183,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--interval", type=float, default=0.25)
     ap.add_argument("--set", action="append", default=[], help="extra --set for the run")
+    ap.add_argument("--filter", action="store_true", help="measure the filter stage on N generated rows")
     args = ap.parse_args(argv)
     work = (ROOT / args.work).resolve()
     impl = Path(args.impl).resolve() if args.impl else ROOT
     env = {**os.environ, "PYTHONPATH": str(impl)}
+    if args.filter:
+        bench_filter(args, work, impl, env)
+        return 0
     for n in args.rows:
         data = build_dataset(work / f"data-{n}", n)
         run_dir = work / f"run-{args.tag}-{n}"

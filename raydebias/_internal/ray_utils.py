@@ -187,3 +187,12 @@ def _local_checkpoint_dir(run: Path) -> Path | None:
         if d.is_dir():
             return d
     return None
+
+
+def items_per_call(n: int) -> int:
+    """Batch size for a Ray Data UDF over ``n`` small work items (Parquet parts): about two calls per CPU of the
+    cluster, so that a few calls share the per-call cost and every CPU still gets work."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, -(-n // max(1, 2 * cpus)))

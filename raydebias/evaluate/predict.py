@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raydebias._internal.io import atomic_write_table
+from raydebias._internal.ray_utils import items_per_call
 from raydebias.data.stream import parquet_parts
 from raydebias.data.transforms import pixels_from_column
 from raydebias.models.classifier import load_classifier, predict
@@ -89,7 +90,7 @@ def predict_parts(ctx, parts: list[tuple[str, str, bool]], model_dirs: dict[str,
                                    "image_size": info["image_size"], "batch_size": cfg.evaluate.batch_size,
                                    "out": {m: str(p) for m, p in out.items()} if out else None,
                                    "with_probs": with_probs, "with_ids": with_ids},
-        batch_size=1, num_cpus=1)
+        batch_size=items_per_call(len(parts)), num_cpus=1)
     cols: dict[str, list] = {}
     with _in_order():
         for b in ds.iter_batches(batch_format="pandas", batch_size=None):

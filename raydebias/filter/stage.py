@@ -1,10 +1,10 @@
 """``filter`` stage: score synthetic images with CLIP, keep the top ``keep`` per group, drop near-duplicates of
 real training images; the kept set is what the classifier trains on.
 
-Two streaming passes over the generated parts, no image on the driver: Ray Data actors (each with the faiss index
-of the real training embeddings, built once) score every row from the embeddings the generate actors stored; the
+Two streaming passes over the generated parts, no image on the driver: Ray Data tasks (each worker process with the
+faiss index of the real training embeddings, built once) score every row from the embeddings the generate actors stored; the
 driver picks the top ``keep`` of every group from the small per-row columns (group, score, bias match, similarity);
-Ray tasks then write each part's kept rows."""
+Ray Data tasks then write each part's kept rows."""
 
 from __future__ import annotations
 
@@ -15,9 +15,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_write_json, atomic_write_table, remove_path, replace_path
+from raydebias._internal.io import (
+    atomic_write_json,
+    atomic_write_table,
+    remove_path,
+    replace_path,
+)
+from raydebias._internal.ray_utils import items_per_call
 from raydebias.data.stream import parquet_parts
-from raydebias.filter.clip_score import bias_match, clip_scores, label_targets, scores_groups, top_q
+from raydebias.filter.clip_score import (
+    bias_match,
+    clip_scores,
+    label_targets,
+    scores_groups,
+    top_q,
+)
 from raydebias.filter.dedup import duplicate_threshold, self_similarity
 
 
@@ -37,46 +49,55 @@ def real_reference(path: str, num_bias: int, min_real: int, threshold: float, qu
     return {"centroids": centroids, "threshold": duplicate_threshold(threshold, self_similarity(emb), quantile)}
 
 
-class ScoreParts:
-    """Ray Data UDF (actors): synthetic parts → per row the CLIP-Score, the zero-shot bias match and the cosine
-    similarity to the nearest real training image. Pixels are never read: the generate actors stored each image's
-    CLIP embedding. The faiss index of the real embeddings is built once per actor."""
+_INDEX: dict[tuple[str, int], object] = {}  # per worker process: the faiss index of the real embeddings
 
-    def __init__(self, real_path: str, label_emb: np.ndarray, per_group: bool, num_bias: int,
-                 centroids: dict[int, np.ndarray], alpha: float, bias_check: bool):
-        import faiss
 
+def _real_index(real_path: str):
+    import faiss
+
+    key = (real_path, Path(real_path).stat().st_mtime_ns)
+    if key not in _INDEX:
+        _INDEX.clear()
         _, _, real = _real_embeddings(real_path)
-        self.index = faiss.IndexFlatIP(real.shape[1])
-        self.index.add(np.ascontiguousarray(real))
-        self.label_emb, self.per_group, self.B = label_emb, per_group, num_bias
-        self.centroids, self.alpha, self.bias_check = centroids, alpha, bias_check
-
-    def __call__(self, batch: dict) -> dict:
-        cols: dict[str, list] = {k: [] for k in ("part", "row", "group", "score", "match", "sim")}
-        for i, part in zip(batch["index"], batch["part"]):
-            t = pq.read_table(str(part), columns=["label", "bias", "embedding"])
-            n = t.num_rows
-            if not n:
-                continue
-            y, a = t.column("label").to_numpy().astype(np.int64), t.column("bias").to_numpy().astype(np.int64)
-            emb = np.ascontiguousarray(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), np.float32)
-            groups = y * self.B + a
-            label_idx = y * self.B + a if self.per_group else y
-            match = bias_match(emb, self.label_emb, y, a, self.B) if self.bias_check else np.ones(n, bool)
-            sims, _ = self.index.search(emb, 1)
-            for k, v in (("part", np.full(n, int(i))), ("row", np.arange(n)), ("group", groups),
-                         ("score", clip_scores(emb, groups, self.label_emb, label_idx, self.centroids, self.alpha)),
-                         ("match", match), ("sim", sims[:, 0])):
-                cols[k].append(v)
-        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+        index = faiss.IndexFlatIP(real.shape[1])
+        index.add(np.ascontiguousarray(real))
+        _INDEX[key] = index
+    return _INDEX[key]
 
 
-def write_kept(part: str, rows: np.ndarray, scores: np.ndarray, dst: str) -> int:
-    """Ray task: the rows ``rows`` of ``part``, with their ``score``, written to ``dst``."""
-    t = pq.read_table(part).take(pa.array(rows, pa.int64()))
-    atomic_write_table(dst, t.append_column("score", pa.array(scores, pa.float32())))
-    return t.num_rows
+def _score_parts(batch: dict, real_path: str, label_emb: np.ndarray, per_group: bool, num_bias: int,
+                 centroids: dict[int, np.ndarray], alpha: float, bias_check: bool) -> dict:
+    """Ray Data UDF (tasks): synthetic parts → per row the CLIP-Score, the zero-shot bias match and the cosine
+    similarity to the nearest real training image. Pixels are never read: the generate actors stored each image's
+    CLIP embedding. The faiss index of the real embeddings is built once per worker process."""
+    index = _real_index(real_path)
+    cols: dict[str, list] = {k: [] for k in ("part", "row", "group", "score", "match", "sim")}
+    for i, part in zip(batch["index"], batch["part"]):
+        t = pq.read_table(str(part), columns=["label", "bias", "embedding"])
+        n = t.num_rows
+        if not n:
+            continue
+        y, a = t.column("label").to_numpy().astype(np.int64), t.column("bias").to_numpy().astype(np.int64)
+        emb = np.ascontiguousarray(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), np.float32)
+        groups = y * num_bias + a
+        label_idx = y * num_bias + a if per_group else y
+        match = bias_match(emb, label_emb, y, a, num_bias) if bias_check else np.ones(n, bool)
+        sims, _ = index.search(emb, 1)
+        for k, v in (("part", np.full(n, int(i))), ("row", np.arange(n)), ("group", groups),
+                     ("score", clip_scores(emb, groups, label_emb, label_idx, centroids, alpha)),
+                     ("match", match), ("sim", sims[:, 0])):
+            cols[k].append(v)
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+
+
+def _write_kept(batch: dict) -> dict:
+    """Ray Data UDF (tasks): for each part, its kept ``rows`` with their ``scores``, written to ``dst``."""
+    n = []
+    for part, rows, scores, dst in zip(batch["part"], batch["rows"], batch["scores"], batch["dst"]):
+        t = pq.read_table(str(part)).take(pa.array(np.asarray(rows, np.int64)))
+        atomic_write_table(str(dst), t.append_column("score", pa.array(np.asarray(scores, np.float32))))
+        n.append(t.num_rows)
+    return {"rows": np.asarray(n, np.int64)}
 
 
 def fid_of_kept(real_path: str, kept: str, num_bias: int) -> dict:
@@ -109,6 +130,9 @@ def run_filter(ctx, variant: str):
     parts = parquet_parts(ctx.run_dir / "stages" / "generate" / variant / "synthetic.parquet")
     real_path = str(ctx.run_dir / "stages" / "embed" / "train.parquet")
     B = info["num_bias"] or 1
+    # centroids and the duplicate threshold from the real embeddings, in a Ray task while the driver encodes texts
+    ref = ray.remote(num_cpus=1)(real_reference).remote(
+        real_path, B, cfg.filter.min_real_for_centroid, cfg.filter.dedup_threshold, cfg.filter.dedup_real_quantile)
     ya = pa.concat_tables([pq.read_table(p, columns=["label", "bias"]) for p in parts])
     y, a = ya.column("label").to_numpy(), ya.column("bias").to_numpy()
     texts, _ = label_targets(cfg.filter.label_prompt, info["class_names"], info.get("bias_names"), y, a)
@@ -117,21 +141,19 @@ def run_filter(ctx, variant: str):
     check = None
     if cfg.filter.bias_check and (not info.get("bias_names") or not len(a) or (a < 0).any()):
         check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
-    ref = ray.get(ray.remote(num_cpus=1)(real_reference).remote(
-        real_path, B, cfg.filter.min_real_for_centroid, cfg.filter.dedup_threshold, cfg.filter.dedup_real_quantile))
+    ref = ray.get(ref)
 
-    # pass 1: per-row scores by an actor pool, one part per call; the driver gets the small columns
-    ds = ray.data.from_items([{"index": i, "part": p} for i, p in enumerate(parts)],
-                             override_num_blocks=max(1, len(parts))).map_batches(
-        ScoreParts, batch_size=1, batch_format="numpy",
-        fn_constructor_args=(real_path, label_emb, per_group, B, ref["centroids"], cfg.filter.alpha,
-                             bool(cfg.filter.bias_check and check is None)),
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.embed.num_actors, len(parts)))),
-        num_cpus=cfg.embed.cpus_per_actor)
+    # pass 1: per-row scores by Ray Data tasks; the driver gets the small columns
+    ds = ray.data.from_items([{"index": i, "part": p} for i, p in enumerate(parts)]).map_batches(
+        _score_parts, batch_size=items_per_call(len(parts)), batch_format="numpy", num_cpus=1,
+        fn_kwargs={"real_path": real_path, "label_emb": label_emb, "per_group": per_group, "num_bias": B,
+                   "centroids": ref["centroids"], "alpha": cfg.filter.alpha,
+                   "bias_check": bool(cfg.filter.bias_check and check is None)})
     batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
     col = {k: np.concatenate([b[k] for b in batches]) for k in ("part", "row", "group", "score", "match", "sim")}
-    order = np.lexsort((col["row"], col["part"]))  # the parts' row order, whatever order the actors finished in
+    order = np.lexsort((col["row"], col["part"]))  # the parts' row order, whatever order the tasks finished in
     col = {k: v[order] for k, v in col.items()}
+    col["part"], col["row"] = col["part"].astype(np.int64), col["row"].astype(np.int64)
     groups, scores, sim = col["group"].astype(np.int64), col["score"].astype(np.float32), col["sim"]
     keep = top_q(scores, groups, cfg.filter.keep)
     if cfg.filter.bias_check and check is None:
@@ -146,19 +168,22 @@ def run_filter(ctx, variant: str):
                            f"{int(keep.sum())} kept by score, {int(dup.sum())} near-duplicates of real images); "
                            "check the CLIP model (clip.steps) or raise filter.dedup_threshold")
 
-    # pass 2: each part's kept rows, written by Ray tasks into a folder that replaces the old output whole
+    # pass 2: each part's kept rows, written by Ray Data tasks into a folder that replaces the old output whole
     dst = out / "synthetic.parquet"
     tmp = out / f".synthetic.parquet.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write = ray.remote(num_cpus=0.5)(write_kept)
-        refs = []
+        items = []
         for i, p in enumerate(parts):
             sel = (col["part"] == i) & final
             if sel.any():
-                refs.append(write.remote(p, col["row"][sel], scores[sel], str(tmp / Path(p).name)))
-        written = sum(ray.get(refs))
-        assert written == int(final.sum()), (written, int(final.sum()))
+                items.append({"part": p, "rows": col["row"][sel].tolist(), "scores": scores[sel].tolist(),
+                              "dst": str(tmp / Path(p).name)})
+        written = sum(int(b["rows"].sum()) for b in ray.data.from_items(items).map_batches(
+            _write_kept, batch_size=items_per_call(len(items)), batch_format="numpy", num_cpus=1).iter_batches(
+            batch_format="numpy", batch_size=None))
+        if written != int(final.sum()):
+            raise RuntimeError(f"filter/{variant}: {written} rows written, {int(final.sum())} kept")
         replace_path(tmp, dst)
     finally:
         remove_path(tmp)
