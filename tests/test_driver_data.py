@@ -20,7 +20,6 @@ WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "
 NOT_YET_STREAMED = {
     ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
     ("diffusion/base.py", "train_task"),
-    ("embed/stage.py", "run_clip"),  # the bootstrap CLIP trainer
     ("evaluate/fidelity.py", "measure_run"),  # fidelity probes and CAS
     ("evaluate/report.py", "_pixels"),  # the report's sample grids
     ("evaluate/report.py", "render_report"),

@@ -3,8 +3,10 @@ the train split through a Ray Data actor pool, written to Parquet)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,9 +36,52 @@ def load_clip(run_dir: Path):
     return create_clip(ClipModelConfig(**spec["config"]), "pretrained", spec["image_size"])
 
 
-def run_clip(ctx):
-    from raydebias.data.splits import load_split
+def part_batches(files: list[str], image_size: int, buffer_rows: int, seed: int) -> Callable[[int], Iterator]:
+    """A batch source for :func:`train_bootstrap_clip` that streams the Parquet parts ``files``: epoch after epoch,
+    each row once per epoch, shuffled through a buffer of ``buffer_rows`` rows (``data/stream.py``); a last
+    batch smaller than the batch size is dropped (the in-memory sampler starts a new permutation there too)."""
+    from raydebias.data.stream import PartSet, stream_epoch
+
+    data = PartSet.open(files, bias=False)
+
+    def batches(batch_size: int) -> Iterator:
+        for epoch in itertools.count():
+            for idx, x in stream_epoch(data, np.ones(len(data.y), np.int64), image_size, batch_size,
+                                       buffer_rows, [seed, epoch]):
+                if len(idx) == batch_size:
+                    yield idx, x
+
+    return batches
+
+
+def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
+    """Ray task: the bootstrap CLIP trained on the train split's (image, caption) pairs, streamed from its
+    Parquet parts; saved under ``out``. Captions are made from the labels, the only columns read whole."""
+    import torch
+
+    from raydebias.data.stream import PartSet, parquet_parts
     from raydebias.models.clip import captions_for, create_clip, train_bootstrap_clip
+
+    torch.set_num_threads(1)  # measured: 1 thread beats 2 for this tiny model on a loaded 2-core machine
+    cfg = RunConfig.model_validate_json(cfg_json)
+    files = parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet")
+    labels = PartSet.open(files)
+    caps = captions_for(labels.y, labels.a if info["num_bias"] is not None else None, info["class_names"],
+                        info["bias_names"], cfg.data.prompt_template)
+    row_bytes = info["image_size"] ** 2 * 3
+    source = part_batches(files, info["image_size"], max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // row_bytes)),
+                          cfg.seed)
+    enc = create_clip(cfg.models.clip, "bootstrap", info["image_size"])
+    summary = train_bootstrap_clip(enc, source, caps, steps=cfg.clip.steps, batch_size=cfg.clip.batch_size,
+                                   lr=cfg.clip.lr, seed=cfg.seed, log=print)
+    with atomic_path(out) as tmp:
+        enc.save(tmp)
+    return summary
+
+
+def run_clip(ctx):
+    import ray
+
     from raydebias.core import StageResult
 
     cfg = ctx.cfg
@@ -46,17 +91,9 @@ def run_clip(ctx):
     outputs = [ctx.rel(out / "clip.json")]
     summary = {}
     if cfg.models.source == "bootstrap":
-        import torch
-
-        torch.set_num_threads(1)  # measured: 1 thread beats 2 for this tiny model on a loaded 2-core machine
-        tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-        caps = captions_for(tr["y"], tr["a"] if info["num_bias"] is not None else None, info["class_names"],
-                            info["bias_names"], cfg.data.prompt_template)
-        enc = create_clip(cfg.models.clip, "bootstrap", info["image_size"])
-        summary = train_bootstrap_clip(enc, tr["x"], caps, steps=cfg.clip.steps, batch_size=cfg.clip.batch_size,
-                                       lr=cfg.clip.lr, seed=cfg.seed, log=ctx.log)
-        with atomic_path(out / "model") as tmp:
-            enc.save(tmp)
+        ctx.ensure_ray()
+        task = ray.remote(num_cpus=1, num_gpus=cfg.ray.num_gpus_per_worker or 0)(train_clip_task)
+        summary = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), info, str(out / "model")))
         outputs.append(ctx.rel(out / "model"))
         ctx.log(f"[clip] bootstrap CLIP trained: {summary}")
     atomic_write_json(out / "clip.json", spec)

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import open_clip
@@ -378,9 +378,23 @@ def clip_loss(encoder: ClipEncoder, pixels: np.ndarray, captions: Sequence[str])
         return float(_contrastive_step(encoder, encoder.preprocess(pixels), tokens, idx, open_clip.ClipLoss()))
 
 
+def array_batches(pixels: np.ndarray, batch_size: int, gen: torch.Generator) -> Iterator[tuple[np.ndarray, Any]]:
+    """Endless ``(row indices, images)`` batches of ``batch_size`` rows from an in-memory array: a fresh seeded
+    permutation whenever the current one has fewer than ``batch_size`` rows left."""
+    px = torch.from_numpy(np.ascontiguousarray(pixels))
+    n = len(px)
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    while True:
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        yield idx.numpy(), px[idx]
+
+
 def train_bootstrap_clip(
     encoder: ClipEncoder,
-    pixels: np.ndarray,
+    pixels: np.ndarray | Callable[[int], Iterator[tuple[np.ndarray, Any]]],
     captions: Sequence[str],
     steps: int = 300,
     batch_size: int = 128,
@@ -392,12 +406,16 @@ def train_bootstrap_clip(
     """Contrastive training (open_clip ``ClipLoss``, learnable logit scale, AdamW with warmup + cosine decay,
     random shifts of up to ``max_shift`` px, default ~1/16 of the image side) on (image, caption) pairs.
 
+    ``pixels``: the images as one uint8 NHWC array, or a function ``batch_size → endless iterator of (row indices,
+    images)`` that streams them (``captions[i]`` is row i's caption either way).
+
     Returns ``loss_first``/``loss_last`` (mean loss over the first/last ``k = clip(steps // 10, 1, 10)`` steps),
     ``steps`` and ``seconds``.
     """
-    if len(pixels) != len(captions):
-        raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
-    if len(pixels) < 2:
+    n = len(captions)
+    if not callable(pixels) and len(pixels) != n:
+        raise ValueError(f"{len(pixels)} images but {n} captions")
+    if n < 2:
         raise ValueError("contrastive training needs at least 2 images")
     model = encoder.model
     dev = encoder.device
@@ -406,8 +424,8 @@ def train_bootstrap_clip(
     pos = {c: i for i, c in enumerate(uniq)}
     tokens = encoder.tokenize(uniq)
     cap_idx = torch.tensor([pos[c] for c in captions], dtype=torch.long)
-    px = torch.from_numpy(np.ascontiguousarray(pixels))
-    n, bs = len(px), min(batch_size, len(px))
+    bs = min(batch_size, n)
+    batches = pixels(bs) if callable(pixels) else array_batches(pixels, bs, gen)
     shift = max(1, encoder.image_size[0] // 16) if max_shift is None else max_shift
 
     decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in nm]
@@ -427,17 +445,13 @@ def train_bootstrap_clip(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     loss_fn = open_clip.ClipLoss()
     losses: list[float] = []
-    perm, cursor = torch.randperm(n, generator=gen), 0
     t0 = time.perf_counter()
     model.train()
     try:
         for step in range(steps):
-            if cursor + bs > n:
-                perm, cursor = torch.randperm(n, generator=gen), 0
-            idx = perm[cursor : cursor + bs]
-            cursor += bs
-            images = _random_shift(encoder.preprocess(px[idx]), shift, gen)
-            loss = _contrastive_step(encoder, images, tokens, cap_idx[idx].to(dev), loss_fn)
+            idx, x = next(batches)
+            images = _random_shift(encoder.preprocess(torch.as_tensor(x)), shift, gen)
+            loss = _contrastive_step(encoder, images, tokens, cap_idx[torch.as_tensor(idx)].to(dev), loss_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
