@@ -20,10 +20,8 @@ WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "
 NOT_YET_STREAMED = {
     ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
     ("diffusion/base.py", "train_task"),
-    ("evaluate/fidelity.py", "measure_run"),  # fidelity probes and CAS
     ("evaluate/report.py", "_pixels"),  # the report's sample grids
     ("evaluate/report.py", "render_report"),
-    ("evaluate/stage.py", "run_evaluate"),  # the fidelity probes' val/test arrays (only with synthetic sets)
     ("finetune/stage.py", "_train_pack"),  # per-cluster DreamBooth-LoRA images (one Ray task per pack)
     ("finetune/stage.py", "_train_unit"),
     ("methods/diffinject.py", "inject_task"),

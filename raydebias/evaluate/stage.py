@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from raydebias._internal.io import atomic_write_json, replace_path
-from raydebias.data.splits import load_split
 from raydebias.evaluate.predict import predict_splits
 from raydebias.models.classifier import load_classifier
 from raydebias.evaluate import metrics as M
@@ -61,7 +60,6 @@ def run_evaluate(ctx):
 
     cfg = ctx.cfg
     info = ctx.data_info
-    data_dir = ctx.run_dir / "stages" / "data"
     out = ctx.stage_dir("evaluate")
     torch.set_num_threads(max(1, (cfg.ray.num_cpus or 2)))
     num_groups = info["num_classes"] * (info["num_bias"] or 1)
@@ -116,19 +114,21 @@ def run_evaluate(ctx):
         if m.evaluate is not None and m.evaluate not in done:
             done.add(m.evaluate)
             report.update(m.evaluate(ctx, info))
-    # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods
-    from raydebias.evaluate.fidelity import measure_run, synthetic_sets
+    # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods, in a
+    # Ray task that streams val, test and the sets from their parts
+    from raydebias.evaluate.fidelity import measure_task, synthetic_sets
 
     fidelity = None
     sets = synthetic_sets(ctx.methods)
     if cfg.evaluate.fidelity and sets:
-        splits = {s: load_split(data_dir / f"{s}.parquet", info["image_size"]) for s in ("val", "test")}
-        # only DiffInject's target (the style row's bias) reads the train split
-        needs_train = any(st["target"] == "style" for st in sets)
-        train = load_split(data_dir / "train.parquet", info["image_size"]) if needs_train else None
-        fidelity = measure_run(ctx.run_dir, ctx.methods, info, splits["val"], splits["test"], cfg.models.classifier,
-                               train=train, seed=cfg.seed, epochs=cfg.evaluate.fidelity_epochs, log=ctx.log,
-                               probe_members=cfg.evaluate.fidelity_probes)
+        import ray
+
+        ctx.ensure_ray()
+        threads = max(1, min(int(cfg.ray.num_cpus or 2), int(ray.cluster_resources().get("CPU", 1))))
+        task = ray.remote(num_cpus=threads, num_gpus=0)(measure_task)
+        fidelity, lines = ray.get(task.remote(str(ctx.run_dir), sets, info, cfg.model_dump_json(), threads))
+        for line in lines:
+            ctx.log(line)
     if fidelity:
         report.setdefault("generation", {})["fidelity"] = fidelity
         for r in rows:  # the set each classifier trained on, in its row

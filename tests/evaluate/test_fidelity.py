@@ -128,3 +128,26 @@ def test_every_generating_method_has_a_measured_set():
 
     names = {s["method"] for s in synthetic_sets([get_method(m) for m in METHODS])}
     assert names == set(METHODS) - {"erm", "groupdro", "diffusing_debias_lff"} | {"diffusing_debias"}
+
+
+def _stream(data, split, tmp_path, rows_per_part=23):
+    from raydebias.data.stream import PartSet, write_parts
+
+    d = data[split]
+    ps = PartSet.open(write_parts(tmp_path / f"{split}.parquet", d, rows_per_part=rows_per_part))
+    return {"x": ps, "y": ps.y, "a": ps.a}
+
+
+def test_streamed_sets_give_the_array_predictions_and_probes_as_good(data, probes, tmp_path):
+    """The evaluate stage streams val, test and the synthetic sets from Parquet parts: predictions on a stream equal
+    those on the array, and probes trained on the streamed val (other batches: shuffle buffer) read test as well
+    as the array-trained ones, within a few images."""
+    te = _stream(data, "test", tmp_path)
+    info = {**data["info"], "image_size": data["test"]["x"].shape[1]}
+    np.testing.assert_array_equal(predict_labels(probes.class_probe, te["x"], image_size=info["image_size"]),
+                                  predict_labels(probes.class_probe, data["test"]["x"]))
+    streamed = train_probes(_stream(data, "val", tmp_path), te, info, CFG, epochs=8)
+    assert streamed.accuracy["class"] > 0.5 and streamed.accuracy["bias"] > 0.9
+    assert abs(streamed.accuracy["class"] - probes.accuracy["class"]) <= 0.2, (streamed.accuracy, probes.accuracy)
+    res = group_fidelity(streamed, te["x"], te["y"], te["a"])
+    assert res["class_fidelity"] == pytest.approx(streamed.accuracy["class"])
