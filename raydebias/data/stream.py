@@ -192,3 +192,36 @@ def iter_parts(data: PartSet, image_size: int) -> Iterator[tuple[np.ndarray, np.
     """Every row once, in order: ``(row indices, uint8 NHWC pixels)`` a part at a time (evaluation)."""
     for p, off in enumerate(data.offsets):
         yield off + np.arange(data.rows[p]), data.read_pixels(p, image_size)
+
+
+def take_rows(path: str | Path, rows: np.ndarray, image_size: int) -> tuple[pa.Table, np.ndarray]:
+    """The rows at positions ``rows`` (in the set's part order) of a Parquet set, in the order given: the table
+    without its pixel column, and the decoded pixels. Only the parts holding them are read, one at a time."""
+    files = parquet_parts(path)
+    offsets = np.cumsum([0, *(pq.ParquetFile(f).metadata.num_rows for f in files)])
+    rows = np.asarray(rows, np.int64)
+    uniq, back = np.unique(rows, return_inverse=True)
+    tables = []
+    for i, f in enumerate(files):
+        sel = uniq[(uniq >= offsets[i]) & (uniq < offsets[i + 1])]
+        if len(sel):
+            tables.append(pq.read_table(f).take(pa.array(sel - offsets[i])))
+    if len(uniq) and sum(t.num_rows for t in tables) != len(uniq):
+        raise IndexError(f"rows out of range for {path} ({offsets[-1]} rows)")
+    if not tables:
+        t = pq.read_schema(files[0]).empty_table() if files else pa.table({"pixels": pa.array([], pa.binary())})
+        return t.drop_columns(["pixels"]), np.zeros((0, image_size, image_size, 3), np.uint8)
+    t = pa.concat_tables(tables).take(pa.array(back))
+    return t.drop_columns(["pixels"]), pixels_from_column(t.column("pixels").to_pylist(), image_size)
+
+
+def read_columns(path: str | Path, columns: list[str]) -> pa.Table:
+    """Small columns of every row of a Parquet set, in part order (never the pixels)."""
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_parts(path)])
+
+
+def first_per_group(y: np.ndarray, a: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first ``k`` rows of every (y, a) pair, in row order."""
+    keys = np.asarray(y, np.int64) * (int(np.max(a, initial=0)) + 1) + np.asarray(a, np.int64)
+    picked = [np.flatnonzero(keys == g)[:k] for g in np.unique(keys)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)

@@ -168,13 +168,16 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, per_row: int = 10
     return _png(fig)
 
 
-def _pixels(path: Path, info: dict):
-    import pyarrow.parquet as pq
+def group_samples(path: Path, info: dict, per_group: int, bias: str | None = "bias"):
+    """The first ``per_group`` rows of every (label, ``bias``) group of a Parquet set (every class with
+    ``bias=None``): ``(table without pixels, pixels)``. Only the small columns and the parts holding the chosen
+    rows are read."""
+    from raydebias.data.stream import first_per_group, read_columns, take_rows
 
-    from raydebias.data.transforms import pixels_from_column
-
-    t = pq.read_table(path)
-    return t, pixels_from_column(t.column("pixels").to_pylist(), info["image_size"])
+    t = read_columns(path, ["label", *([bias] if bias else [])])
+    y = t.column("label").to_numpy()
+    a = t.column(bias).to_numpy() if bias else np.zeros(len(y), np.int64)
+    return take_rows(path, first_per_group(y, np.maximum(a, 0), per_group), info["image_size"])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -242,8 +245,6 @@ def _count_table(counts: list[list[int]], info: dict) -> str:
 
 def render_report(run_dir: Path, samples_per_group: int = 1, methods: list | None = None) -> str:
     """The HTML report; ``methods`` (registered declarations) add their own sections."""
-    from raydebias.data.splits import load_split
-
     report = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "stages" / "data" / "info.json").read_text())
     rows = report["rows"]
@@ -267,8 +268,9 @@ def render_report(run_dir: Path, samples_per_group: int = 1, methods: list | Non
     parts.append(fidelity_section(report, info))
     if info["num_bias"] is not None and rows and rows[0].get("per_group"):
         parts.append(f"<h2>Per-group test accuracy</h2><img src='{accuracy_bars(rows, info)}'>")
-        tr = load_split(run_dir / "stages" / "data" / "train.parquet", info["image_size"])
-        parts.append(f"<h2>Samples per group</h2><img src='{sample_grid(tr['x'], tr['y'], tr['a'], info, samples_per_group)}'>")
+        t, x = group_samples(run_dir / "stages" / "data" / "train.parquet", info, samples_per_group)
+        grid = sample_grid(x, t.column("label").to_numpy(), t.column("bias").to_numpy(), info, samples_per_group)
+        parts.append(f"<h2>Samples per group</h2><img src='{grid}'>")
         done = set()
         for m in methods or []:  # each method's own sections, from its declaration (once per function)
             if m.report is not None and m.report not in done:

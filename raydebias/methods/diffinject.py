@@ -210,16 +210,22 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     """Style / content / injected image rows, mining and synthesis statistics."""
 
 
-    from raydebias.evaluate.report import _pixels, image_rows, kv_table
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from raydebias.data.stream import count_rows, parquet_parts, read_columns, take_rows
+    from raydebias.evaluate.report import image_rows, kv_table
 
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if (st / "inject" / "synthetic.parquet").exists() and "inject" in gen:
-        tr_t, tr_x = _pixels(st / "data" / "train.parquet", info)
-        row = {i: k for k, i in enumerate(tr_t.column("id").to_pylist())}
-        t, x = _pixels(st / "inject" / "synthetic.parquet", info)
-        n = min(10, t.num_rows)
-        styles = tr_x[[row[i] for i in t.column("style_id").to_pylist()[:n]]]
-        contents = tr_x[[row[i] for i in t.column("content_id").to_pylist()[:n]]]
+        path = st / "inject" / "synthetic.parquet"
+        n = min(10, count_rows(parquet_parts(path)))
+        t, x = take_rows(path, np.arange(n), info["image_size"])
+        train_ids = read_columns(st / "data" / "train.parquet", ["id"]).column("id")
+        wanted = pa.concat_arrays([t.column("style_id").combine_chunks(), t.column("content_id").combine_chunks()])
+        pos = pc.index_in(wanted, value_set=train_ids).to_numpy(zero_copy_only=False)
+        _, both = take_rows(st / "data" / "train.parquet", pos.astype(np.int64), info["image_size"])
+        styles, contents = both[:n], both[n:]
         grid = image_rows([("style (aligned)", styles), ("content (mined)", contents), ("injected", x[:n])],
                           "DiffInject: content h-space injected into style images (label = content's)")
         parts.append("<h3>DiffInject</h3><p>mining</p>" + kv_table(gen.get("mine", {}))

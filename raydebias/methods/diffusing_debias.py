@@ -163,14 +163,15 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     """Bias-amplified samples, and how well the amplifier's errors find the bias-conflicting training rows."""
     import html
 
-    from raydebias.evaluate.report import _fmt, _pixels, sample_grid
+    from raydebias.evaluate.report import _fmt, group_samples, sample_grid
 
     parts = []
     apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
     if apath.exists():  # Diffusing DeBias: bias-amplified samples and how well the amplifier finds conflicts
-        t, sx = _pixels(apath, info)
-        grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info,
-                           min(8, samples_per_group * 8), title="diffusing_debias: class-conditional samples")
+        k = min(8, samples_per_group * 8)
+        t, sx = group_samples(apath, info, k, bias=None)
+        grid = sample_grid(sx, t.column("label").to_numpy(), np.zeros(t.num_rows, np.int64), info, k,
+                           title="diffusing_debias: class-conditional samples")
         parts.append(f"<h3>Diffusing DeBias: bias-amplified synthetic samples</h3><img src='{grid}'>")
     det = report.get("bias_detection")
     if det:

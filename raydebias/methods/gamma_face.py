@@ -131,14 +131,18 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     """The BIC curve, the chosen K and images per component."""
 
 
-    from raydebias.evaluate.report import _pixels, _png, image_rows, kv_table
+    from raydebias.data.stream import read_columns, take_rows
+    from raydebias.evaluate.report import _png, image_rows, kv_table
 
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
         from raydebias.generate.gmm import bic_plot
 
         bic = json.loads((st / "gmm" / "bic.json").read_text())
-        t, x = _pixels(st / "gmm" / "generated.parquet", info)
+        path = st / "gmm" / "generated.parquet"
+        comp_all = read_columns(path, ["component"]).column("component").to_numpy()
+        t, x = take_rows(path, np.concatenate([np.flatnonzero(comp_all == k)[:10] for k in range(bic["chosen"])]
+                                              + [np.zeros(0, np.int64)]), info["image_size"])
         comp = t.column("component").to_numpy()
         grid = image_rows([(f"component {k}", x[comp == k][:10]) for k in range(bic["chosen"])],
                           "GAMMA-FACE: images generated equally from each GMM component")

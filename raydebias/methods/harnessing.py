@@ -70,14 +70,14 @@ def report_sections(variant: str):
     def sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
         import html
 
-        from raydebias.evaluate.report import _cluster_table, _fmt, _pixels, fidelity_heatmaps, sample_grid
+        from raydebias.evaluate.report import _cluster_table, _fmt, fidelity_heatmaps, group_samples, sample_grid
 
         parts = []
         rows = [r for r in report["rows"] if r["method"] == variant]
         for r in rows:
             fpath = run_dir / "stages" / "filter" / r["method"] / "synthetic.parquet"
             if fpath.exists():
-                t, sx = _pixels(fpath, info)
+                t, sx = group_samples(fpath, info, samples_per_group)
                 grid = sample_grid(sx, t.column("label").to_numpy(), t.column("bias").to_numpy(), info,
                                    samples_per_group, title=f"{r['method']}: kept synthetic samples per group")
                 stats = json.loads((run_dir / "stages" / "filter" / r["method"] / "stats.json").read_text())

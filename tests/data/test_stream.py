@@ -91,3 +91,22 @@ def test_a_set_can_ignore_its_bias_column_and_keep_only_the_rows_a_column_select
     idx = np.concatenate([b for b, _ in batches])
     assert sorted(idx.tolist()) == [1, 1, 2]
     assert all((xb[:, 0, 0, 0] == 2 * b).all() for b, xb in batches)
+
+
+def test_take_rows_reads_the_asked_rows_in_the_asked_order(tmp_path):
+    from raydebias.data.stream import first_per_group, read_columns, take_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
+    y, a = np.arange(30) % 3, (np.arange(30) // 3) % 2
+    write_parts(tmp_path / "s.parquet", {"x": x, "y": y, "a": a}, rows_per_part=7)
+    t, px = take_rows(tmp_path / "s.parquet", np.array([29, 0, 8, 8]), 4)
+    assert np.array_equal(px, x[[29, 0, 8, 8]]) and t.column("label").to_pylist() == y[[29, 0, 8, 8]].tolist()
+    assert "pixels" not in t.column_names
+    with pytest.raises(IndexError):
+        take_rows(tmp_path / "s.parquet", np.array([30]), 4)
+    small = read_columns(tmp_path / "s.parquet", ["label", "bias"])
+    first = first_per_group(small.column("label").to_numpy(), small.column("bias").to_numpy(), 2)
+    want = sorted(i for g in {(yy, aa) for yy, aa in zip(y, a)}
+                  for i in [j for j in range(30) if (y[j], a[j]) == g][:2])
+    assert first.tolist() == want
