@@ -20,8 +20,6 @@ WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "
 NOT_YET_STREAMED = {
     ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
     ("diffusion/base.py", "train_task"),
-    ("finetune/stage.py", "_train_pack"),  # per-cluster DreamBooth-LoRA images (one Ray task per pack)
-    ("finetune/stage.py", "_train_unit"),
     ("methods/diffinject.py", "inject_task"),
     ("methods/diffinject.py", "run_inject"),
     ("methods/gamma_face.py", "gmm_task"),

@@ -225,3 +225,18 @@ def first_per_group(y: np.ndarray, a: np.ndarray, k: int) -> np.ndarray:
     keys = np.asarray(y, np.int64) * (int(np.max(a, initial=0)) + 1) + np.asarray(a, np.int64)
     picked = [np.flatnonzero(keys == g)[:k] for g in np.unique(keys)]
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def take_ids(path: str | Path, ids: list[str], image_size: int) -> tuple[pa.Table, np.ndarray]:
+    """The rows whose ``id`` is in ``ids``, in the set's order: the table without pixels, and the decoded pixels.
+    Each part's id column is read; pixels only from the parts that hold a wanted row."""
+    wanted = pa.array(list(ids), pa.string())
+    tables = []
+    for f in parquet_parts(path):
+        mask = pc.is_in(pq.read_table(f, columns=["id"]).column("id"), value_set=wanted)
+        if pc.any(mask).as_py():
+            tables.append(pq.read_table(f).filter(mask))
+    if not tables:
+        return pa.table({"id": pa.array([], pa.string())}), np.zeros((0, image_size, image_size, 3), np.uint8)
+    t = pa.concat_tables(tables)
+    return t.drop_columns(["pixels"]), pixels_from_column(t.column("pixels").to_pylist(), image_size)

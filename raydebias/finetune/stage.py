@@ -30,20 +30,15 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     """One adapter (runs as a Ray task): load the base model, train the LoRA on the unit's images, save."""
     import time
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import torch
 
-    from raydebias.data.transforms import pixels_from_column
+    from raydebias.data.stream import take_ids
     from raydebias.diffusion.base import load_base
     from raydebias.finetune.dreambooth_lora import save_lora, train_lora
 
     torch.set_num_threads(1)
     t0 = time.time()
-    tbl = pq.read_table(Path(run_dir) / "stages" / "data" / "train.parquet")
-    tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=pa.array(unit["ids"])))
-    pixels = pixels_from_column(tbl.column("pixels").to_pylist(), image_size)
+    _, pixels = take_ids(Path(run_dir) / "stages" / "data" / "train.parquet", unit["ids"], image_size)
     bundle = load_base(Path(run_dir))
     prior = None
     if ft["prior_preservation"]:
@@ -68,23 +63,22 @@ def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size
     each saved to its folder."""
     import time
 
-    import pyarrow.parquet as pq
     import torch
 
-    from raydebias.data.transforms import pixels_from_column
+    from raydebias.data.stream import take_ids
     from raydebias.diffusion.base import load_base
     from raydebias.finetune.dreambooth_lora import save_lora
     from raydebias.finetune.multi_lora import train_loras_batched
 
     torch.set_num_threads(max(1, int(ft["cpus_per_task"])))
     t0 = time.time()
-    tbl = pq.read_table(Path(run_dir) / "stages" / "data" / "train.parquet", columns=["id", "pixels"])
-    row = {i: k for k, i in enumerate(tbl.column("id").to_pylist())}
-    pixels = tbl.column("pixels").to_pylist()
+    # the pack's images only (set order, as _train_unit reads them: the same batches)
+    t, pixels = take_ids(Path(run_dir) / "stages" / "data" / "train.parquet",
+                         sorted({i for u in units for i in u["ids"]}), image_size)
+    ids = np.asarray(t.column("id").to_pylist(), dtype=object)
     jobs = []
     for u in units:
-        px = pixels_from_column([pixels[k] for k in sorted(row[i] for i in u["ids"])], image_size)  # table order,
-        # as _train_unit reads them: the same batches
+        px = pixels[np.isin(ids, u["ids"])]
         jobs.append({"name": u["name"], "pixels": px, "prompts": [u["prompt"]] * len(px), "seed": seed})
     bundle = load_base(Path(run_dir))
     stats = train_loras_batched(bundle, jobs, steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],

@@ -110,3 +110,21 @@ def test_take_rows_reads_the_asked_rows_in_the_asked_order(tmp_path):
     want = sorted(i for g in {(yy, aa) for yy, aa in zip(y, a)}
                   for i in [j for j in range(30) if (y[j], a[j]) == g][:2])
     assert first.tolist() == want
+
+
+def test_take_ids_reads_the_rows_with_the_asked_ids_in_set_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydebias.data.stream import take_ids
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+    files = write_parts(tmp_path / "s.parquet", {"x": x, "y": np.arange(20) % 2}, rows_per_part=6)
+    for i, f in enumerate(files):  # ids r0..r19 in set order
+        t = pq.read_table(f)
+        pq.write_table(t.append_column("id", pa.array([f"r{6 * i + k}" for k in range(t.num_rows)])), f)
+    t, px = take_ids(tmp_path / "s.parquet", ["r17", "r2", "r3", "nope"], 4)
+    assert t.column("id").to_pylist() == ["r2", "r3", "r17"] and np.array_equal(px, x[[2, 3, 17]])
+    t, px = take_ids(tmp_path / "s.parquet", ["nope"], 4)
+    assert t.num_rows == 0 and px.shape == (0, 4, 4, 3)
