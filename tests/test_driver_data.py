@@ -18,8 +18,6 @@ WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "
 # (module, function): the stages that still load whole pixel sets, in the driver or in one Ray task (``*_task``:
 # the memory moved, it did not stream); docs/scale.md, "Not yet streamed"
 NOT_YET_STREAMED = {
-    ("diffusion/base.py", "guard_set"),  # the bootstrap diffusion trainer (one Ray task)
-    ("diffusion/base.py", "train_task"),
     ("methods/diffinject.py", "inject_task"),
     ("methods/diffinject.py", "run_inject"),
     ("methods/gamma_face.py", "gmm_task"),

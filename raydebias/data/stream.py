@@ -240,3 +240,32 @@ def take_ids(path: str | Path, ids: list[str], image_size: int) -> tuple[pa.Tabl
         return pa.table({"id": pa.array([], pa.string())}), np.zeros((0, image_size, image_size, 3), np.uint8)
     t = pa.concat_tables(tables)
     return t.drop_columns(["pixels"]), pixels_from_column(t.column("pixels").to_pylist(), image_size)
+
+
+class PartRows:
+    """Random access to a :class:`PartSet`'s images by row index, for samplers that draw rows with replacement
+    (the bootstrap diffusion trainer): :meth:`take` reads each part that holds a wanted row once and decodes only
+    the wanted rows; ``resolution`` resizes them (the model's, when it differs from the dataset's)."""
+
+    def __init__(self, data: PartSet, image_size: int, resolution: int | None = None):
+        self.data, self.image_size, self.resolution = data, image_size, resolution
+
+    def __len__(self) -> int:
+        return int(self.data.rows.sum())
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        from raydebias.data.transforms import resize_uint8
+
+        uniq, back = np.unique(np.asarray(idx, np.int64), return_inverse=True)
+        d, out = self.data, []
+        for p, lo in enumerate(d.offsets):
+            sel = uniq[(uniq >= lo) & (uniq < lo + d.rows[p])]
+            if not len(sel):
+                continue
+            where = d.where[p] if d.where else None
+            t = pq.read_table(d.files[p], columns=["pixels", *([where] if where else [])])
+            if where:
+                t = t.filter(t.column(where))
+            out.append(pixels_from_column(t.column("pixels").take(pa.array(sel - lo)).to_pylist(), self.image_size))
+        x = np.concatenate(out)[back] if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return resize_uint8(x, self.resolution) if self.resolution and len(x) else x

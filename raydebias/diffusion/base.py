@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import RunConfig
+
+if TYPE_CHECKING:
+    from raydebias.data.stream import PartSet
 
 
 def diffusion_weights(cfg: RunConfig) -> Any:
@@ -86,25 +89,25 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
 
 
 def guard_set(run_dir: Path, info: dict, template: str, use_bias: bool, n: int, seed: int,
-              train: dict) -> dict:
+              train: PartSet) -> dict:
     """Up to ``n`` captioned images for the conditioning guard: the val split (held out, as every selection in
     this engine) when the captions name class and bias; the train split when they name the class only (the
     ``ddpm`` model of a biased split: its class word rightly implies the aligned bias, which a group-balanced val
     contradicts — measured: the gap on val fell to −0.033 while the samples carried the class 0.69 of the time) or
-    when val is empty or lacks bias labels."""
-    from raydebias.data.splits import load_split
+    when val is empty or lacks bias labels. Only the picked rows' images are read."""
+    from raydebias.data.stream import PartRows, PartSet, parquet_parts
     from raydebias.models.clip import captions_for
 
+    data = Path(run_dir) / "stages" / "data"
     split, rows = "train", train
-    val = Path(run_dir) / "stages" / "data" / "val.parquet"
-    if val.exists():
-        va = load_split(val, info["image_size"])
-        if len(va["y"]) and use_bias and bool((va["a"] >= 0).all()):
+    if (data / "val.parquet").exists():
+        va = PartSet.open(parquet_parts(data / "val.parquet"))
+        if len(va.y) and use_bias and bool((va.a >= 0).all()):
             split, rows = "val", va
-    pick = np.sort(np.random.default_rng(seed).permutation(len(rows["y"]))[:n])
-    caps = captions_for(rows["y"][pick], rows["a"][pick] if use_bias else None, info["class_names"],
+    pick = np.sort(np.random.default_rng(seed).permutation(len(rows.y))[:n])
+    caps = captions_for(rows.y[pick], rows.a[pick] if use_bias else None, info["class_names"],
                         info["bias_names"], template)
-    return {"x": rows["x"][pick], "captions": caps, "split": split}
+    return {"x": PartRows(rows, info["image_size"]).take(pick), "captions": caps, "split": split}
 
 
 def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, template: str, steps: int,
@@ -116,9 +119,9 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     import torch
 
     from raydebias.config import RunConfig
-    from raydebias.debias.groupdro import group_mixture_probs
-    from raydebias.data.splits import load_split
+    from raydebias.data.stream import PartRows, PartSet, parquet_parts
     from raydebias.data.transforms import resize_uint8
+    from raydebias.debias.groupdro import group_mixture_probs
     from raydebias.models.clip import captions_for, clip_tokenizer
     from raydebias.models.diffusion import bootstrap_diffusion
     from raydebias.models.diffusion_training import train_bootstrap_diffusion
@@ -126,13 +129,14 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
     info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
-    tr = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])
-    has_bias = use_bias and info["num_bias"] is not None and bool((tr["a"] >= 0).all())
-    caps = captions_for(tr["y"], tr["a"] if has_bias else None, info["class_names"], info["bias_names"], template)
+    # the train split's labels here; its images are read by the trainer a block of steps at a time
+    tr = PartSet.open(parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet"))
+    has_bias = use_bias and info["num_bias"] is not None and bool((tr.a >= 0).all())
+    caps = captions_for(tr.y, tr.a if has_bias else None, info["class_names"], info["bias_names"], template)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
-    factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr["y"], tr["a"])}
+    factors = {c: (int(y), int(a) if has_bias else None) for c, y, a in zip(caps, tr.y, tr.a)}
     weights = None
-    groups = tr["y"] * info["num_bias"] + tr["a"] if has_bias else None
+    groups = tr.y * info["num_bias"] + tr.a if has_bias else None
     if has_bias and (cfg.diffusion.group_balance > 0 or cfg.diffusion.group_mix > 0):
         # draw the rare (class, bias) pairs more often: with group_mix 0.5 about a third of each 99 %-aligned batch
         # is bias-conflicting, so the class word, not the bias word, has to explain the shape there
@@ -147,15 +151,16 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
 
         # CoInD's marginals: the class word alone, the bias word alone (the captions word dropout also makes)
         coind = [(describe(template, info["class_names"][y], None), describe(template, "", info["bias_names"][a]))
-                 for y, a in zip(tr["y"], tr["a"])]
+                 for y, a in zip(tr.y, tr.a)]
     guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
         if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     # the model's resolution (models.diffusion.resolution); generated images go back to the dataset's image_size
     res = lambda x: resize_uint8(x, bundle.resolution) if x is not None else None  # noqa: E731
     torch.manual_seed(cfg.seed)
+    row_bytes = bundle.resolution ** 2 * 3
     stats = train_bootstrap_diffusion(
-        bundle, res(tr["x"]), caps, steps=steps, batch_size=batch_size, lr=lr,
+        bundle, PartRows(tr, info["image_size"], bundle.resolution), caps, steps=steps, batch_size=batch_size, lr=lr,
         drop_probs={"all": 0.0},  # ``word_dropout`` applies diffusion.caption_dropout: the only empty-caption rate
         caption_dropout_fn=lambda c, rng: drop(c, rng, *factors[c]), seed=cfg.seed, shift=cfg.diffusion.shift,
         log_every=100,
@@ -167,6 +172,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=res(guard.get("x")),
         guard_captions=guard.get("captions"), coind_weight=cfg.diffusion.coind_weight if coind else 0.0,
         coind_captions=coind, coind_fraction=cfg.diffusion.coind_fraction,
+        block_rows=max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // row_bytes)),
     )
     if guard:
         stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def conditioning_gap(bundle: DiffusionBundle, latents: torch.Tensor, ids: torch.
 
 def train_bootstrap_diffusion(
     bundle: DiffusionBundle,
-    pixels: np.ndarray,
+    pixels: Any,
     captions: list[str],
     steps: int,
     batch_size: int = 64,
@@ -68,8 +68,11 @@ def train_bootstrap_diffusion(
     coind_weight: float = 0.0,
     coind_captions: list[tuple[str, str]] | None = None,
     coind_fraction: float = 0.25,
+    block_rows: int = 8192,
 ) -> dict:
     """Train UNet + text encoder jointly (AdamW, grad-clip 1) on uint8 NHWC ``pixels`` with their captions.
+    ``pixels`` is an array or a random-access reader with ``take(rows)`` (:class:`raydebias.data.stream.PartRows`):
+    each batch draws rows with replacement, and the rows of ``block_rows / batch_size`` steps are read together.
 
     Conditioning guard (``guard_every`` > 0, on held-out ``guard_pixels``/``guard_captions``): every ``guard_every``
     steps :func:`conditioning_gap` measures how much the captions lower the denoising loss. The weights (and
@@ -104,6 +107,26 @@ def train_bootstrap_diffusion(
     if coind_weight > 0 and (coind_captions is None or len(coind_captions) != len(pixels)):
         raise ValueError("coind_weight > 0 needs one (class-only, bias-only) caption pair per image")
     probs = None if sample_weights is None else np.asarray(sample_weights, np.float64) / np.sum(sample_weights)
+    n = len(pixels)
+    size = min(batch_size, n)
+    take = (lambda i: pixels[i]) if isinstance(pixels, np.ndarray) else pixels.take  # noqa: E731
+    per_block = max(1, block_rows // size)
+    block: dict[str, Any] = {"index": -1}
+
+    def batch_for(step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Step ``step``'s rows and images. The rows of ``per_block`` steps are drawn together from a generator
+        seeded by (seed, block), so a step's rows do not depend on where training resumed; the block's images are
+        read in one pass (a stream reads each part once per block, not once per step)."""
+        b = step // per_block
+        if block["index"] != b:
+            r = np.random.default_rng([seed, b])
+            draws = r.integers(0, n, size=(per_block, size)) if probs is None else \
+                r.choice(n, (per_block, size), p=probs)
+            uniq, inv = np.unique(draws, return_inverse=True)
+            block.update(index=b, draws=draws, inv=inv.reshape(draws.shape), x=take(uniq))
+        k = step % per_block
+        return block["draws"][k], block["x"][block["inv"][k]]
+
     p_all = float((drop_probs or {"all": 0.1}).get("all", 0.0))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -205,9 +228,8 @@ def train_bootstrap_diffusion(
     t0 = time.perf_counter()
     try:
         for step in range(start, steps):
-            size = min(batch_size, len(pixels))
-            idx = rng.integers(0, len(pixels), size=size) if probs is None else rng.choice(len(pixels), size, p=probs)
-            x = to_model_input(pixels[idx]).to(device)
+            idx, xb = batch_for(step)
+            x = to_model_input(xb).to(device)
             if shift > 0:
                 h, w = x.shape[-2:]
                 xp = F.pad(x, (shift, shift, shift, shift), value=-1.0)
@@ -280,7 +302,7 @@ def train_bootstrap_diffusion(
     return {
         "steps": steps,
         "resumed_at": start,
-        "batch_size": int(min(batch_size, len(pixels))),
+        "batch_size": int(size),
         "loss_first": float(np.mean(losses[:k])),
         "loss_last": float(np.mean(losses[-k:])),
         "loss_mean": float(np.mean(losses)),

@@ -23,17 +23,21 @@ def _write(path, s: dict) -> None:
 
 
 def test_guard_measures_on_val_only_when_the_captions_name_every_factor(tmp_path):
+    from raydebias.data.stream import PartSet
+
     train, val = _split(30, 0, 0), _split(12, 1, 100)
+    _write(tmp_path / "stages" / "data" / "train.parquet", train)
     _write(tmp_path / "stages" / "data" / "val.parquet", val)
-    full = guard_set(tmp_path, INFO, "a {bias} {class}", True, 8, 0, train)
+    train_set = PartSet.open([str(tmp_path / "stages" / "data" / "train.parquet")])
+    full = guard_set(tmp_path, INFO, "a {bias} {class}", True, 8, 0, train_set)
     assert full["split"] == "val" and len(full["x"]) == 8 and all("green" in c for c in full["captions"])
     assert any((full["x"][0] == v).all() for v in val["x"])
     # class-only captions of a biased split: val (group-balanced) contradicts them by design → train
-    cls = guard_set(tmp_path, INFO, "a {class}", False, 8, 0, train)
+    cls = guard_set(tmp_path, INFO, "a {class}", False, 8, 0, train_set)
     assert cls["split"] == "train" and any((cls["x"][0] == t).all() for t in train["x"])
     # val without bias labels cannot caption "{bias}" → train
     _write(tmp_path / "stages" / "data" / "val.parquet", {**val, "a": np.full(12, -1)})
-    assert guard_set(tmp_path, INFO, "a {bias} {class}", True, 8, 0, train)["split"] == "train"
+    assert guard_set(tmp_path, INFO, "a {bias} {class}", True, 8, 0, train_set)["split"] == "train"
 
 
 def test_balanced_word_dropout_keeps_the_rate_and_draws_dropped_captions_group_balanced():

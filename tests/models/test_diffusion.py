@@ -298,11 +298,12 @@ def test_load_refuses_pickled_weights(tiny_sd_dir, tmp_path):
 
 def test_resumed_training_matches_an_uninterrupted_run(tiny_diffusion, tmp_path):
     """Checkpoint at step 3 of 6, restore it (through the files a Ray Train checkpoint holds) into a fresh copy,
-    finish: the same weights as 6 steps straight (shift, caption dropout, EMA and both generators included)."""
+    finish: the same weights as 6 steps straight (shift, caption dropout, EMA and both generators included; blocks
+    of 2 steps' rows, so that the resume lands inside a block)."""
     from raydebias.diffusion.base import load_train_state, save_train_state
 
     pixels, captions = _colored_mnist(64)
-    kw = dict(steps=6, batch_size=8, lr=1e-3, log=None, shift=2, ema_decay=0.9, seed=3,
+    kw = dict(steps=6, batch_size=8, lr=1e-3, log=None, shift=2, ema_decay=0.9, seed=3, block_rows=16,
               caption_dropout_fn=lambda c, rng: c if rng.random() < 0.8 else "")
     straight = copy.deepcopy(tiny_diffusion)
     train_bootstrap_diffusion(straight, pixels, captions, **kw)
@@ -488,3 +489,24 @@ def test_coind_training_makes_the_joint_the_composition_of_the_marginals(tiny_di
     with pytest.raises(ValueError, match="caption pair per image"):
         train_bootstrap_diffusion(copy.deepcopy(tiny_diffusion), pixels, captions, steps=1, log=None, coind_weight=1.0)
 
+
+
+def test_training_from_parquet_parts_gives_the_weights_of_training_from_the_array(tiny_diffusion, tmp_path):
+    """The stage streams the train split: the trainer reads the rows of a block of steps from Parquet parts
+    (PartRows, blocks smaller than the run so that several are read, group weights included) and ends with the
+    same weights as the same training on the in-memory array."""
+    from raydebias.data.stream import PartRows, PartSet, write_parts
+
+    pixels, captions = _colored_mnist(64)
+    files = write_parts(tmp_path / "train.parquet", {"x": pixels, "y": np.zeros(len(pixels), np.int64)},
+                        rows_per_part=10)
+    weights = np.linspace(1, 3, len(pixels))
+    kw = dict(steps=6, batch_size=8, lr=1e-3, log=None, shift=2, seed=3, sample_weights=weights, block_rows=16)
+    ref = copy.deepcopy(tiny_diffusion)
+    train_bootstrap_diffusion(ref, pixels, captions, **kw)
+    streamed = copy.deepcopy(tiny_diffusion)
+    rows = PartRows(PartSet.open(files), pixels.shape[1])
+    train_bootstrap_diffusion(streamed, rows, captions, **kw)
+    for (name, p), q in zip(ref.unet.state_dict().items(), streamed.unet.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(rows.take(np.array([63, 0, 5, 5])), pixels[[63, 0, 5, 5]])
