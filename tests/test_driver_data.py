@@ -21,8 +21,6 @@ NOT_YET_STREAMED = {
     ("methods/diffinject.py", "inject_task"),
     ("methods/diffinject.py", "run_inject"),
     ("methods/gamma_face.py", "gmm_task"),
-    ("methods/tiw.py", "measure_task"),
-    ("methods/tiw.py", "run_tiw"),
 }
 
 

@@ -243,29 +243,80 @@ def take_ids(path: str | Path, ids: list[str], image_size: int) -> tuple[pa.Tabl
 
 
 class PartRows:
-    """Random access to a :class:`PartSet`'s images by row index, for samplers that draw rows with replacement
-    (the bootstrap diffusion trainer): :meth:`take` reads each part that holds a wanted row once and decodes only
-    the wanted rows; ``resolution`` resizes them (the model's, when it differs from the dataset's)."""
+    """Random access to a :class:`PartSet`'s images by row index, for samplers that draw rows with replacement (the
+    bootstrap diffusion and TIW trainers): ``rows[idx]``, ``rows[a:b]`` and :meth:`take` read each part that holds
+    a wanted row once and decode only the wanted rows, or, with ``cache_rows`` > 0, decode whole parts and keep the
+    most recently used ones up to that many rows (a set that fits is decoded once). ``resolution`` resizes the
+    images (the model's, when it differs from the dataset's); ``index`` maps this view's rows to the set's
+    (:meth:`select`, :meth:`concat`)."""
 
-    def __init__(self, data: PartSet, image_size: int, resolution: int | None = None):
+    def __init__(self, data: PartSet, image_size: int, resolution: int | None = None,
+                 index: np.ndarray | None = None, cache_rows: int = 0):
         self.data, self.image_size, self.resolution = data, image_size, resolution
+        self.index = None if index is None else np.asarray(index, np.int64)
+        self.cache_rows = cache_rows
+        self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return int(self.data.rows.sum())
+        return int(self.data.rows.sum()) if self.index is None else len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        side = self.resolution or self.image_size
+        return (len(self), side, side, 3)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return self.take(np.arange(*key.indices(len(self))))
+        return self.take(np.asarray(key))
+
+    def __getstate__(self) -> dict:  # the cache stays with its process
+        return {**self.__dict__, "_cache": {}}
+
+    def select(self, index: np.ndarray) -> "PartRows":
+        """The view of rows ``index`` of this one."""
+        base = np.arange(len(self)) if self.index is None else self.index
+        return PartRows(self.data, self.image_size, self.resolution, base[np.asarray(index, np.int64)],
+                        self.cache_rows)
+
+    @staticmethod
+    def concat(first: "PartRows", second: "PartRows") -> "PartRows":
+        """``first``'s rows, then ``second``'s (same image size)."""
+        n1 = int(first.data.rows.sum())
+        i1 = np.arange(n1) if first.index is None else first.index
+        i2 = np.arange(int(second.data.rows.sum())) if second.index is None else second.index
+        return PartRows(PartSet.union([first.data, second.data]), first.image_size, first.resolution,
+                        np.concatenate([i1, i2 + n1]), max(first.cache_rows, second.cache_rows))
+
+    def _part(self, p: int, rows: np.ndarray) -> np.ndarray:
+        d = self.data
+        if p in self._cache:
+            self._cache[p] = self._cache.pop(p)  # most recently used last
+            return self._cache[p][rows]
+        where = d.where[p] if d.where else None
+        t = pq.read_table(d.files[p], columns=["pixels", *([where] if where else [])])
+        if where:
+            t = t.filter(t.column(where))
+        if self.cache_rows <= 0 or d.rows[p] > self.cache_rows:
+            return pixels_from_column(t.column("pixels").take(pa.array(rows)).to_pylist(), self.image_size)
+        x = pixels_from_column(t.column("pixels").to_pylist(), self.image_size)
+        self._cache[p] = x
+        while sum(len(v) for v in self._cache.values()) > self.cache_rows:
+            self._cache.pop(next(iter(self._cache)))
+        return x[rows]
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         from raydebias.data.transforms import resize_uint8
 
-        uniq, back = np.unique(np.asarray(idx, np.int64), return_inverse=True)
+        idx = np.asarray(idx, np.int64)
+        if self.index is not None:
+            idx = self.index[idx]
+        uniq, back = np.unique(idx, return_inverse=True)
         d, out = self.data, []
         for p, lo in enumerate(d.offsets):
             sel = uniq[(uniq >= lo) & (uniq < lo + d.rows[p])]
-            if not len(sel):
-                continue
-            where = d.where[p] if d.where else None
-            t = pq.read_table(d.files[p], columns=["pixels", *([where] if where else [])])
-            if where:
-                t = t.filter(t.column(where))
-            out.append(pixels_from_column(t.column("pixels").take(pa.array(sel - lo)).to_pylist(), self.image_size))
-        x = np.concatenate(out)[back] if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+            if len(sel):
+                out.append(self._part(p, sel - lo))
+        x = np.concatenate(out)[back.reshape(-1)] if out else \
+            np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         return resize_uint8(x, self.resolution) if self.resolution and len(x) else x

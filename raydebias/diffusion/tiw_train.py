@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydebias._internal.io import atomic_path
+from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
 from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
                                      tiw_dsm_loss)
@@ -91,7 +92,7 @@ class DiscriminatorObjective(nn.Module):
         return discriminator_loss(self.disc, xb, xr, schedule, generator)
 
 
-def _batch(x: np.ndarray, bs: int, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, np.ndarray]:
+def _batch(x: np.ndarray | PartRows, bs: int, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, np.ndarray]:
     idx = torch.randint(len(x), (bs,), generator=gen, device=gen.device).cpu().numpy()
     return to_model_input(x[idx]).to(device), idx
 
@@ -127,7 +128,7 @@ def _optimize(loss_fn: Callable[[], torch.Tensor], params: list[nn.Parameter], s
     return losses
 
 
-def train_discriminator(disc: TimeDiscriminator, x_bias: np.ndarray, x_ref: np.ndarray, steps: int, lr: float,
+def train_discriminator(disc: TimeDiscriminator, x_bias: np.ndarray | PartRows, x_ref: np.ndarray | PartRows, steps: int, lr: float,
                         batch_size: int, schedule: VPSchedule, generator: torch.Generator, *,
                         prepare: Callable[[nn.Module], nn.Module] | None = None,
                         log: Callable[[int, float], None] | None = None, log_every: int = 100,
@@ -201,7 +202,7 @@ def _load_resume_state(d: Path) -> dict[str, Any] | None:
 
 def tiw_train_loop(config: dict[str, Any]) -> None:
     """Ray Train per-worker function (see the module docstring; config keys in ``DEFAULTS`` plus ``data_refs``
-    {"bias", "ref"} → uint8 NHWC arrays and ``image_size``).
+    {"bias", "ref"} → uint8 NHWC arrays in the object store, or PartRows, and ``image_size``).
 
     With ``checkpoint_every`` > 0 rank 0 reports a resumable checkpoint every that many steps of each phase (the
     weights of the finished phases, the current model and optimizer, every rank's random generator); a restarted
@@ -218,7 +219,9 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     tctx = ray.train.get_context()
     rank, world = tctx.get_world_rank(), tctx.get_world_size()
     device = ray.train.torch.get_device()
-    xb, xr = ray.get(cfg["data_refs"]["bias"]), ray.get(cfg["data_refs"]["ref"])
+    # arrays travel through the object store; Parquet-backed PartRows are read by each worker
+    xb, xr = (ray.get(v) if isinstance(v, ray.ObjectRef) else v for v in (cfg["data_refs"]["bias"],
+                                                                           cfg["data_refs"]["ref"]))
     schedule, bs, seed = VPSchedule(**cfg["schedule"]), int(cfg["batch_size"]), int(cfg["seed"])
     model_kw = {"image_size": cfg["image_size"], "channels": xb.shape[-1], **cfg["model"]}
     disc_kw = {"channels": xb.shape[-1], "factor": model_kw.get("factor", 4), **cfg["disc"]}
@@ -278,7 +281,8 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
                                  checkpoint_every=every, on_checkpoint=checkpointer("disc", disc, g0))
         summary["disc"] = _summary(dl, time.perf_counter() - t0, clock)
         states["disc"] = _state(disc)
-    x_all, n_bias = np.concatenate([xb, xr]), len(xb)
+    x_all = np.concatenate([xb, xr]) if isinstance(xb, np.ndarray) else PartRows.concat(xb, xr)
+    n_bias = len(xb)
     for obj in cfg["objectives"]:
         if obj in states:
             continue
@@ -321,9 +325,10 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     report(metrics, tmp)  # persisted to storage, then removed
 
 
-def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
+def fit_tiw(x_bias: np.ndarray | PartRows, x_ref: np.ndarray | PartRows, out_dir: Path, *, num_workers: int = 2, cpus_per_worker: int = 1,
             use_gpu: bool = False, storage_path: Path, run_key: str | None = None, **loop_kwargs: Any) -> dict[str, Any]:
-    """Run ``tiw_train_loop`` with ``TorchTrainer`` (Ray must be initialised; one restart on a worker failure,
+    """Run ``tiw_train_loop`` with ``TorchTrainer`` on uint8 NHWC arrays (put in the object store) or PartRows
+    (each worker reads the Parquet parts; Ray must be initialised; one restart on a worker failure,
     resumed from the last step checkpoint, as is a rerun with the same ``run_key`` after a killed driver); the
     final files land in ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
     import ray
@@ -331,9 +336,9 @@ def fit_tiw(x_bias: np.ndarray, x_ref: np.ndarray, out_dir: Path, *, num_workers
     from raydebias._internal.ray_utils import fit_torch, keyed_train_run
 
     _check_objectives(loop_kwargs.get("objectives", DEFAULTS["objectives"]))
+    put = lambda x: ray.put(np.ascontiguousarray(x, np.uint8)) if isinstance(x, np.ndarray) else x  # noqa: E731
     config = {**DEFAULTS, "threads": cpus_per_worker, "image_size": int(x_bias.shape[1]), **loop_kwargs,
-              "data_refs": {"bias": ray.put(np.ascontiguousarray(x_bias, np.uint8)),
-                            "ref": ray.put(np.ascontiguousarray(x_ref, np.uint8))}}
+              "data_refs": {"bias": put(x_bias), "ref": put(x_ref)}}
     resources: dict[str, float] = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     name = keyed_train_run(Path(storage_path), "tiw", run_key)
     ckpt = fit_torch(tiw_train_loop, config, num_workers=num_workers, resources=resources, storage=Path(storage_path),

@@ -63,7 +63,12 @@ class ProbeFeatures(nn.Module):
             return self.probe(to_model_input(x.permute(0, 2, 3, 1)), return_features=True)[1].double()
 
 
-def train_probe(cfg, x: np.ndarray, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
+def cache_rows(cfg, image_size: int) -> int:
+    """Decoded rows a worker keeps (``train.shuffle_buffer_mb`` of images): a split that fits is decoded once."""
+    return max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // (image_size**2 * 3)))
+
+
+def train_probe(cfg, x, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
     """The group probe: the run's classifier architecture trained with CE on (x, g). Measurement only (like an
     Inception net for FID), so it trains inside the measurement task rather than as a Ray Train job."""
     from raydebias.data.transforms import to_model_input
@@ -90,7 +95,7 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
 
     from raydebias._internal.io import atomic_path
     from raydebias.config import RunConfig
-    from raydebias.data.splits import load_split
+    from raydebias.data.stream import PartRows, PartSet, parquet_parts
     from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
     from raydebias.evaluate.metrics import conflicting_mask
@@ -102,7 +107,8 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
     info = json.loads((run / "stages" / "data" / "info.json").read_text())
     size, B = info["image_size"], info["num_bias"]
     num_groups = info["num_classes"] * B
-    ref = load_split(run / "stages" / "data" / f"{t.reference_split}.parquet", size)
+    ref_set = PartSet.open(parquet_parts(run / "stages" / "data" / f"{t.reference_split}.parquet"))
+    ref = {"x": PartRows(ref_set, size, cache_rows=cache_rows(cfg, size)), "y": ref_set.y, "a": ref_set.a}
     g_ref = ref["y"] * B + ref["a"]
     probe = train_probe(cfg, ref["x"], g_ref, num_groups, seed=cfg.seed)
     # per group id g = y·B + a: is (y, a) the train-majority (bias-aligned) pairing?
@@ -128,7 +134,7 @@ def run_tiw(ctx):
 
     from raydebias._internal.io import atomic_write_json, atomic_write_text
     from raydebias.core import StageResult
-    from raydebias.data.splits import load_split
+    from raydebias.data.stream import PartRows, PartSet, parquet_parts
     from raydebias.diffusion.tiw_train import fit_tiw
     from raydebias.evaluate.metrics import conflicting_mask
 
@@ -137,10 +143,14 @@ def run_tiw(ctx):
         raise ValueError("tiw measures subgroup proportions: the dataset needs `bias` labels on the reference split")
     out = ctx.stage_dir("tiw")
     size = info["image_size"]
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", size)
-    ref_split = load_split(ctx.run_dir / "stages" / "data" / f"{t.reference_split}.parquet", size)
+    # the splits' labels here; the Ray Train workers read the images from the parts (a bounded cache of decoded parts)
+    data = ctx.run_dir / "stages" / "data"
+    tr_set = PartSet.open(parquet_parts(data / "train.parquet"))
+    ref_set = PartSet.open(parquet_parts(data / f"{t.reference_split}.parquet"))
+    tr = {"x": PartRows(tr_set, size, cache_rows=cache_rows(cfg, size)), "y": tr_set.y, "a": tr_set.a}
     rng = np.random.default_rng(cfg.seed)
-    pick = rng.choice(len(ref_split["y"]), size=min(t.reference_size, len(ref_split["y"])), replace=False)
+    pick = rng.choice(len(ref_set.y), size=min(t.reference_size, len(ref_set.y)), replace=False)
+    ref_x = PartRows(ref_set, size, cache_rows=cache_rows(cfg, size)).select(pick)
     ctx.ensure_ray()
     key_file = out / "models.key"  # resume: models trained for this exact node key are reused
     if key_file.exists() and key_file.read_text() == ctx.node_key and (out / "models" / "losses.json").exists():
@@ -150,7 +160,7 @@ def run_tiw(ctx):
         ctx.log(f"[tiw] D_bias = train ({len(tr['y'])}), D_ref = {len(pick)} {t.reference_split} rows; "
                 f"{t.num_workers or 'local mode, no'} DDP workers; objectives {t.objectives}")
         summary = fit_tiw(
-            tr["x"], ref_split["x"][pick], out / "models", num_workers=t.num_workers,
+            tr["x"], ref_x, out / "models", num_workers=t.num_workers,
             cpus_per_worker=t.cpus_per_worker, use_gpu=cfg.ray.num_gpus_per_worker > 0,
             storage_path=ctx.run_dir / "stages" / "tiw" / "_ray", run_key=ctx.node_key, seed=cfg.seed,
             model={"factor": t.unshuffle, "block_out_channels": list(t.block_out_channels)},

@@ -128,3 +128,26 @@ def test_take_ids_reads_the_rows_with_the_asked_ids_in_set_order(tmp_path):
     assert t.column("id").to_pylist() == ["r2", "r3", "r17"] and np.array_equal(px, x[[2, 3, 17]])
     t, px = take_ids(tmp_path / "s.parquet", ["nope"], 4)
     assert t.num_rows == 0 and px.shape == (0, 4, 4, 3)
+
+
+@pytest.mark.parametrize("cache_rows", [0, 12, 1000])
+def test_part_rows_index_like_the_array_with_or_without_a_cache(tmp_path, cache_rows):
+    """PartRows stands in for a uint8 array in the samplers: fancy indexing, slices, views of selected rows and the
+    concatenation of two sets give the array's images, whether parts are decoded per row or cached whole (a cache
+    of 12 rows holds one 7-row part: it evicts)."""
+    from raydebias.data.stream import PartRows
+
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (30, 11))
+    r1 = PartRows(PartSet.open(write_parts(tmp_path / "a", {"x": x1, "y": np.zeros(30)}, rows_per_part=7)), 4,
+                  cache_rows=cache_rows)
+    r2 = PartRows(PartSet.open(write_parts(tmp_path / "b", {"x": x2, "y": np.ones(11)}, rows_per_part=4)), 4,
+                  cache_rows=cache_rows)
+    idx = rng.integers(0, 30, 50)
+    assert np.array_equal(r1[idx], x1[idx]) and np.array_equal(r1[3:17], x1[3:17]) and r1.shape == x1.shape
+    pick = np.array([10, 2, 7])
+    both = PartRows.concat(r1, r2.select(pick))
+    want = np.concatenate([x1, x2[pick]])
+    assert len(both) == 33 and np.array_equal(both[np.arange(33)[::-1]], want[::-1])
+    if cache_rows:
+        assert sum(len(v) for v in r1._cache.values()) <= cache_rows
