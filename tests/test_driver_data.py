@@ -1,10 +1,10 @@
-"""Architecture guard for the data path: no stage function decodes a pixel column in the driver.
+"""Architecture guard for the data path: no stage function decodes a pixel column in the driver or whole in a task.
 
-Pixel columns are read by Ray Data UDFs and actors (classes: ``__call__`` runs in a Ray worker) or by the Ray Train
-loop, never by the stage functions that run in the driver. A call to :func:`load_split` (a whole split as arrays) or
-:func:`pixels_from_column` (a decoded pixel column) anywhere else fails this test, except in the functions listed in
-``NOT_YET_STREAMED``: the stages whose data path still runs through the driver. That list only shrinks: an entry
-whose call is gone fails the test too, so that converting a stage removes it from the list."""
+Pixel columns are decoded by the streaming readers (``data/stream.py``: a part, a shuffle window, the rows a sampler
+asked for), by Ray Data UDFs and actors (classes: ``__call__`` runs in a Ray worker) or by the Ray Train loop. A call
+to :func:`load_split` (a whole split as arrays) or :func:`pixels_from_column` (a decoded pixel column) anywhere else
+fails this test: in a stage function it would load a whole set in the driver, in a ``*_task`` function it would
+move the whole set into one Ray task (the memory moved, it did not stream)."""
 
 import ast
 from pathlib import Path
@@ -15,13 +15,6 @@ CALLS = {"load_split", "pixels_from_column"}
 DEFINITIONS = {"data/splits.py", "data/stream.py", "data/transforms.py"}
 # functions that run in Ray workers: the Ray Train loop and Ray Data function UDFs
 WORKER_FUNCTIONS = {("debias/train.py", "train_loop"), ("evaluate/predict.py", "_predict_parts")}
-# (module, function): the stages that still load whole pixel sets, in the driver or in one Ray task (``*_task``:
-# the memory moved, it did not stream); docs/scale.md, "Not yet streamed"
-NOT_YET_STREAMED = {
-    ("methods/diffinject.py", "inject_task"),
-    ("methods/diffinject.py", "run_inject"),
-    ("methods/gamma_face.py", "gmm_task"),
-}
 
 
 def _driver_calls() -> set[tuple[str, str]]:
@@ -47,15 +40,10 @@ def _driver_calls() -> set[tuple[str, str]]:
     return found
 
 
-def test_no_stage_decodes_pixels_in_the_driver_beyond_the_listed_ones():
+def test_no_stage_decodes_a_pixel_column_outside_the_streaming_readers_and_workers():
     calls = _driver_calls()
-    new = calls - NOT_YET_STREAMED
-    assert not new, f"pixel columns read in the driver (read them in a Ray Data UDF or actor instead): {sorted(new)}"
-
-
-def test_the_list_of_stages_not_yet_streamed_only_shrinks():
-    gone = NOT_YET_STREAMED - _driver_calls()
-    assert not gone, f"no longer read pixels in the driver: remove them from NOT_YET_STREAMED: {sorted(gone)}"
+    assert not calls, f"pixel columns read in the driver or whole in a task (stream them: data/stream.py, a Ray " \
+                      f"Data UDF or actor): {sorted(calls)}"
 
 
 def test_the_guard_sees_a_driver_side_read(tmp_path):

@@ -184,3 +184,15 @@ def local_weights_fingerprint(path: str | None) -> str | None:
     do, not only when the path string does); ``None`` for no path or a hub id / tag."""
     local = os.path.expanduser(path) if path else None
     return fingerprint_uri(local) if local and os.path.exists(local) else None
+
+
+def link_parts(parts: list[Path], dst: Path) -> None:
+    """Commit ``parts`` as the folder ``dst`` (``part-<i>.parquet`` in the given order): hard links where the
+    filesystem has them, copies where it does not; ``dst`` is replaced whole."""
+    with atomic_path(dst) as tmp:
+        tmp.mkdir()
+        for i, p in enumerate(parts):
+            try:
+                os.link(p, tmp / f"part-{i:06d}.parquet")
+            except OSError:
+                shutil.copyfile(p, tmp / f"part-{i:06d}.parquet")

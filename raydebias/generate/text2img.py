@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_path, atomic_write_json, atomic_write_table
+from raydebias._internal.io import atomic_write_json, atomic_write_table, link_parts
 from raydebias.generate.plan import plan_rows
 
 COLUMNS = ("row_id", "y", "a", "cluster", "adapter", "prompt", "seed", "transferred")
@@ -114,21 +114,6 @@ def plan_chunks(rows: list[dict], batch_size: int) -> list[list[dict]]:
     adapters rarely), in a fixed order: the same plan gives the same chunks, run after run."""
     rows = sorted(rows, key=lambda r: (r["adapter"] or "", r["row_id"]))
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-
-
-def link_parts(parts: list[Path], dst: Path) -> None:
-    """Commit ``parts`` as the folder ``dst`` (``part-<i>.parquet`` in the given order): hard links where the
-    filesystem has them, copies where it does not; ``dst`` is replaced whole."""
-    import os
-    import shutil
-
-    with atomic_path(dst) as tmp:
-        tmp.mkdir()
-        for i, p in enumerate(parts):
-            try:
-                os.link(p, tmp / f"part-{i:06d}.parquet")
-            except OSError:
-                shutil.copyfile(p, tmp / f"part-{i:06d}.parquet")
 
 
 def run_generate(ctx, variant: str):

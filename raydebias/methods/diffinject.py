@@ -81,7 +81,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     from safetensors.torch import load_file, save_file
 
     from raydebias._internal.io import atomic_path, atomic_write_table
-    from raydebias.data.splits import load_split
+    from raydebias.data.stream import take_ids
     from raydebias.data.transforms import resize_uint8, to_model_input
     from raydebias.diffusion.base import load_stage_model
     from raydebias.models.sampling import to_uint8
@@ -89,8 +89,14 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     torch.set_num_threads(threads)
     run, out = Path(run_dir), Path(run_dir) / "stages" / "inject"
     info = json.loads((run / "stages" / "data" / "info.json").read_text())
-    tr = load_split(run / "stages" / "data" / "train.parquet", info["image_size"])
-    row = {i: k for k, i in enumerate(tr["id"])}
+    train = run / "stages" / "data" / "train.parquet"
+
+    def rows_of(ids: list) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and images of the training rows ``ids``, in that order (only this task's rows are read)."""
+        t, x = take_ids(train, list(map(str, dict.fromkeys(ids))), info["image_size"])
+        pos = {i: k for k, i in enumerate(t.column("id").to_pylist())}
+        k = [pos[str(i)] for i in ids]
+        return t.column("label").to_numpy()[k], x[k]
     bundle = load_stage_model(run, di["base"])
     context = bundle.embed_prompts([di["prompt"]])
     cache = out / "cache" / di["cache_key"]
@@ -104,7 +110,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
                 or (with_h and "h" not in load_file(str(path(i))))]
         for lo in range(0, len(todo), 64):
             chunk = todo[lo : lo + 64]
-            z0 = bundle.encode(to_model_input(resize_uint8(tr["x"][[row[i] for i in chunk]], bundle.resolution)))
+            z0 = bundle.encode(to_model_input(resize_uint8(rows_of(chunk)[1], bundle.resolution)))
             z_T = ddim_invert(bundle, z0, di["num_steps"], context)
             hs = record_h(bundle, z_T, di["num_steps"], context, di["t_edit"]) if with_h else None
             for k, i in enumerate(chunk):
@@ -121,7 +127,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     z0 = inject_generate(bundle, z_T, h_c, di["num_steps"], context, di["t_edit"], di["t_boost"], di["gamma"],
                          di["eta"], seeds)
     pixels = resize_uint8(to_uint8(bundle.decode(z0)), info["image_size"])
-    labels = tr["y"][[row[i] for i in content_ids]]
+    labels = rows_of(content_ids)[0]
     path = out / "parts" / f"part-{part:05d}.parquet"
     atomic_write_table(path, pa.table({
         "row": np.arange(len(seeds), dtype=np.int64) + part * di["pairs_per_task"], "label": labels,
@@ -148,16 +154,17 @@ def run_inject(ctx):
     import pyarrow.parquet as pq
     import ray
 
-    from raydebias._internal.io import atomic_write_json, atomic_write_table, sha256_json
+    from raydebias._internal.io import atomic_write_json, link_parts, sha256_json
     from raydebias.core import StageResult
-    from raydebias.data.splits import load_split
+    from raydebias.data.stream import read_columns
 
     cfg, info, di = ctx.cfg, ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("inject")
-    tr = load_split(ctx.run_dir / "stages" / "data" / "train.parquet", info["image_size"])
+    train_ids = np.asarray(read_columns(ctx.run_dir / "stages" / "data" / "train.parquet", ["id"]).column("id")
+                           .to_pylist(), dtype=object)  # the ids only: the tasks read their own rows' images
     mined = set(pq.read_table(ctx.run_dir / "stages" / "mine" / "mined.parquet").column("id").to_pylist())
-    n = int(round(di.bias_conflict_ratio * (len(tr["id"]) - len(mined))))
-    styles, contents = plan_pairs(tr["id"], mined, n, cfg.seed)
+    n = int(round(di.bias_conflict_ratio * (len(train_ids) - len(mined))))
+    styles, contents = plan_pairs(train_ids, mined, n, cfg.seed)
     seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
     # the inversion cache depends only on the edited model's weights (their hashes in the manifest) and the
     # inversion steps
@@ -187,12 +194,13 @@ def run_inject(ctx):
     ctx.log(f"[inject] {n} pairs ({len(mined)} mined contents, γ={di.gamma}, t_edit={di.t_edit}, {di.num_steps} "
             f"DDIM steps): {len(refs)} Ray task(s), {reused} finished part(s) reused")
     ray.get(refs)
+    # parts in name order hold rows 0..n-1 in order; the driver reads their row and label columns only
     parts = sorted(parts_dir.glob("part-*.parquet"))
-    tbl = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
-    if tbl is None or tbl.num_rows != n or len(set(tbl.column("row").to_pylist())) != n:
-        raise RuntimeError(f"inject: expected {n} unique rows, found {0 if tbl is None else tbl.num_rows}")
-    atomic_write_table(out / "synthetic.parquet", tbl.sort_by("row"))
-    labels = tbl.column("label").to_numpy()
+    small = pa.concat_tables([pq.read_table(p, columns=["row", "label"]) for p in parts]) if parts else None
+    if small is None or small.column("row").to_pylist() != list(range(n)):
+        raise RuntimeError(f"inject: expected rows 0..{n - 1} in order, found {0 if small is None else small.num_rows}")
+    link_parts(parts, out / "synthetic.parquet")
+    labels = small.column("label").to_numpy()
     stats = {"synthetic": n, "per_class": np.bincount(labels, minlength=info["num_classes"]).tolist(),
              "parts_reused": reused}
     atomic_write_json(out / "stats.json", stats)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from raydebias._internal.io import atomic_write_json, atomic_write_table
+from raydebias._internal.io import atomic_write_json, atomic_write_table, remove_path, replace_path
 from raydebias.config import RESOURCE, Block, Template
 from raydebias.core import Method, Stage, SyntheticSet, register
 from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
@@ -51,22 +51,27 @@ class DiffusingDebiasConfig(Block):
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
 
 
-def _sample_task(run_dir: str, prompts: list[str], seeds: list[int], num_steps: int, guidance: float,
-                 threads: int) -> np.ndarray:
+def _sample_task(run_dir: str, labels: list[int], prompts: list[str], seeds: list[int], num_steps: int,
+                 guidance: float, threads: int, image_size: int, dst: str) -> int:
+    """Ray task: the class-conditional model's images for ``prompts``, written with their labels to ``dst``."""
     import torch
 
+    from raydebias.data.transforms import resize_uint8
     from raydebias.diffusion.ddpm import load_ddpm
     from raydebias.models.sampling import sample
 
     torch.set_num_threads(threads)
-    return sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds)
+    x = resize_uint8(sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds),
+                     image_size)
+    atomic_write_table(dst, pa.table({"label": np.asarray(labels, np.int64), "seed": np.asarray(seeds, np.int64),
+                                      "prompt": prompts, "pixels": [np.ascontiguousarray(im).tobytes() for im in x]}))
+    return len(x)
 
 
 def run_amplifier(ctx):
     import ray
 
     from raydebias.core import StageResult
-    from raydebias.data.transforms import resize_uint8
     from raydebias.debias.train import fit_classifier, score_train_split
     from raydebias.generate.plan import describe
 
@@ -78,16 +83,17 @@ def run_amplifier(ctx):
     prompts = [describe(d.prompt_template, info["class_names"][c], None) for c in y_syn]
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(y_syn))]
     ctx.ensure_ray()
-    # Two Ray tasks over halves of the prompts (one per CPU by default); each loads the model once.
+    # Two Ray tasks over halves of the prompts (one per CPU by default); each loads the model once and writes its
+    # part of synthetic.parquet
     n_tasks = max(1, int(d.num_cpus))
     task = ray.remote(num_cpus=1, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=2)(_sample_task)
-    parts = np.array_split(np.arange(len(y_syn)), n_tasks)
-    refs = [task.remote(str(ctx.run_dir), [prompts[i] for i in p], [seeds[i] for i in p], d.num_steps,
-                        d.guidance_scale, 1) for p in parts if len(p)]
-    x_syn = resize_uint8(np.concatenate(ray.get(refs)), info["image_size"])
-    tbl = pa.table({"label": y_syn.astype(np.int64), "seed": np.asarray(seeds, np.int64), "prompt": prompts,
-                    "pixels": [np.ascontiguousarray(im).tobytes() for im in x_syn]})
-    atomic_write_table(out / "synthetic.parquet", tbl)
+    parts = [p for p in np.array_split(np.arange(len(y_syn)), n_tasks) if len(p)]
+    tmp = out / ".synthetic.parquet.tmp"
+    remove_path(tmp)
+    ray.get([task.remote(str(ctx.run_dir), y_syn[p].tolist(), [prompts[i] for i in p], [seeds[i] for i in p],
+                         d.num_steps, d.guidance_scale, 1, info["image_size"], str(tmp / f"part-{k:06d}.parquet"))
+             for k, p in enumerate(parts)])
+    replace_path(tmp, out / "synthetic.parquet")
     ctx.log(f"[amplifier] sampled {len(y_syn)} bias-amplified images ({d.images_per_class} per class)")
 
     phases = [{"name": "amplifier", "data": "synthetic", "recipe": "erm", "epochs": d.amplifier_epochs,

@@ -38,13 +38,16 @@ class GammaFaceConfig(Block):
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
 
 
-def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict:
+def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: int = 1024) -> dict:
     """Ray task: latents (forward-noised real images or the model's reverse trajectories, unconditional)
-    → BIC-selected GMM → equal sampling
-    per component. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and returns the images and components."""
+    → BIC-selected GMM → equal sampling per component, finished and pseudo-labelled by the ``labeler`` classifier
+    ``chunk`` images at a time (a multiple of the sampler's batch of 128: the same images as one pass), each chunk
+    written as a part of ``stages/gmm/generated.parquet``. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and
+    returns the per-row components, labels and confidences."""
     # here, not at the top: the module is imported wherever a config is validated (its block), and
     # generate.gmm pulls in the diffusion stack (diffusers models, transformers, sklearn): ~5 s per process
-    from raydebias.generate.gmm import collect_latents, fit_gmm_bic, forward_latents, generate_balanced
+    from raydebias.generate.gmm import collect_latents, continue_reverse, fit_gmm_bic, forward_latents, \
+        latent_shape, sample_components
 
     import json
     from pathlib import Path
@@ -58,11 +61,12 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
     bundle = load_stage_model(Path(run_dir), editing_base(cfg))
     if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
-        from raydebias.data.splits import load_split
+        from raydebias.data.stream import PartRows, PartSet, parquet_parts
 
         info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
-        x = load_split(Path(run_dir) / "stages" / "data" / "train.parquet", info["image_size"])["x"]
-        x = x[np.random.default_rng(cfg.seed).permutation(len(x))[: g.num_latents]]
+        train = PartRows(PartSet.open(parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet")),
+                         info["image_size"])
+        x = train[np.random.default_rng(cfg.seed).permutation(len(train))[: g.num_latents]]  # only these are read
         z = forward_latents(bundle, x, g.num_steps, g.t_frac, cfg.seed)
     else:  # the model's own reverse trajectories from noise, stopped at the split
         seeds = [cfg.seed * 1_000_003 + 500_000 + i for i in range(g.num_latents)]
@@ -71,26 +75,46 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int) -> dict
     gmm, bics = fit_gmm_bic(z, k_max=g.k_max, seed=cfg.seed)
     k = int(gmm.n_components)
     per_component = -(-n_generate // k)
-    images, comp = generate_balanced(bundle, gmm, per_component, cfg.seed, g.num_steps, g.t_frac)
+    zs, comp = sample_components(gmm, per_component, cfg.seed)
+    zs, comp = zs[:n_generate], comp[:n_generate]
     with atomic_path(out / "latent_gmm.npz") as tmp, open(tmp, "wb") as f:  # our own format: plain arrays
         np.savez(f, weights=gmm.weights_, means=gmm.means_, covariances=gmm.covariances_)
     atomic_write_json(out / "bic.json", {"k": list(range(1, len(bics) + 1)), "bic": bics, "chosen": k,
                                          "latents": g.latents,
                                          "latent_dim": int(z.shape[1]), "num_latents": int(z.shape[0])})
+    import pyarrow as pa
+
+    from raydebias._internal.io import atomic_write_table, remove_path, replace_path
     from raydebias.data.transforms import resize_uint8
+    from raydebias.models.classifier import load_classifier, predict
 
     size = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())["image_size"]
-    return {"images": resize_uint8(images[:n_generate], size), "component": comp[:n_generate], "k": k}
+    labeler, _ = load_classifier(Path(run_dir) / "stages" / "train" / g.labeler)
+    tmp = out / ".generated.parquet.tmp"
+    remove_path(tmp)
+    labels, confidence = [], []
+    for i, lo in enumerate(range(0, len(zs), chunk)):
+        z = torch.from_numpy(zs[lo:lo + chunk]).reshape(-1, *latent_shape(bundle))
+        images = resize_uint8(continue_reverse(bundle, z, g.num_steps, g.t_frac), size)
+        probs = predict(labeler, images)
+        label, conf = probs.argmax(1).astype(np.int64), probs.max(1).astype(np.float32)
+        atomic_write_table(tmp / f"part-{i:06d}.parquet", pa.table({
+            "row": np.arange(lo, lo + len(label), dtype=np.int64), "component": comp[lo:lo + chunk],
+            "label": label, "confidence": conf, "kept": conf >= g.min_confidence,
+            "pixels": [np.ascontiguousarray(p).tobytes() for p in images]}))
+        labels.append(label)
+        confidence.append(conf)
+    replace_path(tmp, out / "generated.parquet")
+    cat = lambda v, t: np.concatenate(v) if v else np.zeros(0, t)  # noqa: E731
+    return {"component": comp, "label": cat(labels, np.int64), "confidence": cat(confidence, np.float32), "k": k}
 
 
 def run_gmm(ctx):
     """GAMMA-FACE generation (a Ray task) + pseudo-labels from the ``labeler`` classifier → ``generated.parquet``."""
-    import pyarrow as pa
     import ray
 
-    from raydebias._internal.io import atomic_write_json, atomic_write_table
+    from raydebias._internal.io import atomic_write_json
     from raydebias.core import StageResult
-    from raydebias.models.classifier import load_classifier, predict
 
     cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
     out = ctx.stage_dir("gmm")
@@ -101,15 +125,8 @@ def run_gmm(ctx):
     task = ray.remote(num_cpus=g.num_cpus, num_gpus=cfg.ray.num_gpus_per_worker or 0, max_retries=1,
                       retry_exceptions=True)(gmm_task)
     res = ray.get(task.remote(str(ctx.run_dir), cfg.model_dump_json(), n_generate, max(1, int(g.num_cpus))))
-    model, _ = load_classifier(ctx.run_dir / "stages" / "train" / g.labeler)
-    torch.set_num_threads(max(1, int(cfg.ray.num_cpus or 2)))
-    probs = predict(model, res["images"])
-    label, conf = probs.argmax(1), probs.max(1)
+    label, conf = res["label"], res["confidence"]  # per row; the images were written by the task
     keep = conf >= g.min_confidence
-    atomic_write_table(out / "generated.parquet", pa.table({
-        "row": np.arange(len(label), dtype=np.int64), "component": res["component"], "label": label.astype(np.int64),
-        "confidence": conf.astype(np.float32), "kept": keep,
-        "pixels": [np.ascontiguousarray(p).tobytes() for p in res["images"]]}))
     C = info["num_classes"]
     stats = {"k": res["k"], "generated": int(len(label)), "kept": int(keep.sum()), "labeler": g.labeler,
              "label_histogram_per_component": [np.bincount(label[res["component"] == c], minlength=C).tolist()
