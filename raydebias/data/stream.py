@@ -99,6 +99,12 @@ class PartSet:
         return pixels_from_column(t.column("pixels").to_pylist(), image_size)
 
 
+def buffer_rows(megabytes: float, side: int) -> int:
+    """How many decoded ``side`` × ``side`` RGB images fit in ``megabytes`` (at least one): the shuffle buffer,
+    a sampler's block, a cache of decoded parts."""
+    return max(1, int(megabytes * 2**20 // (side * side * 3)))
+
+
 def count_rows(files: list[str], where: str | None = None, **_) -> int:
     """Rows of the set :meth:`PartSet.open` would read from ``files`` (extra keys of a set spec are ignored): the
     Parquet footers' row counts, or the true cells of the boolean column ``where``."""

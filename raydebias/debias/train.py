@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
 from raydebias.config import ClassifierModelConfig
-from raydebias.data.stream import PartSet, count_rows, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
+from raydebias.data.stream import PartSet, buffer_rows, count_rows, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
 from raydebias.data.transforms import to_model_input
 from raydebias.models.classifier import create_classifier, predict
 
@@ -260,7 +260,7 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         "weight_decay": tc.weight_decay, "augment": tc.augment, "groupdro_eta": tc.groupdro_eta,
         "select_by": select_by, "classifier": cfg.models.classifier.model_dump(),
         "num_classes": info["num_classes"], "num_bias": num_bias, "threads": tc.cpus_per_worker,
-        "data": data, "image_size": size, "shuffle_buffer": max(tc.batch_size, int(tc.shuffle_buffer_mb * 2**20 / (3 * size * size))),
+        "data": data, "image_size": size, "shuffle_buffer": max(tc.batch_size, buffer_rows(tc.shuffle_buffer_mb, size)),
     }
     resources = {"CPU": tc.cpus_per_worker}
     if use_gpu:

@@ -119,7 +119,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     import torch
 
     from raydebias.config import RunConfig
-    from raydebias.data.stream import PartRows, PartSet, parquet_parts
+    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
     from raydebias.data.transforms import resize_uint8
     from raydebias.debias.groupdro import group_mixture_probs
     from raydebias.models.clip import captions_for, clip_tokenizer
@@ -158,7 +158,6 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     # the model's resolution (models.diffusion.resolution); generated images go back to the dataset's image_size
     res = lambda x: resize_uint8(x, bundle.resolution) if x is not None else None  # noqa: E731
     torch.manual_seed(cfg.seed)
-    row_bytes = bundle.resolution ** 2 * 3
     stats = train_bootstrap_diffusion(
         bundle, PartRows(tr, info["image_size"], bundle.resolution), caps, steps=steps, batch_size=batch_size, lr=lr,
         drop_probs={"all": 0.0},  # ``word_dropout`` applies diffusion.caption_dropout: the only empty-caption rate
@@ -172,7 +171,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         guard_ratio=cfg.diffusion.guard_ratio, guard_min_gap=cfg.diffusion.guard_min_gap, guard_pixels=res(guard.get("x")),
         guard_captions=guard.get("captions"), coind_weight=cfg.diffusion.coind_weight if coind else 0.0,
         coind_captions=coind, coind_fraction=cfg.diffusion.coind_fraction,
-        block_rows=max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // row_bytes)),
+        block_rows=buffer_rows(cfg.train.shuffle_buffer_mb, bundle.resolution),
     )
     if guard:
         stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"

@@ -59,7 +59,7 @@ def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
     Parquet parts; saved under ``out``. Captions are made from the labels, the only columns read whole."""
     import torch
 
-    from raydebias.data.stream import PartSet, parquet_parts
+    from raydebias.data.stream import PartSet, buffer_rows, parquet_parts
     from raydebias.models.clip import captions_for, create_clip, train_bootstrap_clip
 
     torch.set_num_threads(1)  # measured: 1 thread beats 2 for this tiny model on a loaded 2-core machine
@@ -68,8 +68,7 @@ def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
     labels = PartSet.open(files)
     caps = captions_for(labels.y, labels.a if info["num_bias"] is not None else None, info["class_names"],
                         info["bias_names"], cfg.data.prompt_template)
-    row_bytes = info["image_size"] ** 2 * 3
-    source = part_batches(files, info["image_size"], max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // row_bytes)),
+    source = part_batches(files, info["image_size"], buffer_rows(cfg.train.shuffle_buffer_mb, info["image_size"]),
                           cfg.seed)
     enc = create_clip(cfg.models.clip, "bootstrap", info["image_size"])
     summary = train_bootstrap_clip(enc, source, caps, steps=cfg.clip.steps, batch_size=cfg.clip.batch_size,

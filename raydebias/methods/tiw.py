@@ -63,11 +63,6 @@ class ProbeFeatures(nn.Module):
             return self.probe(to_model_input(x.permute(0, 2, 3, 1)), return_features=True)[1].double()
 
 
-def cache_rows(cfg, image_size: int) -> int:
-    """Decoded rows a worker keeps (``train.shuffle_buffer_mb`` of images): a split that fits is decoded once."""
-    return max(1, int(cfg.train.shuffle_buffer_mb * 2**20 // (image_size**2 * 3)))
-
-
 def train_probe(cfg, x, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
     """The group probe: the run's classifier architecture trained with CE on (x, g). Measurement only (like an
     Inception net for FID), so it trains inside the measurement task rather than as a Ray Train job."""
@@ -95,7 +90,7 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
 
     from raydebias._internal.io import atomic_path
     from raydebias.config import RunConfig
-    from raydebias.data.stream import PartRows, PartSet, parquet_parts
+    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
     from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
     from raydebias.evaluate.metrics import conflicting_mask
@@ -108,7 +103,7 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
     size, B = info["image_size"], info["num_bias"]
     num_groups = info["num_classes"] * B
     ref_set = PartSet.open(parquet_parts(run / "stages" / "data" / f"{t.reference_split}.parquet"))
-    ref = {"x": PartRows(ref_set, size, cache_rows=cache_rows(cfg, size)), "y": ref_set.y, "a": ref_set.a}
+    ref = {"x": PartRows(ref_set, size, cache_rows=buffer_rows(cfg.train.shuffle_buffer_mb, size)), "y": ref_set.y, "a": ref_set.a}
     g_ref = ref["y"] * B + ref["a"]
     probe = train_probe(cfg, ref["x"], g_ref, num_groups, seed=cfg.seed)
     # per group id g = y·B + a: is (y, a) the train-majority (bias-aligned) pairing?
@@ -134,7 +129,7 @@ def run_tiw(ctx):
 
     from raydebias._internal.io import atomic_write_json, atomic_write_text
     from raydebias.core import StageResult
-    from raydebias.data.stream import PartRows, PartSet, parquet_parts
+    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
     from raydebias.diffusion.tiw_train import fit_tiw
     from raydebias.evaluate.metrics import conflicting_mask
 
@@ -147,10 +142,10 @@ def run_tiw(ctx):
     data = ctx.run_dir / "stages" / "data"
     tr_set = PartSet.open(parquet_parts(data / "train.parquet"))
     ref_set = PartSet.open(parquet_parts(data / f"{t.reference_split}.parquet"))
-    tr = {"x": PartRows(tr_set, size, cache_rows=cache_rows(cfg, size)), "y": tr_set.y, "a": tr_set.a}
+    tr = {"x": PartRows(tr_set, size, cache_rows=buffer_rows(cfg.train.shuffle_buffer_mb, size)), "y": tr_set.y, "a": tr_set.a}
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(len(ref_set.y), size=min(t.reference_size, len(ref_set.y)), replace=False)
-    ref_x = PartRows(ref_set, size, cache_rows=cache_rows(cfg, size)).select(pick)
+    ref_x = PartRows(ref_set, size, cache_rows=buffer_rows(cfg.train.shuffle_buffer_mb, size)).select(pick)
     ctx.ensure_ray()
     key_file = out / "models.key"  # resume: models trained for this exact node key are reused
     if key_file.exists() and key_file.read_text() == ctx.node_key and (out / "models" / "losses.json").exists():
