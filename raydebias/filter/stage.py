@@ -30,7 +30,7 @@ from raydebias.filter.clip_score import (
     scores_groups,
     top_q,
 )
-from raydebias.filter.dedup import duplicate_threshold, self_similarity
+from raydebias.filter.dedup import duplicate_threshold, flat_index, max_similarity, self_similarity
 
 
 def _real_embeddings(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,15 +53,10 @@ _INDEX: dict[tuple[str, int], object] = {}  # per worker process: the faiss inde
 
 
 def _real_index(real_path: str):
-    import faiss
-
     key = (real_path, Path(real_path).stat().st_mtime_ns)
     if key not in _INDEX:
         _INDEX.clear()
-        _, _, real = _real_embeddings(real_path)
-        index = faiss.IndexFlatIP(real.shape[1])
-        index.add(np.ascontiguousarray(real))
-        _INDEX[key] = index
+        _INDEX[key] = flat_index(_real_embeddings(real_path)[2])
     return _INDEX[key]
 
 
@@ -82,10 +77,9 @@ def _score_parts(batch: dict, real_path: str, label_emb: np.ndarray, per_group: 
         groups = y * num_bias + a
         label_idx = y * num_bias + a if per_group else y
         match = bias_match(emb, label_emb, y, a, num_bias) if bias_check else np.ones(n, bool)
-        sims, _ = index.search(emb, 1)
         for k, v in (("part", np.full(n, int(i))), ("row", np.arange(n)), ("group", groups),
                      ("score", clip_scores(emb, groups, label_emb, label_idx, centroids, alpha)),
-                     ("match", match), ("sim", sims[:, 0])):
+                     ("match", match), ("sim", max_similarity(emb, None, index))):
             cols[k].append(v)
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
 
@@ -139,7 +133,7 @@ def run_filter(ctx, variant: str):
     per_group = scores_groups(cfg.filter.label_prompt, info.get("bias_names"), a)
     label_emb = load_clip(ctx.run_dir).encode_texts(texts)
     check = None
-    if cfg.filter.bias_check and (not info.get("bias_names") or not len(a) or (a < 0).any()):
+    if cfg.filter.bias_check and not per_group:  # bias_check's validator requires {bias} in label_prompt
         check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
     ref = ray.get(ref)
 
