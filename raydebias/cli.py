@@ -56,17 +56,32 @@ def _f(v) -> str:
 def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose: bool = False) -> int:
     """Run a config with a quiet console (one line per stage; the full output in ``<run_dir>/logs/run.log``) or,
     with ``verbose``, everything on the console. A failed stage is one line (stage, cause, log path), exit 1."""
-    import traceback
+    import tempfile
 
-    from raydebias._internal.console import Console
-    from raydebias.pipeline import PipelineError, run_pipeline
+    from raydebias._internal.io import atomic_write_bytes, is_remote, sha256_json
+    from raydebias.core.context import run_path
 
     if run_dir:
         overrides = [*overrides, f"run_dir={run_dir}"]
     cfg = load_config(config, overrides)
     _reject_unused_overrides(cfg, overrides)
-    out = Path(cfg.run_dir).expanduser().resolve()
-    log_path = out / "logs" / "run.log"
+    out = run_path(cfg.run_dir)
+    # the console writes the log through a file descriptor: a local file, uploaded to a remote run dir at the end
+    log_path = (Path(tempfile.gettempdir()) / "raydebias-logs" / sha256_json(str(out))[:16] / "run.log"
+                if is_remote(out) else out / "logs" / "run.log")
+    try:
+        return _run_logged(cfg, out, log_path, verbose)
+    finally:
+        if is_remote(out) and log_path.exists():
+            atomic_write_bytes(out / "logs" / "run.log", log_path.read_bytes())
+
+
+def _run_logged(cfg, out, log_path: Path, verbose: bool) -> int:
+    import traceback
+
+    from raydebias._internal.console import Console
+    from raydebias.pipeline import PipelineError, run_pipeline
+
     with Console(log_path, verbose=verbose) as console:
         console.print(f"raydebias: {cfg.method} vs {', '.join(cfg.baselines) or 'no baselines'} → {out}"
                       + ("" if verbose else f"  (full log: {log_path})"))

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raydebias import __version__
-from raydebias._internal.io import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from raydebias._internal.io import as_path, atomic_write_json, atomic_write_text, is_remote, sha256_file, sha256_json, url_to_fs
 from raydebias.config import RunConfig, dump_config
 from raydebias.core import RunContext, Stage, toposort
+from raydebias.core.context import run_path
 
 
 def library_versions() -> dict[str, str]:
@@ -137,7 +138,7 @@ def check_graph(cfg: RunConfig) -> list[Stage]:
     stage the run directory's manifest records as completed. Raises :class:`PipelineError` naming the stage."""
     nodes = build_graph(cfg)
     names = {n.name for n in nodes}
-    mpath = Path(cfg.run_dir).expanduser() / "manifest.json"
+    mpath = run_path(cfg.run_dir) / "manifest.json"
     done = set()
     if mpath.exists():
         done = {k for k, e in json.loads(mpath.read_text()).get("stages", {}).items() if e.get("status") == "completed"}
@@ -159,7 +160,7 @@ class RunDirLock:
     processes of one host and on shared filesystems that implement it (NFSv4, CephFS, Lustre with ``flock``)."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = as_path(run_dir) / ".lock"
         self._fd: int | None = None
 
     @property
@@ -201,6 +202,97 @@ class RunDirLock:
             self._fd = None
 
 
+class RunDirLease:
+    """``<run_dir>/.lock`` on an object store (``s3://``, ``gs://``): a lease that holds across hosts.
+
+    The holder creates the object with a conditional write (create only if absent: S3's ``If-None-Match``) and
+    rewrites it every ``seconds / 6`` from a heartbeat thread. A second run that finds the object watches it for
+    ``seconds``: if the holder's heartbeat moves the object's modification time it is alive and the second run
+    stops with the holder's name; if not, the holder is dead (a killed driver, a lost node) and the lease is taken
+    over. So a rerun after a killed driver waits at most ``seconds`` (``RAYDEBIAS_LEASE_SECONDS``, default 30). A
+    heartbeat that finds another holder's token in the object marks the lease lost, and the pipeline stops before
+    its next stage."""
+
+    def __init__(self, run_dir, seconds: float | None = None):
+        self.path = str(run_dir).rstrip("/") + "/.lock"
+        self.fs, self._key = url_to_fs(self.path)
+        self.seconds = float(seconds or os.environ.get("RAYDEBIAS_LEASE_SECONDS", 30))
+        self.lost = False
+        self._beats = 0
+        self._token: str | None = None
+        self._stop = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None and not self.lost
+
+    def _body(self) -> bytes:
+        import socket
+
+        self._beats += 1  # every rewrite differs, so its ETag does (the watcher's sign of life)
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": self._since,
+                           "token": self._token, "renewed": _now(), "beat": self._beats}).encode()
+
+    def _stamp(self) -> str | None:
+        self.fs.invalidate_cache(self._key)
+        try:
+            info = self.fs.info(self._key)
+        except FileNotFoundError:
+            return None
+        return str(info.get("ETag") or info.get("LastModified") or info.get("mtime")) + str(info.get("size"))
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.fs.cat_file(self._key))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def __enter__(self) -> "RunDirLease":
+        import threading
+        import uuid
+
+        self._token, self._since = uuid.uuid4().hex, _now()
+        deadline = None
+        while True:
+            try:
+                self.fs.pipe_file(self._key, self._body(), mode="create")
+                break
+            except FileExistsError:
+                pass
+            stamp, holder = self._stamp(), self._holder()
+            if deadline is None:
+                deadline, seen = time.time() + self.seconds, stamp
+            elif stamp != seen:
+                self._token = None
+                raise PipelineError(
+                    f"{self.path.rsplit('/', 1)[0]} is in use by another run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to finish")
+            if time.time() >= deadline and stamp is not None:  # no heartbeat for a whole lease: the holder is dead
+                self.fs.rm_file(self._key)
+                continue
+            time.sleep(min(1.0, self.seconds / 6))
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True, name="raydebias-lease").start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.seconds / 6):
+            try:
+                if self._holder().get("token") != self._token:
+                    self.lost = True
+                    return
+                self.fs.pipe_file(self._key, self._body())
+            except Exception:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                continue
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self._token is not None and self._holder().get("token") == self._token:
+            self.fs.rm_file(self._key)
+        self._token = None
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         return json.loads(os.pread(fd, 4096, 0) or b"{}")
@@ -222,13 +314,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
     if unused:
         log(f"[config] warning: no method of this run reads {', '.join(unused)}")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    with RunDirLock(ctx.run_dir):
-        _run_nodes(ctx, nodes, log, progress or (lambda event: None))
+    with (RunDirLease(ctx.run_dir) if is_remote(ctx.run_dir) else RunDirLock(ctx.run_dir)) as lock:
+        _run_nodes(ctx, nodes, log, progress or (lambda event: None), lock)
     return ctx
 
 
 def _run_nodes(ctx: RunContext, nodes: list[Stage], log: Callable[[str], None],
-               progress: Callable[[dict], None]) -> None:
+               progress: Callable[[dict], None], lock: Any = None) -> None:
     cfg = ctx.cfg
     atomic_write_text(ctx.run_dir / "config.yaml", dump_config(cfg))
     manifest = Manifest(ctx.run_dir / "manifest.json")
@@ -240,6 +332,9 @@ def _run_nodes(ctx: RunContext, nodes: list[Stage], log: Callable[[str], None],
     manifest.save()
     t_run = time.time()
     for i, node in enumerate(nodes, 1):
+        if lock is not None and not lock.held:
+            raise PipelineError(f"{ctx.run_dir}: another run took this run directory's lease; stopping before "
+                                f"{node.name!r}")
         event = {"i": i, "n": len(nodes), "stage": node.name}
         inputs = {}
         for dep in node.deps:

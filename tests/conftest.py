@@ -63,3 +63,37 @@ def tiny_generative() -> list[str]:
             "diffusion.steps=30", "diffusion.num_cpus=1", "cluster.k_max=2", "finetune.steps=2",
             "finetune.min_images=15", "generate.images_per_group=2", "generate.num_steps=2", "generate.batch_size=50",
             "filter.dedup_threshold=1.0", "two_stage.epochs_synthetic=1", "two_stage.epochs_llr=1", "train.epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's server, in a thread of this process) with the bucket ``raydebias``.
+    Yields the environment a client needs (credentials, endpoint; no EC2 metadata lookups, which would hang
+    offline); it is also set in this process, so that fsspec and pyarrow here talk to it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("raydebias")
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh folder in the test bucket: ``s3://raydebias/<random>``."""
+    import uuid
+
+    return f"s3://raydebias/{uuid.uuid4().hex[:12]}"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import psutil
 import pytest
 
@@ -24,11 +25,11 @@ TINY = ["data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_tes
 EPOCH = re.compile(r"\[train/erm\] erm epoch (\d+)/8")
 
 
-def start(run_dir: Path, *sets: str) -> subprocess.Popen:
+def start(run_dir: Path | str, *sets: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in (*TINY, *sets):
         args += ["--set", kv]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -97,6 +98,43 @@ def test_killed_driver_resumes_same_config_and_restarts_a_changed_one(tmp_path):
     assert runs == [], runs  # the stale run was deleted, the finished one cleaned up
     meta = json.loads((tmp_path / "run2" / "stages" / "train" / "erm" / "meta.json").read_text())
     assert 1 <= meta["best_epoch"] <= 8 and meta["best_phase"] == "erm"
+
+
+@pytest.mark.timeout(900)
+def test_killed_driver_resumes_a_run_dir_on_s3(tmp_path, s3_server, s3_root):
+    """The same kill and rerun with the run directory on an S3 API: the workers write the splits and the
+    checkpoints there, the rerun waits out the dead driver's lease and resumes from the stored checkpoint, and
+    nothing of the run lands on local disk."""
+    fs, base = fsspec.filesystem("s3"), s3_root.removeprefix("s3://")
+    env = {**s3_server, "RAYDEBIAS_LEASE_SECONDS": "5"}
+    p = start(s3_root, env=env)
+    try:
+        first, log = epochs_of(p, stop_after=3)
+    finally:
+        kill_tree(p)
+    assert first[:3] == [1, 2, 3], log[-3000:]
+    assert fs.exists(f"{base}/.lock")  # the killed driver's lease is still there
+    assert fs.find(f"{base}/stages/data/train.parquet") and fs.find(f"{base}/stages/train/_ray")
+
+    t0 = time.time()
+    p = start(s3_root, env=env)
+    resumed, log = epochs_of(p)
+    assert p.returncode == 0, log[-3000:]
+    assert resumed and resumed[0] > 1 and resumed[-1] == 8, (resumed, log[-3000:])
+    assert time.time() - t0 >= 5  # the lease was waited out, not ignored
+    assert "skip data" in log  # the stored splits were reused
+    manifest = json.loads(fs.cat_file(f"{base}/manifest.json"))
+    assert {k: e["status"] for k, e in manifest["stages"].items()} == {"data": "completed", "train/erm": "completed"}
+    meta = json.loads(fs.cat_file(f"{base}/stages/train/erm/meta.json"))
+    assert 1 <= meta["best_epoch"] <= 8
+    assert fs.exists(f"{base}/stages/train/erm/model.safetensors")
+    assert not fs.exists(f"{base}/.lock")
+    assert not [f for f in fs.find(f"{base}/stages/train/_ray") if "erm-" in f]  # the checkpoints removed on success
+    assert not (ROOT / "s3:").exists()  # no path of the run was taken for a local one
+
+    p = start(s3_root, env=env)  # a third run has nothing to do
+    again, log = epochs_of(p)
+    assert p.returncode == 0 and again == [] and "skip train/erm" in log, log[-3000:]
 
 
 def run_killing_a_train_worker(args: list[str], trigger: str, workers: int, index: int,

@@ -73,14 +73,14 @@ def keyed_train_run(storage: Path, base: str, key: str | None) -> str:
     checkpoints under ``storage/<name>``, so keying the name by the stage key means a rerun after a killed driver
     resumes only the same inputs and config; runs of ``base`` under other keys (stale: another lr, epochs,
     width or dataset) are deleted here, so they are neither resumed nor left behind."""
-    import shutil
+    from raydebias._internal.io import as_path, remove_path
 
     name = f"{base}-{key[:12]}" if key else base
-    storage = Path(storage)
+    storage = as_path(storage)
     if storage.is_dir():
         for d in storage.iterdir():
             if d.is_dir() and d.name != name and (d.name == base or d.name.startswith(f"{base}-")):
-                shutil.rmtree(d, ignore_errors=True)
+                remove_path(d)
     return name
 
 
@@ -104,13 +104,15 @@ def fit_torch(loop: Callable[[dict], object], config: dict, *, num_workers: int,
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydebias._internal.io import as_path
+
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if num_workers == 0:
         opts = {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0),
                 "max_retries": max_failures, "retry_exceptions": True}
         ray.get(ray.remote(_fit_local).options(**opts).remote(loop, config, str(storage), name))
-        d = _local_checkpoint_dir(Path(storage) / name)
+        d = _local_checkpoint_dir(as_path(storage) / name)
         return Checkpoint.from_directory(str(d)) if d is not None else None
     trainer = TorchTrainer(
         loop, train_loop_config=config,
@@ -129,7 +131,9 @@ def _fit_local(loop: Callable[[dict], object], config: dict, storage: str, name:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    _LOCAL_RUN = Path(storage) / name
+    from raydebias._internal.io import as_path
+
+    _LOCAL_RUN = as_path(storage) / name
     try:
         result = TorchTrainer(loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=0)).fit()
         if result.error:
@@ -166,11 +170,24 @@ def get_checkpoint():
     return ray.train.Checkpoint.from_directory(str(d)) if d is not None else None
 
 
-def _keep_local_checkpoint(run: Path, src: Path) -> None:
+def _keep_local_checkpoint(run, src: Path) -> None:
     """Replace ``run/checkpoint`` by a copy of ``src``; a crash at any point leaves a whole checkpoint to resume
-    from (``checkpoint``, else ``checkpoint.old``; ``checkpoint.tmp`` is never read)."""
+    from (``checkpoint``, else ``checkpoint.old``; ``checkpoint.tmp`` is never read). On an object store (no
+    rename) the copy is uploaded to a new folder and committed by rewriting the pointer ``checkpoint.json``
+    (one PUT), then older folders are removed."""
     import shutil
+    import uuid
 
+    from raydebias._internal.io import atomic_write_json, is_remote, remove_path, upload
+
+    if is_remote(run):
+        name = f"checkpoint-{uuid.uuid4().hex[:12]}"
+        upload(src, run / name)
+        atomic_write_json(run / "checkpoint.json", {"dir": name})
+        for d in run.iterdir():
+            if d.name.startswith("checkpoint-") and d.name != name:
+                remove_path(d)
+        return
     run.mkdir(parents=True, exist_ok=True)
     dst, old, tmp = run / "checkpoint", run / "checkpoint.old", run / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -182,7 +199,20 @@ def _keep_local_checkpoint(run: Path, src: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _local_checkpoint_dir(run: Path) -> Path | None:
+def _local_checkpoint_dir(run) -> Path | None:
+    """The folder of ``run``'s last kept checkpoint (see :func:`_keep_local_checkpoint`) on local disk, or None; a
+    remote one is downloaded to a fresh temporary folder."""
+    import json
+    import tempfile
+
+    from raydebias._internal.io import download, is_remote
+
+    if is_remote(run):
+        pointer = run / "checkpoint.json"
+        if not pointer.exists():
+            return None
+        return download(run / json.loads(pointer.read_text())["dir"],
+                        Path(tempfile.mkdtemp(prefix="raydebias-ckpt-")) / "checkpoint")
     for d in (run / "checkpoint", run / "checkpoint.old"):
         if d.is_dir():
             return d

@@ -11,7 +11,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -496,11 +495,9 @@ def ingest(
     row, tagged with its input position → Ray Data aggregations decide the duplicated ids and the held-out splits;
     (2) each input file read in batches → decoded, validated and written to the split folders or the quarantine by
     the actor that decoded it, which returns counts. The driver holds counts and the duplicated ids."""
-    import shutil
-
     import ray
 
-    from raydebias._internal.io import remove_path, replace_path
+    from raydebias._internal.io import as_path, remove_path, replace_path
 
     sources, columns, roots = _list_sources(cfg, source_uri)
     check_schema(columns, cfg)
@@ -510,12 +507,12 @@ def ingest(
     has_split = "split" in columns
     total = sum(s.rows for s in sources)
     wanted = [c for c in (cfg.image_column, cfg.path_column, "label", "bias", "split", "id") if c in columns]
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     work = out_dir / "_ingest"  # the new outputs, moved into place when complete
-    shutil.rmtree(work, ignore_errors=True)
+    remove_path(work)
     folders = {s: str(work / f"{s}.parquet") for s in SPLITS} | {"quarantine": str(work / "quarantine.parquet")}
     for f in folders.values():
-        Path(f).mkdir(parents=True)
+        as_path(f).mkdir(parents=True)
     from ray.data import DataContext
 
     data_ctx = DataContext.get_current()
@@ -576,7 +573,7 @@ def ingest(
             replace_path(folders[s], out_dir / f"{s}.parquet")
     finally:
         data_ctx.target_max_block_size = block_size
-        shutil.rmtree(work, ignore_errors=True)
+        remove_path(work)
     if quarantined:
         log(f"[data] {quarantined} row(s) quarantined → {quarantine_path}: {reasons}")
     for s in ("val", "test"):

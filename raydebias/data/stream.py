@@ -31,7 +31,9 @@ from raydebias.data.transforms import pixels_from_column
 def parquet_parts(path: str | Path) -> list[str]:
     """The Parquet files of a split written by the ``data`` stage (a folder of parts) or of a single file, in
     name order (input order for the ``data`` stage's parts)."""
-    p = Path(path)
+    from raydebias._internal.io import as_path
+
+    p = as_path(path)
     if p.is_dir():
         return sorted(str(f) for f in p.glob("*.parquet") if not f.name.startswith((".", "_")))
     return [str(p)]
@@ -56,9 +58,9 @@ class PartSet:
         row order, in place of a ``group`` column."""
         ys, as_, gs, rows = [], [], [], []
         for f in files:
-            names = pq.ParquetFile(f).schema_arrow.names
+            names = pq.ParquetFile(str(f)).schema_arrow.names
             want = [c for c in ("label", "bias", "group", where) if c and c in names and (c != "bias" or bias)]
-            t = pq.read_table(f, columns=want)
+            t = pq.read_table(str(f), columns=want)
             if where:
                 t = t.filter(t.column(where))
             rows.append(t.num_rows)
@@ -91,7 +93,7 @@ class PartSet:
 
     def read_pixels(self, part: int, image_size: int) -> np.ndarray:
         where = self.where[part] if self.where else None
-        t = pq.read_table(self.files[part], columns=["pixels", *([where] if where else [])])
+        t = pq.read_table(str(self.files[part]), columns=["pixels", *([where] if where else [])])
         if where:
             t = t.filter(t.column(where))
         if not t.num_rows:
@@ -109,8 +111,8 @@ def count_rows(files: list[str], where: str | None = None, **_) -> int:
     """Rows of the set :meth:`PartSet.open` would read from ``files`` (extra keys of a set spec are ignored): the
     Parquet footers' row counts, or the true cells of the boolean column ``where``."""
     if where is None:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return sum(int(pc.sum(pq.read_table(f, columns=[where]).column(where)).as_py() or 0) for f in files)
+        return sum(pq.ParquetFile(str(f)).metadata.num_rows for f in files)
+    return sum(int(pc.sum(pq.read_table(str(f), columns=[where]).column(where)).as_py() or 0) for f in files)
 
 
 def write_parts(folder: str | Path, arrays: dict[str, np.ndarray], rows_per_part: int = 4096) -> list[str]:
@@ -118,7 +120,9 @@ def write_parts(folder: str | Path, arrays: dict[str, np.ndarray], rows_per_part
     :class:`PartSet` reads; returns the files."""
     from raydebias._internal.io import atomic_write_table
 
-    folder = Path(folder)
+    from raydebias._internal.io import as_path
+
+    folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = len(arrays["y"])
     files = []
@@ -204,18 +208,18 @@ def take_rows(path: str | Path, rows: np.ndarray, image_size: int) -> tuple[pa.T
     """The rows at positions ``rows`` (in the set's part order) of a Parquet set, in the order given: the table
     without its pixel column, and the decoded pixels. Only the parts holding them are read, one at a time."""
     files = parquet_parts(path)
-    offsets = np.cumsum([0, *(pq.ParquetFile(f).metadata.num_rows for f in files)])
+    offsets = np.cumsum([0, *(pq.ParquetFile(str(f)).metadata.num_rows for f in files)])
     rows = np.asarray(rows, np.int64)
     uniq, back = np.unique(rows, return_inverse=True)
     tables = []
     for i, f in enumerate(files):
         sel = uniq[(uniq >= offsets[i]) & (uniq < offsets[i + 1])]
         if len(sel):
-            tables.append(pq.read_table(f).take(pa.array(sel - offsets[i])))
+            tables.append(pq.read_table(str(f)).take(pa.array(sel - offsets[i])))
     if len(uniq) and sum(t.num_rows for t in tables) != len(uniq):
         raise IndexError(f"rows out of range for {path} ({offsets[-1]} rows)")
     if not tables:
-        t = pq.read_schema(files[0]).empty_table() if files else pa.table({"pixels": pa.array([], pa.binary())})
+        t = pq.read_schema(str(files[0])).empty_table() if files else pa.table({"pixels": pa.array([], pa.binary())})
         return t.drop_columns(["pixels"]), np.zeros((0, image_size, image_size, 3), np.uint8)
     t = pa.concat_tables(tables).take(pa.array(back))
     return t.drop_columns(["pixels"]), pixels_from_column(t.column("pixels").to_pylist(), image_size)
@@ -223,7 +227,7 @@ def take_rows(path: str | Path, rows: np.ndarray, image_size: int) -> tuple[pa.T
 
 def read_columns(path: str | Path, columns: list[str]) -> pa.Table:
     """Small columns of every row of a Parquet set, in part order (never the pixels)."""
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_parts(path)])
+    return pa.concat_tables([pq.read_table(str(f), columns=columns) for f in parquet_parts(path)])
 
 
 def first_per_group(y: np.ndarray, a: np.ndarray, k: int) -> np.ndarray:
@@ -239,9 +243,9 @@ def take_ids(path: str | Path, ids: list[str], image_size: int) -> tuple[pa.Tabl
     wanted = pa.array(list(ids), pa.string())
     tables = []
     for f in parquet_parts(path):
-        mask = pc.is_in(pq.read_table(f, columns=["id"]).column("id"), value_set=wanted)
+        mask = pc.is_in(pq.read_table(str(f), columns=["id"]).column("id"), value_set=wanted)
         if pc.any(mask).as_py():
-            tables.append(pq.read_table(f).filter(mask))
+            tables.append(pq.read_table(str(f)).filter(mask))
     if not tables:
         return pa.table({"id": pa.array([], pa.string())}), np.zeros((0, image_size, image_size, 3), np.uint8)
     t = pa.concat_tables(tables)
@@ -300,7 +304,7 @@ class PartRows:
             self._cache[p] = self._cache.pop(p)  # most recently used last
             return self._cache[p][rows]
         where = d.where[p] if d.where else None
-        t = pq.read_table(d.files[p], columns=["pixels", *([where] if where else [])])
+        t = pq.read_table(str(d.files[p]), columns=["pixels", *([where] if where else [])])
         if where:
             t = t.filter(t.column(where))
         if self.cache_rows <= 0 or d.rows[p] > self.cache_rows:

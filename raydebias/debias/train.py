@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
+from raydebias._internal.io import atomic_path, atomic_write_json, remove_path, save_weights
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.stream import PartSet, buffer_rows, count_rows, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
 from raydebias.data.transforms import to_model_input
@@ -244,9 +244,9 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     # beside the stage's output
     sources = {s: {"files": parquet_parts(data_dir / f"{s}.parquet")} for s in ("train", "val")}
     inputs = out / "inputs"
-    shutil.rmtree(inputs, ignore_errors=True)
+    remove_path(inputs)
     for name, d in (extra_data or {}).items():
-        if isinstance(d, (str, Path)):  # a Parquet file or folder of (label, [bias], pixels)
+        if not isinstance(d, dict):  # a path: a Parquet file or folder of (label, [bias], pixels)
             sources[name] = {"files": parquet_parts(d)}
         elif "files" in d:  # {"files", "bias": False (ignore its bias column), "where": a boolean column}
             sources[name] = d
@@ -294,8 +294,8 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
         **(summary or {}),
     }
     atomic_write_json(out / "meta.json", meta)
-    shutil.rmtree(storage / run_name, ignore_errors=True)  # Ray Train's copies; the selected model stays
-    shutil.rmtree(inputs, ignore_errors=True)
+    remove_path(storage / run_name)  # Ray Train's copies; the selected model stays
+    remove_path(inputs)
     if any(p.get("select") for p in phases):
         ctx.log(f"[train/{method}] best epoch {meta['best_epoch']} of {len(phases)} phase(s), in {meta['best_phase']} "
                 f"(val {select_by} {state['best_score']:.3f})")

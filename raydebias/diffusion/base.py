@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raydebias._internal.io import atomic_path, atomic_write_json, save_weights
+from raydebias._internal.io import as_path, atomic_path, atomic_write_json, local_copy, remove_path, save_weights
 from raydebias.config import RunConfig
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def load_stage_model(run_dir: Path, stage: str):
     class-conditional model of the biased split)."""
     from raydebias.models.diffusion import load_diffusion
 
-    spec = json.loads((Path(run_dir) / "stages" / stage / "model.json").read_text())
+    spec = json.loads((as_path(run_dir) / "stages" / stage / "model.json").read_text())
     return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
 
 
@@ -48,8 +48,8 @@ def editing_base(cfg: RunConfig) -> str:
 
 def model_path(run_dir: Path, spec: dict) -> str:
     """A ``model.json``'s model: ``run_relative`` paths live in the run dir (a copied run dir loads its own
-    model), anything else is the user's folder or hub id."""
-    return str(Path(run_dir) / spec["path"]) if spec.get("run_relative") else spec["path"]
+    model; from a remote run dir, a local copy of it), anything else is the user's folder or hub id."""
+    return local_copy(as_path(run_dir) / spec["path"]) if spec.get("run_relative") else spec["path"]
 
 
 def balanced_dropout_scale(groups: np.ndarray, draw_probs: np.ndarray | None = None) -> dict[int, float]:
@@ -98,7 +98,7 @@ def guard_set(run_dir: Path, info: dict, template: str, use_bias: bool, n: int, 
     from raydebias.data.stream import PartRows, PartSet, parquet_parts
     from raydebias.models.clip import captions_for
 
-    data = Path(run_dir) / "stages" / "data"
+    data = as_path(run_dir) / "stages" / "data"
     split, rows = "train", train
     if (data / "val.parquet").exists():
         va = PartSet.open(parquet_parts(data / "val.parquet"))
@@ -128,9 +128,9 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
-    info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
+    info = json.loads((as_path(run_dir) / "stages" / "data" / "info.json").read_text())
     # the train split's labels here; its images are read by the trainer a block of steps at a time
-    tr = PartSet.open(parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet"))
+    tr = PartSet.open(parquet_parts(as_path(run_dir) / "stages" / "data" / "train.parquet"))
     has_bias = use_bias and info["num_bias"] is not None and bool((tr.a >= 0).all())
     caps = captions_for(tr.y, tr.a if has_bias else None, info["class_names"], info["bias_names"], template)
     # the caption dropout callable sees one caption at a time: look its factors up by caption text
@@ -152,7 +152,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         # CoInD's marginals: the class word alone, the bias word alone (the captions word dropout also makes)
         coind = [(describe(template, info["class_names"][y], None), describe(template, "", info["bias_names"][a]))
                  for y, a in zip(tr.y, tr.a)]
-    guard = guard_set(Path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
+    guard = guard_set(as_path(run_dir), info, template, has_bias, cfg.diffusion.guard_images, cfg.seed, tr) \
         if cfg.diffusion.guard_every else {}
     bundle = bootstrap_diffusion(cfg.models.diffusion, tokenizer=clip_tokenizer())
     # the model's resolution (models.diffusion.resolution); generated images go back to the dataset's image_size
@@ -177,7 +177,7 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
         stats["guard"]["images"] = f"{len(guard['x'])} {guard['split']}"
     if cfg.diffusion.coind_weight > 0 and not coind:
         stats["coind"] = "skipped: the captions carry no bias word"
-    out = Path(run_dir) / "stages" / out_stage / "model"
+    out = as_path(run_dir) / "stages" / out_stage / "model"
     with atomic_path(out) as tmp:
         bundle.save(tmp)
     return {**stats, "captions": "class + bias" if has_bias else "class only"}
@@ -237,7 +237,6 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
     ``TorchTrainer`` worker of ``num_cpus`` CPUs, on a GPU when ``ray.num_gpus_per_worker``, or local mode in one
     Ray task with ``num_workers=0``; one restart on failure, resumed from the last checkpoint) and return its stats.
     The loop writes the model to the run directory (shared storage on a cluster, as for every stage)."""
-    import shutil
 
     from raydebias._internal.ray_utils import fit_torch, keyed_train_run
 
@@ -255,7 +254,7 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
         raise RuntimeError(f"{stage}: no checkpoint was reported")
     with ckpt.as_directory() as d:
         stats = json.loads((Path(d) / "stats.json").read_text())
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_path(storage)
     return stats
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raydebias._internal.io import atomic_path
+from raydebias._internal.io import as_path, atomic_path, load_safetensors, remove_path
 from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
 from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
@@ -340,21 +340,21 @@ def fit_tiw(x_bias: np.ndarray | PartRows, x_ref: np.ndarray | PartRows, out_dir
     config = {**DEFAULTS, "threads": cpus_per_worker, "image_size": int(x_bias.shape[1]), **loop_kwargs,
               "data_refs": {"bias": put(x_bias), "ref": put(x_ref)}}
     resources: dict[str, float] = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    name = keyed_train_run(Path(storage_path), "tiw", run_key)
-    ckpt = fit_torch(tiw_train_loop, config, num_workers=num_workers, resources=resources, storage=Path(storage_path),
+    name = keyed_train_run(as_path(storage_path), "tiw", run_key)
+    ckpt = fit_torch(tiw_train_loop, config, num_workers=num_workers, resources=resources, storage=as_path(storage_path),
                      name=name, max_failures=1)
     if ckpt is None:
         raise RuntimeError("tiw: no checkpoint was reported")
     with ckpt.as_directory() as d, atomic_path(out_dir) as tmp:
         shutil.copytree(d, tmp)
-    shutil.rmtree(Path(storage_path) / name, ignore_errors=True)  # Ray Train's copies; out_dir keeps the files
-    return json.loads((Path(out_dir) / "losses.json").read_text())
+    remove_path(as_path(storage_path) / name)  # Ray Train's copies; out_dir keeps the files
+    return json.loads((as_path(out_dir) / "losses.json").read_text())
 
 
 def load_eps_model(path: str | Path, model_kwargs: dict[str, Any]) -> EpsUNet:
     """An :class:`EpsUNet` (eval mode) from a ``<objective>.safetensors`` file."""
     model = EpsUNet(**model_kwargs)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_safetensors(path))
     return model.eval()
 
 

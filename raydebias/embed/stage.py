@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import as_path, atomic_path, atomic_write_json
 from raydebias.config import RunConfig
 
 
@@ -29,7 +29,7 @@ def load_clip(run_dir: Path):
     from raydebias.config import ClipModelConfig
     from raydebias.models.clip import ClipEncoder, create_clip
 
-    d = Path(run_dir) / "stages" / "clip"
+    d = as_path(run_dir) / "stages" / "clip"
     spec = json.loads((d / "clip.json").read_text())
     if spec["source"] == "bootstrap":
         return ClipEncoder.load(d / "model")
@@ -64,7 +64,7 @@ def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
 
     torch.set_num_threads(1)  # measured: 1 thread beats 2 for this tiny model on a loaded 2-core machine
     cfg = RunConfig.model_validate_json(cfg_json)
-    files = parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet")
+    files = parquet_parts(as_path(run_dir) / "stages" / "data" / "train.parquet")
     labels = PartSet.open(files)
     caps = captions_for(labels.y, labels.a if info["num_bias"] is not None else None, info["class_names"],
                         info["bias_names"], cfg.data.prompt_template)
@@ -106,7 +106,7 @@ class EmbedImages:
         import torch
 
         torch.set_num_threads(1)
-        self.encoder = load_clip(Path(run_dir))
+        self.encoder = load_clip(as_path(run_dir))
         self.size = image_size
 
     def __call__(self, batch: dict) -> dict:
@@ -131,7 +131,7 @@ def run_embed(ctx):
     ctx.ensure_ray()
     out = ctx.stage_dir("embed")
     path = ctx.run_dir / "stages" / "data" / "train.parquet"
-    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(str(path), columns=["id"]).column("id").to_pylist()
     ds = ray.data.read_parquet(str(path))
     blocks = min(-(-len(ids) // cfg.embed.batch_size), 4 * cfg.embed.num_actors)
     if blocks > 1:
@@ -164,7 +164,7 @@ def run_embed(ctx):
 
 
 def load_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
-    t = pq.read_table(Path(run_dir) / "stages" / "embed" / "train.parquet")
+    t = pq.read_table(str(as_path(run_dir) / "stages" / "embed" / "train.parquet"))
     return {"id": np.asarray(t.column("id").to_pylist(), dtype=object),
             "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
             "emb": np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydebias._internal.io import as_path
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.stream import PartSet, iter_parts, stream_epoch
 from raydebias.data.transforms import to_model_input
@@ -231,13 +232,12 @@ def measure_run(run_dir, sets: list[dict[str, Any]], info: dict[str, Any], val: 
                 log=None, probe_members: int = 1) -> dict[str, Any] | None:
     """Fidelity (and CAS) of the synthetic ``sets`` (:func:`synthetic_sets`) that exist under ``run_dir/stages``; ``val``, ``test``: ``{"x", "y", "a"}`` (``x`` an array or a PartSet); ``train``: its
     ``id`` and ``a`` (only DiffInject's style target reads it). Each synthetic set is streamed from its parts."""
-    from pathlib import Path
 
     import pyarrow.parquet as pq
 
     from raydebias.data.stream import parquet_parts
 
-    st = Path(run_dir) / "stages"
+    st = as_path(run_dir) / "stages"
     sets = [s for s in sets if (st / s["path"]).exists()]
     if not sets or not len(val["y"]):
         return None
@@ -245,7 +245,7 @@ def measure_run(run_dir, sets: list[dict[str, Any]], info: dict[str, Any], val: 
     out: dict[str, Any] = {"probes": probes.summary(), "sets": {}}
     for s in sets:
         if s["target"] == "samples":
-            res = {obj.stem.removeprefix("samples_"): describe_unconditional(probes, np.load(obj))
+            res = {obj.stem.removeprefix("samples_"): describe_unconditional(probes, np.load(obj.open("rb")))
                    for obj in sorted((st / s["path"]).glob("samples_*.npy"))}
             out["sets"][s["name"]] = {"method": s["method"], "target": "none (unconditional)", "objectives": res}
             continue
@@ -257,11 +257,11 @@ def measure_run(run_dir, sets: list[dict[str, Any]], info: dict[str, Any], val: 
         else:
             a = None
             if s["target"] == "group":
-                a = np.concatenate([pq.read_table(f, columns=["bias"]).column("bias").to_numpy() for f in files]
+                a = np.concatenate([pq.read_table(str(f), columns=["bias"]).column("bias").to_numpy() for f in files]
                                    ).astype(np.int64) if files else np.zeros(0, np.int64)
             elif s["target"] == "style" and train is not None:
                 row = {i: k for k, i in enumerate(train["id"].tolist())}
-                styles = [i for f in files for i in pq.read_table(f, columns=["style_id"]).column(0).to_pylist()]
+                styles = [i for f in files for i in pq.read_table(str(f), columns=["style_id"]).column(0).to_pylist()]
                 a = train["a"][[row[i] for i in styles]]
             res = group_fidelity(probes, x, y, a)
             if s["target"] == "class":
@@ -281,7 +281,6 @@ def measure_run(run_dir, sets: list[dict[str, Any]], info: dict[str, Any], val: 
 def measure_task(run_dir: str, sets: list[dict[str, Any]], info: dict[str, Any], cfg_json: str, threads: int) -> tuple:
     """Ray task: :func:`measure_run` on the run's val and test splits streamed from their parts; returns the
     result and its log lines."""
-    from pathlib import Path
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -291,14 +290,14 @@ def measure_task(run_dir: str, sets: list[dict[str, Any]], info: dict[str, Any],
 
     torch.set_num_threads(max(1, threads))
     cfg = RunConfig.model_validate_json(cfg_json)
-    data = Path(run_dir) / "stages" / "data"
+    data = as_path(run_dir) / "stages" / "data"
     splits = {}
     for name in ("val", "test"):
         ps = PartSet.open(parquet_parts(data / f"{name}.parquet"))
         splits[name] = {"x": ps, "y": ps.y, "a": ps.a}
     train = None
     if any(s["target"] == "style" for s in sets):  # only DiffInject's target reads train
-        t = pa.concat_tables([pq.read_table(f, columns=["id", "bias"])
+        t = pa.concat_tables([pq.read_table(str(f), columns=["id", "bias"])
                               for f in parquet_parts(data / "train.parquet")])
         train = {"id": np.asarray(t.column("id").to_pylist(), dtype=object), "a": t.column("bias").to_numpy()}
     logs: list[str] = []

@@ -13,18 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydebias._internal.io import atomic_write_table
+from raydebias._internal.io import as_path, atomic_write_table, file_stamp
 from raydebias._internal.ray_utils import items_per_call
 from raydebias.data.stream import parquet_parts
 from raydebias.data.transforms import pixels_from_column
 from raydebias.models.classifier import load_classifier, predict
 
 
-_MODELS: dict[tuple[str, int], torch.nn.Module] = {}  # per worker process: a reused worker loads a model once
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}  # per worker process: a reused worker loads a model once
 
 
 def _model(model_dir: str) -> torch.nn.Module:
-    key = (model_dir, Path(model_dir, "model.safetensors").stat().st_mtime_ns)
+    key = (model_dir, file_stamp(f"{model_dir}/model.safetensors"))
     if key not in _MODELS:
         _MODELS[key] = load_classifier(model_dir)[0]
     return _MODELS[key]
@@ -39,7 +39,7 @@ def _predict_parts(batch: dict[str, np.ndarray], model_dirs: dict[str, str], ima
     torch.set_num_threads(1)
     frames = []
     for part, tag, write in zip(batch["part"], batch["tag"], batch["write"]):
-        t = pq.read_table(part)
+        t = pq.read_table(str(part))
         y = t.column("label").to_numpy().astype(np.int64)
         x = pixels_from_column(t.column("pixels").to_pylist(), image_size) if t.num_rows else \
             np.zeros((0, image_size, image_size, 3), np.uint8)
@@ -55,7 +55,7 @@ def _predict_parts(batch: dict[str, np.ndarray], model_dirs: dict[str, str], ima
             if with_probs:
                 cols[f"probs:{m}"] = list(probs)
             if write and out is not None:
-                atomic_write_table(Path(out[m]) / Path(part).name, pa.table(
+                atomic_write_table(as_path(out[m]) / as_path(part).name, pa.table(
                     {"id": t.column("id"), "label": y, "bias": cols["bias"], "pred": pred,
                      "probs": pa.array(list(probs), pa.list_(pa.float32()))}))
         frames.append(pd.DataFrame(cols))

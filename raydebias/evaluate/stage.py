@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from typing import Any
 
 import numpy as np
 import torch
 
-from raydebias._internal.io import atomic_write_json, replace_path
+from raydebias._internal.io import atomic_write_json, remove_path, replace_path
 from raydebias.evaluate.predict import predict_splits
 from raydebias.models.classifier import load_classifier
 from raydebias.evaluate import metrics as M
@@ -68,7 +67,7 @@ def run_evaluate(ctx):
     pred_dirs = {m: out / f"predictions_{m}.parquet" for m in methods}
     tmp = {m: out / f".predictions_{m}.parquet.tmp" for m in methods}
     for d in tmp.values():
-        shutil.rmtree(d, ignore_errors=True)
+        remove_path(d)
         d.mkdir()
     preds = predict_splits(ctx, {"val": False, "test": True}, methods, out=tmp)
     rows, outputs = [], []

@@ -9,15 +9,16 @@ Ray Data tasks then write each part's kept rows."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import (
+    as_path,
     atomic_write_json,
     atomic_write_table,
+    file_stamp,
     remove_path,
     replace_path,
 )
@@ -34,7 +35,7 @@ from raydebias.filter.dedup import duplicate_threshold, flat_index, max_similari
 
 
 def _real_embeddings(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    t = pq.read_table(path, columns=["label", "bias", "embedding"])
+    t = pq.read_table(str(path), columns=["label", "bias", "embedding"])
     emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32) if t.num_rows else \
         np.zeros((0, 1), np.float32)
     return t.column("label").to_numpy(), t.column("bias").to_numpy(), emb
@@ -49,11 +50,11 @@ def real_reference(path: str, num_bias: int, min_real: int, threshold: float, qu
     return {"centroids": centroids, "threshold": duplicate_threshold(threshold, self_similarity(emb), quantile)}
 
 
-_INDEX: dict[tuple[str, int], object] = {}  # per worker process: the faiss index of the real embeddings
+_INDEX: dict[tuple[str, str], object] = {}  # per worker process: the faiss index of the real embeddings
 
 
 def _real_index(real_path: str):
-    key = (real_path, Path(real_path).stat().st_mtime_ns)
+    key = (real_path, file_stamp(real_path))
     if key not in _INDEX:
         _INDEX.clear()
         _INDEX[key] = flat_index(_real_embeddings(real_path)[2])
@@ -101,7 +102,7 @@ def fid_of_kept(real_path: str, kept: str, num_bias: int) -> dict:
 
     y, a, real = _real_embeddings(real_path)
     rg = y * num_bias + np.maximum(a, 0)
-    t = pq.read_table(kept, columns=["label", "bias", "embedding"])
+    t = pq.read_table(str(kept), columns=["label", "bias", "embedding"])
     fake = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     fg = t.column("label").to_numpy() * num_bias + t.column("bias").to_numpy()
     per_group = {}
@@ -127,7 +128,7 @@ def run_filter(ctx, variant: str):
     # centroids and the duplicate threshold from the real embeddings, in a Ray task while the driver encodes texts
     ref = ray.remote(num_cpus=1)(real_reference).remote(
         real_path, B, cfg.filter.min_real_for_centroid, cfg.filter.dedup_threshold, cfg.filter.dedup_real_quantile)
-    ya = pa.concat_tables([pq.read_table(p, columns=["label", "bias"]) for p in parts])
+    ya = pa.concat_tables([pq.read_table(str(p), columns=["label", "bias"]) for p in parts])
     y, a = ya.column("label").to_numpy(), ya.column("bias").to_numpy()
     texts, _ = label_targets(cfg.filter.label_prompt, info["class_names"], info.get("bias_names"), y, a)
     per_group = scores_groups(cfg.filter.label_prompt, info.get("bias_names"), a)
@@ -172,7 +173,7 @@ def run_filter(ctx, variant: str):
             sel = (col["part"] == i) & final
             if sel.any():
                 items.append({"part": p, "rows": col["row"][sel].tolist(), "scores": scores[sel].tolist(),
-                              "dst": str(tmp / Path(p).name)})
+                              "dst": str(tmp / as_path(p).name)})
         written = sum(int(b["rows"].sum()) for b in ray.data.from_items(items).map_batches(
             _write_kept, batch_size=items_per_call(len(items)), batch_format="numpy", num_cpus=1).iter_batches(
             batch_format="numpy", batch_size=None))

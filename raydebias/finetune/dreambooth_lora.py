@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from raydebias._internal.io import atomic_path
+from raydebias._internal.io import as_path, atomic_path, local_copy
 from raydebias.data.transforms import resize_uint8, to_model_input
 from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
 
@@ -199,7 +199,7 @@ def save_lora(bundle: DiffusionBundle, name: str, out_dir: str | os.PathLike) ->
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
     state = {k: v.detach().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[name].to_dict()  # keeps lora_alpha/targets, so alpha ≠ rank loads right
-    out = Path(out_dir)
+    out = as_path(out_dir)
     with atomic_path(out) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=state, safe_serialization=True, unet_lora_adapter_metadata=metadata
@@ -210,7 +210,7 @@ def save_lora(bundle: DiffusionBundle, name: str, out_dir: str | os.PathLike) ->
 def load_lora(bundle: DiffusionBundle, lora_dir: str | os.PathLike, name: str) -> None:
     """Attach the diffusers-format adapter in ``lora_dir`` as ``name`` and make it the only active one."""
     bundle.unet.load_lora_adapter(
-        str(lora_dir), adapter_name=name, prefix="unet", weight_name=LORA_WEIGHTS, use_safetensors=True
+        local_copy(lora_dir), adapter_name=name, prefix="unet", weight_name=LORA_WEIGHTS, use_safetensors=True
     )
     set_active(bundle, [name])
     for p in lora_parameters(bundle.unet, name).values():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raydebias._internal.io import atomic_path, atomic_write_json
+from raydebias._internal.io import as_path, atomic_write_json, replace_path
 from raydebias.generate.plan import Unit, describe, plan_units
 
 
@@ -16,7 +16,7 @@ def units_for(ctx, variant: str) -> list[Unit]:
     import pyarrow.parquet as pq
 
     info = ctx.data_info
-    t = pq.read_table(ctx.run_dir / "stages" / "cluster" / "assignments.parquet")
+    t = pq.read_table(str(ctx.run_dir / "stages" / "cluster" / "assignments.parquet"))
     B = info["num_bias"] or 1
     g = t.column("group").to_numpy()
     y, a = g // B, g % B
@@ -38,8 +38,8 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
 
     torch.set_num_threads(1)
     t0 = time.time()
-    _, pixels = take_ids(Path(run_dir) / "stages" / "data" / "train.parquet", unit["ids"], image_size)
-    bundle = load_base(Path(run_dir))
+    _, pixels = take_ids(as_path(run_dir) / "stages" / "data" / "train.parquet", unit["ids"], image_size)
+    bundle = load_base(as_path(run_dir))
     prior = None
     if ft["prior_preservation"]:
         # DreamBooth prior preservation: the base model's own images of the class prompt (no [V]), drawn
@@ -73,14 +73,14 @@ def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size
     torch.set_num_threads(max(1, int(ft["cpus_per_task"])))
     t0 = time.time()
     # the pack's images only (set order, as _train_unit reads them: the same batches)
-    t, pixels = take_ids(Path(run_dir) / "stages" / "data" / "train.parquet",
+    t, pixels = take_ids(as_path(run_dir) / "stages" / "data" / "train.parquet",
                          sorted({i for u in units for i in u["ids"]}), image_size)
     ids = np.asarray(t.column("id").to_pylist(), dtype=object)
     jobs = []
     for u in units:
         px = pixels[np.isin(ids, u["ids"])]
         jobs.append({"name": u["name"], "pixels": px, "prompts": [u["prompt"]] * len(px), "seed": seed})
-    bundle = load_base(Path(run_dir))
+    bundle = load_base(as_path(run_dir))
     stats = train_loras_batched(bundle, jobs, steps=ft["steps"], batch_size=ft["batch_size"], lr=ft["lr"],
                                 rank=ft["rank"])
     for u, d in zip(units, out_dirs):
@@ -93,18 +93,16 @@ def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size
 def reset_if_stale(out: Path, key: str | None) -> bool:
     """Finished adapters are reused only by a rerun with the same inputs (resume). When the node's key changed
     (new base model, new clusters, new settings) the old adapters are stale: remove them. Returns True if it did."""
-    import shutil
-
-    from raydebias._internal.io import atomic_write_text
+    from raydebias._internal.io import atomic_write_text, remove_path
 
     if key is None:
         return False
     marker = out / "inputs.key"
     if marker.exists() and marker.read_text() == key:
         return False
-    stale = [d for d in out.iterdir() if d.is_dir()]
+    stale = [d for d in out.iterdir() if d.is_dir()] if out.is_dir() else []
     for d in stale:
-        shutil.rmtree(d)
+        remove_path(d)
     atomic_write_text(marker, key)
     return bool(stale)
 
@@ -151,8 +149,7 @@ def run_finetune(ctx, variant: str):
         pack = refs.pop(done[0])
         r = ray.get(done[0])  # raises after max_retries: the stage fails loudly, finished adapters are kept
         for u, stats in zip(pack, r if isinstance(r, list) else [r]):
-            with atomic_path(out / u.name) as tmp:
-                (out / f".{u.name}.tmp").rename(tmp)
+            replace_path(out / f".{u.name}.tmp", out / u.name)
             results.append(stats)
             ctx.log(f"[finetune/{variant}] {stats['name']}: {stats['images']} images, {stats['seconds']}s "
                     f"({len(results)}/{len(todo)})")

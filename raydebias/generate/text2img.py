@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import atomic_write_json, atomic_write_table, link_parts
+from raydebias._internal.io import as_path, atomic_write_json, atomic_write_table, link_parts
 from raydebias.generate.plan import plan_rows
 
 COLUMNS = ("row_id", "y", "a", "cluster", "adapter", "prompt", "seed", "transferred")
@@ -38,7 +37,7 @@ class GenerateBatch:
         from raydebias.embed.stage import load_clip
 
         torch.set_num_threads(1)
-        self.run_dir, self.variant, self.out_dir = Path(run_dir), variant, Path(out_dir)
+        self.run_dir, self.variant, self.out_dir = as_path(run_dir), variant, as_path(out_dir)
         self.bundle = load_base(self.run_dir)
         self.clip = load_clip(self.run_dir)
         self.size = json.loads((self.run_dir / "stages" / "data" / "info.json").read_text())["image_size"]
@@ -131,7 +130,7 @@ def run_generate(ctx, variant: str):
     rows_dir.mkdir(parents=True, exist_ok=True)
     units = [Unit(**u) for u in json.loads((ctx.run_dir / "stages" / "finetune" / variant / "units.json").read_text())] \
         if variant != "vanilla" else []
-    tr = pq.read_table(ctx.run_dir / "stages" / "data" / "train.parquet", columns=["label", "bias"])
+    tr = pq.read_table(str(ctx.run_dir / "stages" / "data" / "train.parquet"), columns=["label", "bias"])
     rows = plan_rows(variant, units, tr.column("label").to_numpy(), np.maximum(tr.column("bias").to_numpy(), 0),
                      info["class_names"], info["bias_names"] or ["any"], cfg.data.prompt_template,
                      cfg.finetune.identifier, cfg.generate.images_per_group, cfg.seed)
@@ -161,7 +160,7 @@ def run_generate(ctx, variant: str):
         ctx.log(f"[generate/{variant}] generated {n} chunks")
     # the stage's output: exactly the planned rows, each once, in plan order (footers only are read here)
     parts = [rows_dir / f"part-{n}.parquet" for n in names]
-    missing = [p.name for p, c in zip(parts, chunks) if not p.exists() or pq.ParquetFile(p).metadata.num_rows != len(c)]
+    missing = [p.name for p, c in zip(parts, chunks) if not p.exists() or pq.ParquetFile(str(p)).metadata.num_rows != len(c)]
     if missing:
         raise RuntimeError(f"generate/{variant}: {len(missing)} chunks missing or incomplete, e.g. {missing[:3]}")
     link_parts(parts, out / "synthetic.parquet")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from raydebias._internal.io import as_path, load_safetensors, remove_path
 from raydebias.config import RESOURCE, Block
 from raydebias.core import Method, Stage, SyntheticSet, register
 from raydebias.diffusion.base import editing_base
@@ -75,10 +76,9 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     """One Ray task: generate the synthetic images of one batch of (style, content) pairs and write
     ``parts/part-<n>.parquet``. DDIM inversions (style: x_T; content: x_T and the recorded h_t) are cached per
     image under ``cache/`` (safetensors) and reused by every task and rerun with the same model and steps."""
-    from pathlib import Path
 
     import pyarrow as pa
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from raydebias._internal.io import atomic_path, atomic_write_table
     from raydebias.data.stream import take_ids
@@ -87,7 +87,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
     from raydebias.models.sampling import to_uint8
 
     torch.set_num_threads(threads)
-    run, out = Path(run_dir), Path(run_dir) / "stages" / "inject"
+    run, out = as_path(run_dir), as_path(run_dir) / "stages" / "inject"
     info = json.loads((run / "stages" / "data" / "info.json").read_text())
     train = run / "stages" / "data" / "train.parquet"
 
@@ -107,7 +107,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
 
         path = lambda i: cache / (hashlib.sha1(str(i).encode()).hexdigest() + ".safetensors")  # noqa: E731
         todo = [i for i in dict.fromkeys(ids) if not path(i).exists()
-                or (with_h and "h" not in load_file(str(path(i))))]
+                or (with_h and "h" not in load_safetensors(path(i)))]
         for lo in range(0, len(todo), 64):
             chunk = todo[lo : lo + 64]
             z0 = bundle.encode(to_model_input(resize_uint8(rows_of(chunk)[1], bundle.resolution)))
@@ -119,7 +119,7 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
                     tensors["h"] = hs[:, k].contiguous()
                 with atomic_path(path(i)) as tmp:
                     save_file(tensors, str(tmp))
-        return {i: load_file(str(path(i))) for i in dict.fromkeys(ids)}
+        return {i: load_safetensors(path(i)) for i in dict.fromkeys(ids)}
 
     styles, contents = inverted(style_ids, False), inverted(content_ids, True)
     z_T = torch.stack([styles[i]["z_T"] for i in style_ids])
@@ -162,7 +162,7 @@ def run_inject(ctx):
     out = ctx.stage_dir("inject")
     train_ids = np.asarray(read_columns(ctx.run_dir / "stages" / "data" / "train.parquet", ["id"]).column("id")
                            .to_pylist(), dtype=object)  # the ids only: the tasks read their own rows' images
-    mined = set(pq.read_table(ctx.run_dir / "stages" / "mine" / "mined.parquet").column("id").to_pylist())
+    mined = set(pq.read_table(str(ctx.run_dir / "stages" / "mine" / "mined.parquet")).column("id").to_pylist())
     n = int(round(di.bias_conflict_ratio * (len(train_ids) - len(mined))))
     styles, contents = plan_pairs(train_ids, mined, n, cfg.seed)
     seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
@@ -176,9 +176,7 @@ def run_inject(ctx):
     plan_key = sha256_json([ctx.node_key, task_cfg])
     parts_dir = out / "parts"
     if (out / "plan.json").exists() and json.loads((out / "plan.json").read_text()).get("key") != plan_key:
-        import shutil
-
-        shutil.rmtree(parts_dir, ignore_errors=True)  # a different plan: old parts are not rows of this one
+        remove_path(parts_dir)  # a different plan: old parts are not rows of this one
     atomic_write_json(out / "plan.json", {"key": plan_key, "pairs": n})
     ctx.ensure_ray()
     task = ray.remote(num_cpus=di.cpus_per_task, num_gpus=cfg.ray.num_gpus_per_worker or 0,
@@ -196,7 +194,7 @@ def run_inject(ctx):
     ray.get(refs)
     # parts in name order hold rows 0..n-1 in order; the driver reads their row and label columns only
     parts = sorted(parts_dir.glob("part-*.parquet"))
-    small = pa.concat_tables([pq.read_table(p, columns=["row", "label"]) for p in parts]) if parts else None
+    small = pa.concat_tables([pq.read_table(str(p), columns=["row", "label"]) for p in parts]) if parts else None
     if small is None or small.column("row").to_pylist() != list(range(n)):
         raise RuntimeError(f"inject: expected rows 0..{n - 1} in order, found {0 if small is None else small.num_rows}")
     link_parts(parts, out / "synthetic.parquet")

@@ -126,8 +126,8 @@ def _train_with_pseudo(ctx) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarr
     from raydebias.data.stream import PartSet, parquet_parts
 
     files = parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")
-    ids = [i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
-    pg = pq.read_table(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet")
+    ids = [i for f in files for i in pq.read_table(str(f), columns=["id"]).column("id").to_pylist()]
+    pg = pq.read_table(str(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet"))
     rows = {i: k for k, i in enumerate(pg.column("id").to_pylist())}
     missing = [i for i in ids if i not in rows]
     if missing:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from raydebias._internal.io import as_path
 from raydebias.config import RESOURCE, Block
 from raydebias.core import Method, Stage, SyntheticSet, get_method, register
 from raydebias.diffusion.base import editing_base
@@ -50,7 +51,6 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
         latent_shape, sample_components
 
     import json
-    from pathlib import Path
 
     from raydebias._internal.io import atomic_path, atomic_write_json
     from raydebias.config import RunConfig
@@ -58,13 +58,13 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
-    g, out = cfg.gamma_face, Path(run_dir) / "stages" / "gmm"
-    bundle = load_stage_model(Path(run_dir), editing_base(cfg))
+    g, out = cfg.gamma_face, as_path(run_dir) / "stages" / "gmm"
+    bundle = load_stage_model(as_path(run_dir), editing_base(cfg))
     if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
         from raydebias.data.stream import PartRows, PartSet, parquet_parts
 
-        info = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())
-        train = PartRows(PartSet.open(parquet_parts(Path(run_dir) / "stages" / "data" / "train.parquet")),
+        info = json.loads((as_path(run_dir) / "stages" / "data" / "info.json").read_text())
+        train = PartRows(PartSet.open(parquet_parts(as_path(run_dir) / "stages" / "data" / "train.parquet")),
                          info["image_size"])
         x = train[np.random.default_rng(cfg.seed).permutation(len(train))[: g.num_latents]]  # only these are read
         z = forward_latents(bundle, x, g.num_steps, g.t_frac, cfg.seed)
@@ -88,8 +88,8 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
     from raydebias.data.transforms import resize_uint8
     from raydebias.models.classifier import load_classifier, predict
 
-    size = json.loads((Path(run_dir) / "stages" / "data" / "info.json").read_text())["image_size"]
-    labeler, _ = load_classifier(Path(run_dir) / "stages" / "train" / g.labeler)
+    size = json.loads((as_path(run_dir) / "stages" / "data" / "info.json").read_text())["image_size"]
+    labeler, _ = load_classifier(as_path(run_dir) / "stages" / "train" / g.labeler)
     tmp = out / ".generated.parquet.tmp"
     remove_path(tmp)
     labels, confidence = [], []

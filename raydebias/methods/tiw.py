@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from raydebias._internal.io import as_path
 from raydebias.config import RESOURCE, Block, Channels
 from raydebias.core import Method, Stage, SyntheticSet, register
 
@@ -86,7 +87,6 @@ def train_probe(cfg, x, g: np.ndarray, num_groups: int, epochs: int = 15, seed: 
 def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) -> dict:
     """Ray task: train the group probe, sample every objective's model, measure proportions and FID; writes
     ``samples_<objective>.npy`` (64 samples each) and returns the per-objective stats."""
-    from pathlib import Path
 
     from raydebias._internal.io import atomic_path
     from raydebias.config import RunConfig
@@ -98,7 +98,7 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
-    t, run = cfg.tiw, Path(run_dir)
+    t, run = cfg.tiw, as_path(run_dir)
     info = json.loads((run / "stages" / "data" / "info.json").read_text())
     size, B = info["image_size"], info["num_bias"]
     num_groups = info["num_classes"] * B
@@ -196,7 +196,7 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
         ref = tiw["reference"]
         rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{_fmt(v['aligned_fraction'])}</td><td>{_fmt(v['tv_groups'])}"
                        f"</td><td>{_fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
-        samples = [(o, np.load(st / "tiw" / f"samples_{o}.npy")) for o in tiw["objectives"]
+        samples = [(o, np.load((st / "tiw" / f"samples_{o}.npy").open("rb"))) for o in tiw["objectives"]
                    if (st / "tiw" / f"samples_{o}.npy").exists()]
         parts.append(f"<h3>TIW: generated samples vs the unbiased reference</h3><p>reference: {ref['size']} "
                      f"{html.escape(ref['split'])} rows, aligned fraction {_fmt(ref['aligned_fraction'])}; train "

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from raydebias.config import ClassifierModelConfig
@@ -135,9 +134,11 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device
 
 def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a trained classifier (safetensors + meta.json) for evaluation or serving."""
-    model_dir = Path(model_dir)
+    from raydebias._internal.io import as_path, load_safetensors
+
+    model_dir = as_path(model_dir)
     meta = json.loads((model_dir / "meta.json").read_text())
     model = create_classifier(ClassifierModelConfig(**meta["classifier"]), meta["num_classes"])
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.load_state_dict(load_safetensors(model_dir / "model.safetensors"))
     model.eval()
     return model, meta

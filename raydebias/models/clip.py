@@ -20,7 +20,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
-from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from raydebias._internal.io import atomic_write_json, atomic_write_text, save_weights, sha256_json
@@ -273,9 +272,10 @@ class ClipEncoder:
     @classmethod
     def load(cls, in_dir: str | Path, device: str | torch.device = "cpu") -> "ClipEncoder":
         """Rebuild a saved encoder from its safetensors weights and JSON (no pickle, no download)."""
-        d = Path(in_dir)
-        with open(d / META_FILE, encoding="utf-8") as f:
-            meta = json.load(f)
+        from raydebias._internal.io import as_path, load_safetensors
+
+        d = as_path(in_dir)
+        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{d / META_FILE}: unsupported format_version {meta.get('format_version')!r}")
         model_cfg = meta["model_cfg"]
@@ -286,7 +286,7 @@ class ClipEncoder:
                 model_cfg,
             )
         model = open_clip.create_model(name, pretrained=None, pretrained_text=False, device=device)
-        model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True)
+        model.load_state_dict(load_safetensors(d / WEIGHTS_FILE, device=str(device)), strict=True)
         pp = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess_cfg"].items()}
         set_model_preprocess_cfg(model, pp)
         return cls(

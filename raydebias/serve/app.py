@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from raydebias._internal.io import as_path
 from raydebias.serve.predictor import (Limits, RequestError, check_content_type, decode_images, model_card,
                                        model_version, parse_json_images, predict_images)
 
@@ -56,7 +57,7 @@ class Classifier:
         from raydebias.models.classifier import load_classifier
 
         torch.set_num_threads(1)
-        self.run_dir = Path(run_dir)
+        self.run_dir = as_path(run_dir)
         self.method = _resolve_method(self.run_dir, method)
         self.model, self.meta = load_classifier(self.run_dir / "stages" / "train" / self.method)
         self.version = model_version(self.run_dir, self.method)
@@ -83,7 +84,7 @@ api = FastAPI(
 class Ingress:
     def __init__(self, classifier, run_dir: str, method: str | None, limits: dict[str, int]):
         self.classifier = classifier
-        self.run_dir = Path(run_dir)
+        self.run_dir = as_path(run_dir)
         self.method = _resolve_method(self.run_dir, method)
         self.limits = Limits(**limits)
         self._info: dict[str, Any] | None = None  # image size and model version, fixed for the replica's life
