@@ -1,9 +1,8 @@
-"""Trained classifiers' predictions on a Parquet set, computed by Ray Data tasks a part at a time: the driver
-receives small per-row columns (label, bias, predictions, probabilities), never pixels."""
+"""Trained classifiers' predictions on a Parquet set, computed by Ray tasks a part at a time: the driver receives
+small per-row columns (label, bias, predictions, probabilities), never pixels."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raydebias._internal.io import as_path, atomic_write_table, file_stamp
-from raydebias._internal.ray_utils import items_per_call
+from raydebias._internal.ray_utils import map_items
 from raydebias.data.stream import parquet_parts
 from raydebias.data.transforms import pixels_from_column
 from raydebias.models.classifier import load_classifier, predict
@@ -32,7 +31,7 @@ def _model(model_dir: str) -> torch.nn.Module:
 
 def _predict_parts(batch: dict[str, np.ndarray], model_dirs: dict[str, str], image_size: int, batch_size: int,
                    out: dict[str, str] | None, with_probs: bool, with_ids: bool) -> pd.DataFrame:
-    """Ray Data UDF (tasks): Parquet parts (``part``, ``tag``; ``write``: whether to save its predictions) → every
+    """Ray task (:func:`~raydebias._internal.ray_utils.map_items`): Parquet parts (``part``, ``tag``; ``write``: whether to save its predictions) → every
     model's predictions on them. Saves ``id``, ``label``, ``bias``, ``pred``, ``probs`` per model under ``out[m]``
     beside the part's name, and returns per row the tag, label, bias and per model ``pred:<m>``, ``p_true:<m>``
     (the probability of the true class) and, with ``with_probs``, ``probs:<m>``; with ``with_ids`` the ``id``."""
@@ -62,40 +61,24 @@ def _predict_parts(batch: dict[str, np.ndarray], model_dirs: dict[str, str], ima
     return pd.concat(frames, ignore_index=True)
 
 
-@contextlib.contextmanager
-def _in_order():
-    from ray.data import DataContext
-
-    data_ctx = DataContext.get_current()
-    before = data_ctx.execution_options.preserve_order
-    data_ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        data_ctx.execution_options.preserve_order = before
-
-
 def predict_parts(ctx, parts: list[tuple[str, str, bool]], model_dirs: dict[str, str | Path],
                   out: dict[str, Path] | None = None, with_probs: bool = False,
                   with_ids: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Every model's predictions on Parquet parts (``id``, ``label``, ``bias``, ``pixels``) given as ``(path, tag,
-    write)``, by Ray Data tasks (pooled workers: no actor to start); returns, per tag, the columns of
+    write)``, by Ray tasks (pooled workers: no actor to start); returns, per tag, the columns of
     :func:`_predict_parts` in the parts' row order. Parts marked ``write`` save their predictions under ``out``."""
-    import ray
-
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()
-    ds = ray.data.from_items([{"part": p, "tag": t, "write": w} for p, t, w in parts]).map_batches(
-        _predict_parts, fn_kwargs={"model_dirs": {m: str(d) for m, d in model_dirs.items()},
-                                   "image_size": info["image_size"], "batch_size": cfg.evaluate.batch_size,
-                                   "out": {m: str(p) for m, p in out.items()} if out else None,
-                                   "with_probs": with_probs, "with_ids": with_ids},
-        batch_size=items_per_call(len(parts)), num_cpus=1)
+    frames = map_items(_predict_parts, {"part": [p for p, _, _ in parts], "tag": [t for _, t, _ in parts],
+                                        "write": [w for _, _, w in parts]},
+                       {"model_dirs": {m: str(d) for m, d in model_dirs.items()}, "image_size": info["image_size"],
+                        "batch_size": cfg.evaluate.batch_size,
+                        "out": {m: str(p) for m, p in out.items()} if out else None,
+                        "with_probs": with_probs, "with_ids": with_ids})
     cols: dict[str, list] = {}
-    with _in_order():
-        for b in ds.iter_batches(batch_format="pandas", batch_size=None):
-            for k in b.columns:
-                cols.setdefault(k, []).extend(b[k].tolist())
+    for b in frames:
+        for k in b.columns:
+            cols.setdefault(k, []).extend(b[k].tolist())
     tags = np.asarray(cols.pop("tag", []), dtype=object)
     result = {}
     for tag in dict.fromkeys(t for _, t, _ in parts):

@@ -22,7 +22,7 @@ from raydebias._internal.io import (
     remove_path,
     replace_path,
 )
-from raydebias._internal.ray_utils import items_per_call
+from raydebias._internal.ray_utils import map_items
 from raydebias.data.stream import parquet_parts
 from raydebias.filter.clip_score import (
     bias_match,
@@ -63,7 +63,7 @@ def _real_index(real_path: str):
 
 def _score_parts(batch: dict, real_path: str, label_emb: np.ndarray, per_group: bool, num_bias: int,
                  centroids: dict[int, np.ndarray], alpha: float, bias_check: bool) -> dict:
-    """Ray Data UDF (tasks): synthetic parts → per row the CLIP-Score, the zero-shot bias match and the cosine
+    """Ray task (:func:`~raydebias._internal.ray_utils.map_items`): synthetic parts → per row the CLIP-Score, the zero-shot bias match and the cosine
     similarity to the nearest real training image. Pixels are never read: the generate actors stored each image's
     CLIP embedding. The faiss index of the real embeddings is built once per worker process."""
     index = _real_index(real_path)
@@ -86,7 +86,8 @@ def _score_parts(batch: dict, real_path: str, label_emb: np.ndarray, per_group: 
 
 
 def _write_kept(batch: dict) -> dict:
-    """Ray Data UDF (tasks): for each part, its kept ``rows`` with their ``scores``, written to ``dst``."""
+    """Ray task (:func:`~raydebias._internal.ray_utils.map_items`): for each part, its kept ``rows`` with their
+    ``scores``, written to ``dst``."""
     n = []
     for part, rows, scores, dst in zip(batch["part"], batch["rows"], batch["scores"], batch["dst"]):
         t = pq.read_table(str(part)).take(pa.array(np.asarray(rows, np.int64)))
@@ -138,13 +139,11 @@ def run_filter(ctx, variant: str):
         check = {"skipped": "the synthetic images have no bias target (dataset without bias labels)"}
     ref = ray.get(ref)
 
-    # pass 1: per-row scores by Ray Data tasks; the driver gets the small columns
-    ds = ray.data.from_items([{"index": i, "part": p} for i, p in enumerate(parts)]).map_batches(
-        _score_parts, batch_size=items_per_call(len(parts)), batch_format="numpy", num_cpus=1,
-        fn_kwargs={"real_path": real_path, "label_emb": label_emb, "per_group": per_group, "num_bias": B,
-                   "centroids": ref["centroids"], "alpha": cfg.filter.alpha,
-                   "bias_check": bool(cfg.filter.bias_check and check is None)})
-    batches = list(ds.iter_batches(batch_format="numpy", batch_size=None))
+    # pass 1: per-row scores by Ray tasks over the parts; the driver gets the small columns
+    batches = map_items(_score_parts, {"index": list(range(len(parts))), "part": parts},
+                        {"real_path": real_path, "label_emb": label_emb, "per_group": per_group, "num_bias": B,
+                         "centroids": ref["centroids"], "alpha": cfg.filter.alpha,
+                         "bias_check": bool(cfg.filter.bias_check and check is None)})
     col = {k: np.concatenate([b[k] for b in batches]) for k in ("part", "row", "group", "score", "match", "sim")}
     order = np.lexsort((col["row"], col["part"]))  # the parts' row order, whatever order the tasks finished in
     col = {k: v[order] for k, v in col.items()}
@@ -163,7 +162,7 @@ def run_filter(ctx, variant: str):
                            f"{int(keep.sum())} kept by score, {int(dup.sum())} near-duplicates of real images); "
                            "check the CLIP model (clip.steps) or raise filter.dedup_threshold")
 
-    # pass 2: each part's kept rows, written by Ray Data tasks into a folder that replaces the old output whole
+    # pass 2: each part's kept rows, written by Ray tasks into a folder that replaces the old output whole
     dst = out / "synthetic.parquet"
     tmp = out / f".synthetic.parquet.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -174,9 +173,8 @@ def run_filter(ctx, variant: str):
             if sel.any():
                 items.append({"part": p, "rows": col["row"][sel].tolist(), "scores": scores[sel].tolist(),
                               "dst": str(tmp / as_path(p).name)})
-        written = sum(int(b["rows"].sum()) for b in ray.data.from_items(items).map_batches(
-            _write_kept, batch_size=items_per_call(len(items)), batch_format="numpy", num_cpus=1).iter_batches(
-            batch_format="numpy", batch_size=None))
+        written = sum(int(b["rows"].sum()) for b in map_items(
+            _write_kept, {k: [it[k] for it in items] for k in ("part", "rows", "scores", "dst")}))
         if written != int(final.sum()):
             raise RuntimeError(f"filter/{variant}: {written} rows written, {int(final.sum())} kept")
         replace_path(tmp, dst)
