@@ -231,7 +231,7 @@ def map_items(fn: Callable[..., Any], items: dict[str, list], fn_kwargs: dict[st
     n = len(next(iter(items.values()), []))
     if not n:
         return []
-    task = ray.remote(num_cpus=num_cpus)(_call_with)
+    task = ray.remote(num_cpus=num_cpus)(_call_with).options(name=getattr(fn, "__name__", "map_items"))
     kwargs = ray.put(fn_kwargs or {})
     k = items_per_call(n)
     return ray.get([task.remote(fn, {c: list(v[i:i + k]) for c, v in items.items()}, kwargs) for i in range(0, n, k)])

@@ -1,12 +1,18 @@
-"""Image decoding and model preprocessing shared by ingestion, training, evaluation and serving."""
+"""Image decoding and model preprocessing shared by ingestion, training, evaluation and serving.
+
+torch is imported by the two functions that use it: the decode actors, the part readers and the filter's scoring
+tasks import this module and never need torch, whose import costs a cold Ray worker about 2 s."""
 
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 MEAN = 0.5
 STD = 0.5
@@ -80,6 +86,8 @@ def encode_png(arr: np.ndarray) -> bytes:
 def to_model_input(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 NHWC → float32 NCHW in [-1, 1] (the only normalisation used anywhere), contiguous: a permuted
     (channels-last strided) input made oneDNN's convolution backward segfault with 2 threads (torch 2.14.1 CPU)."""
+    import torch
+
     x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.array(pixels, dtype=np.uint8))
     if x.ndim == 3:
         x = x[None]
@@ -91,6 +99,8 @@ def resize_uint8(pixels: np.ndarray, size: int) -> np.ndarray:
     already are. Between a pretrained model's resolution and the dataset's ``image_size``."""
     if pixels.ndim != 4 or pixels.shape[1:3] == (size, size):
         return pixels
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
