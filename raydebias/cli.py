@@ -125,7 +125,9 @@ def _serve(args) -> int:
     from raydebias.config import RayConfig
     from raydebias.serve.app import build
 
-    run_dir = args.run_dir.resolve()
+    from raydebias.core.context import run_path
+
+    run_dir = run_path(args.run_dir)
     method = args.method or None
     if not (run_dir / "stages" / "train").is_dir():
         print(f"error: {run_dir} has no trained model (run `raydebias run` first)", file=sys.stderr)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("config", type=Path)
     add_set(v)
     sv = sub.add_parser("serve", help="serve a trained classifier over HTTP (Ray Serve, FastAPI)")
-    sv.add_argument("run_dir", type=Path)
+    sv.add_argument("run_dir", help="a run directory: a local path or a URI (s3://bucket/runs/x)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--method", default=None, help="which trained method (default: the run's `method`)")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--request-timeout", type=float, default=30.0,
                     help="seconds before an unanswered request gets 408 (default 30)")
     rep = sub.add_parser("report", help="re-render report.html of a finished run")
-    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("run_dir", help="a run directory: a local path or a URI")
 
     ds = sub.add_parser("datasets", help="build or convert datasets to the Parquet contract")
     dsub = ds.add_subparsers(dest="dataset_cmd", required=True)
@@ -216,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             from raydebias.evaluate.report import render_report
             from raydebias._internal.io import atomic_write_text
 
+            from raydebias.core.context import run_path
             from raydebias.methods import get_method
 
-            cfg_path = args.run_dir / "config.yaml"  # the run's resolved config: its methods add their sections
+            run_dir = run_path(args.run_dir)
+            cfg_path = run_dir / "config.yaml"  # the run's resolved config: its methods add their sections
             methods = [get_method(m) for m in load_config(cfg_path).methods] if cfg_path.exists() else []
-            atomic_write_text(args.run_dir / "report.html", render_report(args.run_dir, methods=methods))
-            _print_table(args.run_dir)
+            atomic_write_text(run_dir / "report.html", render_report(run_dir, methods=methods))
+            _print_table(run_dir)
             return 0
         if args.cmd == "datasets":
             from raydebias._internal.io import write_table_uri

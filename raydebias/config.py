@@ -514,7 +514,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            from raydebias._internal.io import as_path
+
+            text = as_path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e
         try:

@@ -152,3 +152,18 @@ def test_two_runs_racing_for_a_free_lease_get_one_holder(s3_root):
     finally:
         for w in won:
             w.__exit__(None, None, None)
+
+
+def test_a_classifier_saved_on_the_store_loads_as_serve_loads_it(s3_root):
+    from raydebias.config import ClassifierModelConfig
+    from raydebias.models.classifier import create_classifier, load_classifier
+
+    cfg = ClassifierModelConfig(width=8)
+    model = create_classifier(cfg, 3)
+    d = as_path(s3_root) / "stages" / "train" / "erm"
+    save_weights(d / "model.safetensors", model)
+    atomic_write_json(d / "meta.json", {"classifier": cfg.model_dump(), "num_classes": 3})
+    loaded, meta = load_classifier(f"{s3_root}/stages/train/erm")
+    assert meta["num_classes"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
