@@ -54,13 +54,16 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def file_stamp(path: str | os.PathLike) -> str:
-    """Changes when the file is rewritten: its mtime on local disk, its ETag (else modification time) remotely.
-    A key for per-process caches of loaded files."""
+    """Changes when the file, or a file of the folder, is rewritten: mtimes and sizes on local disk, ETags (else
+    modification times) remotely. A key for per-process caches of loaded files."""
     if is_remote(path):
         fs, p = url_to_fs(str(path))
-        info = fs.info(p)
-        return str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))
-    return str(os.stat(path).st_mtime_ns)
+        listing = fs.find(p, detail=True) if fs.isdir(p) else {p: fs.info(p)}
+        return sha256_json(sorted((k, str(v.get("ETag") or v.get("LastModified")), v.get("size"))
+                                  for k, v in listing.items()))
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return sha256_json([(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files])
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:

@@ -36,14 +36,3 @@ def kmeans(embeddings: np.ndarray, k: int, seed: int = 0, niter: int = 25) -> np
     remap = np.empty(k, dtype=np.int64)
     remap[order] = np.arange(k)
     return remap[assign]
-
-
-def cluster_groups(embeddings: np.ndarray, groups: np.ndarray, k: int, min_images: int, seed: int = 0,
-                   niter: int = 25) -> np.ndarray:
-    """Cluster ids within each group; groups with fewer than ``min_images`` rows (or k = 1) get cluster 0."""
-    out = np.zeros(len(groups), dtype=np.int64)
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        if len(idx) >= min_images and k > 1:
-            out[idx] = kmeans(embeddings[idx], min(k, len(idx) // 2 or 1), seed=seed + int(g), niter=niter)
-    return out

@@ -1,4 +1,8 @@
-"""``cluster`` stage: per-(y, a) k-means of the CLIP embeddings; cluster sizes go to the report."""
+"""``cluster`` stage: per-(y, a) k-means of the CLIP embeddings; cluster sizes go to the report.
+
+The embeddings never reach the driver: a Ray Data ``groupby`` brings each group's rows to one task
+(:func:`_cluster_group`), which clusters them; the driver reads the labels to size the groups and gets back
+``id``, ``group`` and ``cluster`` per row."""
 
 from __future__ import annotations
 
@@ -7,26 +11,68 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
-from raydebias.cluster.kmeans import cluster_groups, k_rule
-from raydebias.embed.stage import load_embeddings
+from raydebias.cluster.kmeans import k_rule, kmeans
+from raydebias.data.stream import parquet_parts
+
+
+def _with_group(t: pa.Table, num_bias: int) -> pa.Table:
+    """The table with ``group`` = label × num_bias + bias (an unknown bias counts as 0), ids and labels only."""
+    y = t.column("label").to_numpy().astype(np.int64)
+    a = np.maximum(t.column("bias").to_numpy().astype(np.int64), 0)
+    return t.select(["id", "embedding"]).append_column("group", pa.array(y * num_bias + a, pa.int64()))
+
+
+def _cluster_group(t: pa.Table, k: int, min_images: int, seed: int, niter: int) -> pa.Table:
+    """Ray Data ``map_groups`` UDF: one group's rows → their cluster ids (:func:`kmeans`; one cluster for a group
+    smaller than ``min_images`` or k = 1). Rows are sorted by id first, so the clusters do not depend on the order
+    the shuffle delivered them in."""
+    t = t.sort_by("id")
+    n = t.num_rows
+    g = int(t.column("group")[0].as_py())
+    clusters = np.zeros(n, np.int64)
+    if n >= min_images and k > 1:
+        emb = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+        clusters = kmeans(emb.astype(np.float32), min(k, n // 2 or 1), seed=seed + g, niter=niter)
+    return pa.table({"id": t.column("id"), "group": t.column("group"), "cluster": pa.array(clusters, pa.int64())})
 
 
 def run_cluster(ctx):
+    import ray
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
     from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info
+    ctx.ensure_ray()
     out = ctx.stage_dir("cluster")
-    e = load_embeddings(ctx.run_dir)
     B = info["num_bias"] or 1
-    groups = e["y"] * B + np.maximum(e["a"], 0)
+    parts = parquet_parts(ctx.run_dir / "stages" / "embed" / "train.parquet")
+    small = pa.concat_tables([pq.read_table(f, columns=["label", "bias"]) for f in parts])
+    groups = small.column("label").to_numpy().astype(np.int64) * B + \
+        np.maximum(small.column("bias").to_numpy().astype(np.int64), 0)
     sizes = {int(g): int(n) for g, n in zip(*np.unique(groups, return_counts=True))}
     k = k_rule(sizes, cfg.cluster.k, cfg.cluster.k_max, cfg.cluster.min_per_cluster, cfg.finetune.min_images)
-    clusters = cluster_groups(e["emb"], groups, k, cfg.finetune.min_images, seed=cfg.seed, niter=cfg.cluster.niter)
-    tbl = pa.table({"id": e["id"].tolist(), "group": groups, "cluster": clusters})
+    data_ctx = DataContext.get_current()
+    before = data_ctx.shuffle_strategy
+    data_ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # tasks, not aggregator actors (ingest)
+    try:
+        ds = ray.data.read_parquet(parts, columns=["id", "label", "bias", "embedding"]).map_batches(
+            _with_group, fn_kwargs={"num_bias": B}, batch_format="pyarrow", batch_size=None)
+        res = ds.groupby("group").map_groups(
+            _cluster_group, fn_kwargs={"k": k, "min_images": cfg.finetune.min_images, "seed": cfg.seed,
+                                       "niter": cfg.cluster.niter}, batch_format="pyarrow")
+        tbl = pa.concat_tables(list(res.iter_batches(batch_format="pyarrow", batch_size=None)))
+    finally:
+        data_ctx.shuffle_strategy = before
+    if tbl.num_rows != len(groups):
+        raise RuntimeError(f"cluster: {tbl.num_rows} rows clustered, the embeddings have {len(groups)}")
+    tbl = tbl.sort_by("id")
     with atomic_path(out / "assignments.parquet") as tmp:
         pq.write_table(tbl, tmp)
-    table = {str(g): np.bincount(clusters[groups == g]).tolist() for g in sorted(sizes)}
+    g, c = tbl.column("group").to_numpy(), tbl.column("cluster").to_numpy()
+    table = {str(x): np.bincount(c[g == x]).tolist() for x in sorted(sizes)}
     atomic_write_json(out / "clusters.json", {"k_D": k, "group_sizes": sizes, "cluster_sizes": table})
     ctx.log(f"[cluster] k_D = {k}; groups with their own model: "
             f"{sum(n >= cfg.finetune.min_images for n in sizes.values())} of {len(sizes)}")

@@ -100,71 +100,83 @@ def run_clip(ctx):
 
 
 class EmbedImages:
-    """Ray Data UDF: one CLIP model per actor; a batch of decoded images → L2-normalised embeddings."""
+    """Ray Data UDF (actors): one CLIP model per actor. Each call embeds whole Parquet parts of the train split
+    ``batch_size`` images at a time and writes each as the part of the same name under ``out_dir`` (``id``,
+    ``label``, ``bias``, L2-normalised ``embedding``, in the part's row order); returns the rows written. A retried
+    call rewrites its own parts, so every train row is embedded exactly once."""
 
-    def __init__(self, run_dir: str, image_size: int):
+    def __init__(self, run_dir: str, image_size: int, batch_size: int, out_dir: str):
         import torch
 
         torch.set_num_threads(1)
         self.encoder = load_clip(as_path(run_dir))
-        self.size = image_size
+        self.size, self.batch_size, self.out = image_size, batch_size, as_path(out_dir)
 
     def __call__(self, batch: dict) -> dict:
+        from raydebias._internal.io import atomic_write_table
         from raydebias.data.transforms import pixels_from_column
 
-        x = pixels_from_column(list(batch["pixels"]), self.size)
-        emb = self.encoder.encode_images(x)
-        return {"id": batch["id"], "label": batch["label"], "bias": batch["bias"],
-                "embedding": [e.astype(np.float32) for e in emb]}
+        rows = []
+        for part in batch["part"]:
+            t = pq.read_table(str(part), columns=["id", "label", "bias", "pixels"])
+            pixels = t.column("pixels")
+            emb = [self.encoder.encode_images(pixels_from_column(pixels.slice(i, self.batch_size).to_pylist(),
+                                                                 self.size)).astype(np.float32)
+                   for i in range(0, t.num_rows, self.batch_size)]
+            emb = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
+            atomic_write_table(self.out / as_path(part).name, pa.table({
+                "id": t.column("id"), "label": t.column("label"), "bias": t.column("bias"),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])}))
+            rows.append(t.num_rows)
+        return {"rows": np.asarray(rows, np.int64)}
 
 
 def run_embed(ctx):
     """CLIP embeddings of the train split, computed by a Ray Data pool of :class:`EmbedImages` actors (on a GPU
-    when ``ray.num_gpus_per_worker``), never on the driver; the input is split into enough blocks to keep every
-    actor busy."""
+    when ``ray.num_gpus_per_worker``) that write them part by part: ``embed/train.parquet`` is a folder of parts
+    named and ordered as the data stage's, and the driver only counts rows."""
+    import uuid
+
     import ray
 
-    from raydebias._internal.rows import exact_rows
+    from raydebias._internal.io import remove_path, replace_path
     from raydebias.core import StageResult
+    from raydebias.data.stream import count_rows, parquet_parts
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()
     out = ctx.stage_dir("embed")
-    path = ctx.run_dir / "stages" / "data" / "train.parquet"
-    ids = pq.read_table(str(path), columns=["id"]).column("id").to_pylist()
-    ds = ray.data.read_parquet(str(path))
-    blocks = min(-(-len(ids) // cfg.embed.batch_size), 4 * cfg.embed.num_actors)
-    if blocks > 1:
-        ds = ds.repartition(blocks)
-    emb = ds.map_batches(
-        EmbedImages,
-        fn_constructor_args=(str(ctx.run_dir), info["image_size"]),
-        batch_size=cfg.embed.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.embed.num_actors),
-        num_cpus=cfg.embed.cpus_per_actor,
-        num_gpus=cfg.ray.num_gpus_per_worker or None,
-    )
-    tables = [pa.Table.from_pandas(b, preserve_index=False) for b in emb.iter_batches(batch_format="pandas")]
-    # Exactly the train rows, each once, in id order: a retried block (a killed actor) may add copies, and Ray
-    # Data's output order varies from run to run, which would change the k-means that reads this file.
-    tbl = pa.concat_tables(tables).sort_by("id")
-    keep, repaired = exact_rows(np.asarray(tbl.column("id").to_pylist(), dtype=object), set(map(str, ids)))
-    if repaired["duplicates"] or repaired["extra"]:
-        ctx.log(f"[embed] dropped {repaired['duplicates']} duplicated and {repaired['extra']} unknown rows")
-    tbl = tbl.take(pa.array(keep))
-    dim = len(tbl.column("embedding")[0].as_py())
-    tbl = tbl.set_column(tbl.schema.get_field_index("embedding"), "embedding",
-                         pa.array([np.asarray(e, np.float32) for e in tbl.column("embedding").to_pylist()],
-                                  pa.list_(pa.float32(), dim)))
-    with atomic_path(out / "train.parquet") as tmp:
-        pq.write_table(tbl, tmp)
-    ctx.log(f"[embed] {tbl.num_rows} train images → {dim}-d CLIP embeddings")
-    return StageResult([ctx.rel(out / "train.parquet")], {"rows": tbl.num_rows, "dim": dim, **repaired})
+    parts = parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")
+    tmp = out / f".train.parquet.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        written = ray.data.from_items([{"part": p} for p in parts]).map_batches(
+            EmbedImages,
+            fn_constructor_args=(str(ctx.run_dir), info["image_size"], cfg.embed.batch_size, str(tmp)),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.embed.num_actors),
+            num_cpus=cfg.embed.cpus_per_actor,
+            num_gpus=cfg.ray.num_gpus_per_worker or None,
+        )
+        n = sum(int(b["rows"].sum()) for b in written.iter_batches(batch_format="numpy", batch_size=None))
+        if n != count_rows(parts):
+            raise RuntimeError(f"embed: {n} rows embedded, the train split has {count_rows(parts)}")
+        replace_path(tmp, out / "train.parquet")
+    finally:
+        remove_path(tmp)
+    emb = parquet_parts(out / "train.parquet")
+    dim = pq.read_schema(emb[0]).field("embedding").type.list_size if emb else 0
+    ctx.log(f"[embed] {n} train images → {dim}-d CLIP embeddings")
+    return StageResult([ctx.rel(out / "train.parquet")], {"rows": n, "dim": dim})
 
 
 def load_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
-    t = pq.read_table(str(as_path(run_dir) / "stages" / "embed" / "train.parquet"))
+    """The embed stage's output as arrays, in the train split's row order."""
+    from raydebias.data.stream import parquet_parts
+
+    t = pa.concat_tables([pq.read_table(f) for f in
+                          parquet_parts(as_path(run_dir) / "stages" / "embed" / "train.parquet")])
     return {"id": np.asarray(t.column("id").to_pylist(), dtype=object),
             "y": t.column("label").to_numpy(), "a": t.column("bias").to_numpy(),
             "emb": np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)}

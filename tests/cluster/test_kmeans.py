@@ -1,7 +1,9 @@
 import numpy as np
+import pyarrow as pa
 from sklearn.metrics import adjusted_rand_score
 
-from raydebias.cluster.kmeans import cluster_groups, k_rule, kmeans
+from raydebias.cluster.kmeans import k_rule, kmeans
+from raydebias.cluster.stage import _cluster_group
 
 
 def test_k_rule():
@@ -26,11 +28,20 @@ def test_kmeans_recovers_separated_clusters_largest_first():
     assert np.bincount(ids).tolist() == sorted(np.bincount(truth).tolist(), reverse=True)
 
 
-def test_cluster_groups_is_per_group():
+def group_table(x, group, order):
+    ids = [f"r{i:04d}" for i in range(len(x))]
+    return pa.table({"id": pa.array(ids).take(order), "group": pa.array(np.full(len(x), group), pa.int64()).take(order),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).take(order)})
+
+
+def test_a_group_is_clustered_whatever_order_its_rows_arrive_in():
     x, truth = blobs()
-    groups = np.where(np.arange(len(x)) % 2 == 0, 0, 1)
-    groups[:5] = 7  # a tiny group: no clustering
-    out = cluster_groups(x, groups, k=3, min_images=10, seed=0)
-    assert (out[groups == 7] == 0).all()
-    for g in (0, 1):
-        assert adjusted_rand_score(truth[groups == g], out[groups == g]) == 1.0
+    rng = np.random.default_rng(1)
+    a = _cluster_group(group_table(x, 4, np.arange(len(x))), k=3, min_images=10, seed=0, niter=25)
+    b = _cluster_group(group_table(x, 4, rng.permutation(len(x))), k=3, min_images=10, seed=0, niter=25)
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()  # sorted by id
+    assert a.column("cluster").to_pylist() == b.column("cluster").to_pylist()
+    assert adjusted_rand_score(truth, a.column("cluster").to_numpy()) == 1.0
+    assert set(a.column("group").to_pylist()) == {4}
+    small = _cluster_group(group_table(x[:5], 7, np.arange(5)), k=3, min_images=10, seed=0, niter=25)
+    assert small.column("cluster").to_pylist() == [0] * 5  # below min_images: one cluster
