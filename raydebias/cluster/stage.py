@@ -58,7 +58,7 @@ def run_cluster(ctx):
     before = data_ctx.shuffle_strategy
     data_ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # tasks, not aggregator actors (ingest)
     try:
-        ds = ray.data.read_parquet(parts, columns=["id", "label", "bias", "embedding"]).map_batches(
+        ds = ray.data.read_parquet(parts).select_columns(["id", "label", "bias", "embedding"]).map_batches(
             _with_group, fn_kwargs={"num_bias": B}, batch_format="pyarrow", batch_size=None)
         res = ds.groupby("group").map_groups(
             _cluster_group, fn_kwargs={"k": k, "min_images": cfg.finetune.min_images, "seed": cfg.seed,
