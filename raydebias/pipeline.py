@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raydebias import __version__
-from raydebias._internal.io import as_path, atomic_write_json, atomic_write_text, is_remote, sha256_file, sha256_json, url_to_fs
+from raydebias._internal.io import (as_path, atomic_write_json, atomic_write_text, is_remote, sha256_file, sha256_json,
+                                    url_to_fs)
 from raydebias.config import RunConfig, dump_config
 from raydebias.core import RunContext, Stage, toposort
 from raydebias.core.context import run_path

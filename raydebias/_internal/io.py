@@ -158,19 +158,19 @@ def replace_path(src: str | Path, dst: str | Path) -> None:
     is a rename: readers see the old or the new whole, never a partly written one. Remote: the old ``dst`` is
     removed, then ``src`` (local or on the same store) is moved there; the stage's manifest entry commits it."""
     if is_remote(dst):
-        remove_path(dst)
-        if is_remote(src):
-            fs, s = url_to_fs(str(src))
-            d = url_to_fs(str(dst))[1]
-            fs.invalidate_cache()  # the objects the workers wrote since this process last listed
-            files = fs.find(s)
-            for f in files:  # server-side copies, then the sources are removed
-                fs.copy(f, d + f[len(s):])
-            if files:
-                fs.rm(files)
-        else:
-            upload(src, dst)
+        if not is_remote(src):
+            upload(src, dst)  # replaces dst
             remove_path(src)
+            return
+        remove_path(dst)
+        fs, s = url_to_fs(str(src))
+        d = url_to_fs(str(dst))[1]
+        fs.invalidate_cache()  # the objects the workers wrote since this process last listed
+        files = fs.find(s)
+        for f in files:  # server-side copies, then the sources are removed
+            fs.copy(f, d + f[len(s):])
+        if files:
+            fs.rm(files)
         return
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -217,10 +217,7 @@ def local_copy(path: str | os.PathLike) -> str:
     content into ``<tmp>/raydebias-remote/`` (keyed by the listing's names, sizes and ETags)."""
     if not is_remote(path):
         return str(path)
-    fs, p = url_to_fs(str(path))
-    fs.invalidate_cache(p)
-    listing = fs.find(p, detail=True) if fs.isdir(p) else {p: fs.info(p)}
-    key = sha256_json([str(path), sorted((k, v.get("size"), str(v.get("ETag"))) for k, v in listing.items())])
+    key = sha256_json([str(path), file_stamp(path)])
     dst = Path(tempfile.gettempdir()) / "raydebias-remote" / key[:24] / as_path(path).name
     if not dst.exists():
         with atomic_path(dst) as tmp:

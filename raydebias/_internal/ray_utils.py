@@ -201,18 +201,16 @@ def _keep_local_checkpoint(run, src: Path) -> None:
 
 def _local_checkpoint_dir(run) -> Path | None:
     """The folder of ``run``'s last kept checkpoint (see :func:`_keep_local_checkpoint`) on local disk, or None; a
-    remote one is downloaded to a fresh temporary folder."""
+    remote one through :func:`~raydebias._internal.io.local_copy` (downloaded once per checkpoint)."""
     import json
-    import tempfile
 
-    from raydebias._internal.io import download, is_remote
+    from raydebias._internal.io import is_remote, local_copy
 
     if is_remote(run):
         pointer = run / "checkpoint.json"
         if not pointer.exists():
             return None
-        return download(run / json.loads(pointer.read_text())["dir"],
-                        Path(tempfile.mkdtemp(prefix="raydebias-ckpt-")) / "checkpoint")
+        return Path(local_copy(run / json.loads(pointer.read_text())["dir"]))
     for d in (run / "checkpoint", run / "checkpoint.old"):
         if d.is_dir():
             return d

@@ -13,13 +13,17 @@ import pyarrow.parquet as pq
 from raydebias._internal.io import atomic_path, atomic_write_json
 from raydebias.cluster.kmeans import k_rule, kmeans
 from raydebias.data.stream import parquet_parts
+from raydebias.evaluate.metrics import group_ids
+
+
+def _groups(t: pa.Table, num_bias: int) -> np.ndarray:
+    """Each row's group, label × num_bias + bias (an unknown bias counts as 0)."""
+    return group_ids(t.column("label").to_numpy(), np.maximum(t.column("bias").to_numpy(), 0), num_bias)
 
 
 def _with_group(t: pa.Table, num_bias: int) -> pa.Table:
-    """The table with ``group`` = label × num_bias + bias (an unknown bias counts as 0), ids and labels only."""
-    y = t.column("label").to_numpy().astype(np.int64)
-    a = np.maximum(t.column("bias").to_numpy().astype(np.int64), 0)
-    return t.select(["id", "embedding"]).append_column("group", pa.array(y * num_bias + a, pa.int64()))
+    """``id``, ``embedding`` and the row's ``group`` (:func:`_groups`)."""
+    return t.select(["id", "embedding"]).append_column("group", pa.array(_groups(t, num_bias), pa.int64()))
 
 
 def _cluster_group(t: pa.Table, k: int, min_images: int, seed: int, niter: int) -> pa.Table:
@@ -49,9 +53,7 @@ def run_cluster(ctx):
     out = ctx.stage_dir("cluster")
     B = info["num_bias"] or 1
     parts = parquet_parts(ctx.run_dir / "stages" / "embed" / "train.parquet")
-    small = pa.concat_tables([pq.read_table(f, columns=["label", "bias"]) for f in parts])
-    groups = small.column("label").to_numpy().astype(np.int64) * B + \
-        np.maximum(small.column("bias").to_numpy().astype(np.int64), 0)
+    groups = _groups(pa.concat_tables([pq.read_table(f, columns=["label", "bias"]) for f in parts]), B)
     sizes = {int(g): int(n) for g, n in zip(*np.unique(groups, return_counts=True))}
     k = k_rule(sizes, cfg.cluster.k, cfg.cluster.k_max, cfg.cluster.min_per_cluster, cfg.finetune.min_images)
     data_ctx = DataContext.get_current()

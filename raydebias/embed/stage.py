@@ -159,9 +159,10 @@ def run_embed(ctx):
             num_cpus=cfg.embed.cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_worker or None,
         )
-        n = sum(int(b["rows"].sum()) for b in written.iter_batches(batch_format="numpy", batch_size=None))
-        if n != count_rows(parts):
-            raise RuntimeError(f"embed: {n} rows embedded, the train split has {count_rows(parts)}")
+        n, want = sum(int(b["rows"].sum()) for b in written.iter_batches(batch_format="numpy", batch_size=None)), \
+            count_rows(parts)
+        if n != want:
+            raise RuntimeError(f"embed: {n} rows embedded, the train split has {want}")
         replace_path(tmp, out / "train.parquet")
     finally:
         remove_path(tmp)
