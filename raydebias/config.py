@@ -145,8 +145,8 @@ class DiffusionModelConfig(Block):
         0, ge=0, le=24, description="transformer layers of the bootstrap CLIP text encoder. 0 (token + position embedding, "
                              "final LayerNorm): every word keeps its own position in the cross-attention context. With "
                              "2 causal layers the dominant bias word overwrote every later position (L2 change ≈ 11 vs "
-                             "0.02 for the class word) and samples ignored the class word (README, \"Generation "
-                             "fidelity\")")
+                             "0.02 for the class word) and samples ignored the class word (BENCHMARKS.md, "
+                             "\"Generation fidelity: findings\")")
     max_tokens: int = Field(16, ge=4, le=77, description="text context length (captions are a few words)")
     cross_attention: Literal["mid", "all"] = Field(
         "mid", description="cross-attention in the middle block only (≈1.7× faster on CPU) or at every level")
@@ -245,8 +245,8 @@ class DiffusionTrainConfig(Block):
                            "captions that lost a word are drawn group-balanced, so the class word alone does not "
                            "learn the class's majority bias (BENCHMARKS.md, round 7; needs bias labels)")
     caption_dropout: float = Field(
-        0.19, ge=0, le=1, description="empty caption (for classifier-free guidance); 0.19 = the rate every measured "
-                                      "run trained with (a hidden 0.1 used to be applied before this field's 0.1)")
+        0.19, ge=0, le=1, description="probability of the empty caption (the unconditional branch of classifier-free "
+                                      "guidance); 0.19 is the rate the shipped recipes were measured with")
     group_mix: float = Field(
         0.0, ge=0, le=1, description="fraction of each batch drawn uniformly over the (class, bias) groups present, "
                                      "the rest as in the data (needs bias labels): the rare pairings the class word "
@@ -256,7 +256,7 @@ class DiffusionTrainConfig(Block):
                                      "the data, 1 = every group equally often (needs bias labels)")
     shift: int = Field(2, ge=0, le=8, description="random translation of up to this many pixels (augmentation); "
                                                   "0 learned the class faster but made lr 2e-3 training collapse in "
-                                                  "2 of 4 demo runs (README, \"Generation fidelity\")")
+                                                  "2 of 4 demo runs (BENCHMARKS.md, \"Generation fidelity: findings\")")
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR-γ loss weighting (Hang et al. 2023); 0 = off")
     p2_gamma: float = Field(0.0, ge=0, description="P2 weighting 1/(k + SNR)^γ (Choi et al. 2022; DiffInject "
                                                    "uses γ = 1); 0 = off")
@@ -277,7 +277,7 @@ class DiffusionTrainConfig(Block):
     checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0, description="steps between resumable checkpoints (a restarted worker or "
                                                          "a rerun after a killed driver continues there); 0 = off")
     guard_every: int = Field(100, ge=0, description="steps between conditioning-guard checks on the val split "
-                                                    "(README, \"Generation fidelity\"); 0 = off")
+                                                    "(BENCHMARKS.md, \"Generation fidelity: findings\"); 0 = off")
     guard_ratio: float = Field(0.5, gt=0, lt=1, description="roll back when the conditioning gap falls below this "
                                                             "fraction of its best")
     guard_min_gap: float = Field(0.005, ge=0, description="the guard acts once the gap has reached this (healthy "

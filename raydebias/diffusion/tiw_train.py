@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydebias._internal.io import as_path, atomic_path, load_safetensors, remove_path
+from raydebias.core.seeds import derived_seed
 from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
 from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
@@ -237,7 +238,7 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
         k[len("done-"):]: v for k, v in (resume["weights"] if resume else {}).items() if k.startswith("done-")}
 
     def gen(phase: int) -> torch.Generator:  # rank-seeded: every rank draws its own batches and noise
-        return torch.Generator(device=device).manual_seed(seed * 1_000_003 + phase * 1009 + rank)
+        return torch.Generator(device=device).manual_seed(derived_seed(seed, phase * 1009 + rank))
 
     def logger(name: str) -> Callable[[int, float], None] | None:
         return (lambda i, v: print(f"[tiw/{name}] step {i} loss {v:.4f}", flush=True)) if rank == 0 else None

@@ -13,6 +13,7 @@ from pydantic import Field
 from raydebias._internal.io import as_path, load_safetensors, remove_path
 from raydebias.config import RESOURCE, Block
 from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.core.seeds import sample_seeds
 from raydebias.diffusion.base import editing_base
 from raydebias.generate.inject import ddim_invert, inject_generate, record_h
 from raydebias.methods.shared import TRAIN_READS
@@ -165,7 +166,7 @@ def run_inject(ctx):
     mined = set(pq.read_table(str(ctx.run_dir / "stages" / "mine" / "mined.parquet")).column("id").to_pylist())
     n = int(round(di.bias_conflict_ratio * (len(train_ids) - len(mined))))
     styles, contents = plan_pairs(train_ids, mined, n, cfg.seed)
-    seeds = [cfg.seed * 1_000_003 + i for i in range(n)]
+    seeds = sample_seeds(cfg.seed, n)
     # the inversion cache depends only on the edited model's weights (their hashes in the manifest) and the
     # inversion steps
     base = editing_base(cfg)

@@ -26,6 +26,7 @@ from pydantic import Field
 from raydebias._internal.io import atomic_write_json, atomic_write_table, remove_path, replace_path
 from raydebias.config import RESOURCE, Block, Template
 from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.core.seeds import sample_seeds
 from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 from raydebias.methods.shared import TRAIN_READS
 
@@ -81,7 +82,7 @@ def run_amplifier(ctx):
     C = info["num_classes"]
     y_syn = np.repeat(np.arange(C), d.images_per_class)
     prompts = [describe(d.prompt_template, info["class_names"][c], None) for c in y_syn]
-    seeds = [cfg.seed * 1_000_003 + i for i in range(len(y_syn))]
+    seeds = sample_seeds(cfg.seed, len(y_syn))
     ctx.ensure_ray()
     # Two Ray tasks over halves of the prompts (one per CPU by default); each loads the model once and writes its
     # part of synthetic.parquet

@@ -16,6 +16,7 @@ from pydantic import Field
 from raydebias._internal.io import as_path
 from raydebias.config import RESOURCE, Block
 from raydebias.core import Method, Stage, SyntheticSet, get_method, register
+from raydebias.core.seeds import sample_seeds
 from raydebias.diffusion.base import editing_base
 from raydebias.methods.shared import TRAIN_READS
 
@@ -69,7 +70,7 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
         x = train[np.random.default_rng(cfg.seed).permutation(len(train))[: g.num_latents]]  # only these are read
         z = forward_latents(bundle, x, g.num_steps, g.t_frac, cfg.seed)
     else:  # the model's own reverse trajectories from noise, stopped at the split
-        seeds = [cfg.seed * 1_000_003 + 500_000 + i for i in range(g.num_latents)]
+        seeds = sample_seeds(cfg.seed, g.num_latents, offset=500_000)
         z = collect_latents(bundle, seeds, g.num_steps, g.t_frac)
     z = z.flatten(1).float().cpu().numpy()
     gmm, bics = fit_gmm_bic(z, k_max=g.k_max, seed=cfg.seed)
