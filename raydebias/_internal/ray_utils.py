@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from raydebias.config import RayConfig
+if TYPE_CHECKING:  # annotations only: config imports the core, whose context imports this module
+    from raydebias.config import RayConfig
 
 
 def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
