@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from raydebias.config import ConfigError, dump_config, load_config
+from raydebias.core import get_method, registered
 
 
 def _config_path(name: str) -> Path:
@@ -26,13 +27,10 @@ def _print_table(run_dir: Path) -> None:
     for r in report["rows"]:
         print(f"{r['method']:<22}" + "".join(
             f"{r.get(c):>16.4f}" if isinstance(r.get(c), float) else f"{'–':>16}" for c in cols))
-    tiw = report.get("generation", {}).get("tiw")
-    if tiw:  # a generative method: no classifier row
-        ref = tiw["reference"]["aligned_fraction"]
-        print(f"\nTIW samples (reference aligned fraction {ref:.3f}):")
-        for obj, v in tiw["objectives"].items():
-            print(f"  {obj:<12} aligned fraction {v['aligned_fraction']:.3f}  TV to reference {v['tv_groups']:.3f}  "
-                  f"FID {v['fid']:.2f}")
+    for name in registered():  # what a method adds below the rows (a generation-only method has no row)
+        lines = get_method(name).console(report) if get_method(name).console else []
+        if lines:
+            print("\n" + "\n".join(lines))
     fid = report.get("generation", {}).get("fidelity")
     if fid:
         acc = fid["probes"]["probe_test_accuracy"]

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raydebias.core.registry import get_method, load_methods, method_blocks, registered
+from raydebias.core.registry import get_method, load_methods, method_blocks, registered, stage_kinds
 
 __all__ = [
     "RunConfig",
@@ -21,13 +21,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "dump_config",
-    "STAGES",
 ]
-
-# Stage graph order. A run executes the configured subset in this order; the generative stages only run for
-# the generative methods.
-STAGES = ("data", "clip", "embed", "cluster", "diffusion", "finetune", "generate", "filter", "ddpm", "amplifier",
-          "mine", "inject", "tiw", "train", "gmm", "evaluate", "report")
 
 
 # Marks a field that sets resources only (worker counts, CPUs per task, batching of I/O): stage cache keys leave it
@@ -375,7 +369,9 @@ class RunConfig(Block):
     ray: RayConfig = Field(default_factory=RayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
-    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    stages: list[str] = Field(default_factory=lambda: stage_kinds(),
+                              description="the kinds of stage to run (a method's stages run only where their kind is "
+                                          "listed); default: every kind of every registered method")
     method: str = "erm"
     baselines: list[str] = Field(default_factory=lambda: ["erm", "groupdro"])
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -392,10 +388,11 @@ class RunConfig(Block):
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in STAGES]
+        known = stage_kinds()
+        unknown = [s for s in v if s not in known]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-        return sorted(dict.fromkeys(v), key=STAGES.index)
+            raise ValueError(f"unknown stage(s) {unknown}; known: {known}")
+        return sorted(dict.fromkeys(v), key=known.index)
 
     @field_validator("method")
     @classmethod

@@ -63,8 +63,14 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
     ``cfg.stages`` are kept."""
     from raydebias.methods import get_method
 
-    want = set(cfg.stages)
-    return toposort([s for s in _graph(cfg, [get_method(m) for m in cfg.methods]) if s.kind in want])
+    from raydebias.core.registry import stage_kinds
+
+    want, known = set(cfg.stages), set(stage_kinds())
+    stages = _graph(cfg, [get_method(m) for m in cfg.methods])
+    undeclared = sorted({f"{s.name} (kind {s.kind!r})" for s in stages if s.kind not in known})
+    if undeclared:  # a stage no ``stages:`` entry could switch on would be dropped silently
+        raise ValueError(f"stages of undeclared kinds: {undeclared}; a method declares its kinds in Method.kinds")
+    return toposort([s for s in stages if s.kind in want])
 
 
 def _graph(cfg: RunConfig, methods: list) -> list[Stage]:

@@ -2,8 +2,8 @@
 
 A method (``raydebias/methods/<name>.py``) declares the shared building-block stages it needs, its own stages
 and what evaluate should score, then calls :func:`register`. ``raydebias.pipeline.build_graph`` asks the registry
-for the run's methods and sorts their stages topologically; nothing here imports a method (README, "Add a
-method").
+for the run's methods and sorts their stages topologically; nothing here imports a method (docs/architecture.md,
+"Add a method").
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 # methods outside this package: ``[project.entry-points."raydebias.methods"] name = "pkg.module"``
 ENTRY_POINT_GROUP = "raydebias.methods"
+
+# the ``stages:`` kinds of the building blocks every method may share (``raydebias.methods.shared``); the methods
+# add their own (``Method.kinds``); every classifier trains in a ``train`` stage, then evaluate and report
+BUILDING_BLOCKS = ("data", "clip", "embed", "cluster", "diffusion", "ddpm")
+FINAL_KINDS = ("train", "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,13 @@ class Method:
     ``config`` = (block name, pydantic model): the method's config block, the YAML key ``RunConfig`` validates
     with that model (two methods may share one block); ``pretrained`` names the ``models.<name>`` weights its
     stages load under ``models.source: pretrained``; ``check(cfg)`` raises ``ValueError`` for a config this method
-    cannot run (checked when the config is validated)."""
+    cannot run (checked when the config is validated). ``kinds`` are the ``stages:`` entries its own stages use
+    (a new kind is declared here and nowhere else); ``console(metrics)`` returns the lines ``raydebias run`` prints
+    for it under the results table (a generation-only method has no row there)."""
 
     name: str
     stages: Callable[[RunConfig], list[Stage]]
+    kinds: tuple[str, ...] = ("train",)
     shared: tuple[str, ...] = ()
     config: tuple[str, type[BaseModel]] | None = None
     pretrained: tuple[str, ...] = ()
@@ -87,6 +95,7 @@ class Method:
     result: str | None = None
     report: Callable[..., list[str]] | None = None
     evaluate: Callable[..., dict[str, Any]] | None = None
+    console: Callable[[dict[str, Any]], list[str]] | None = None
     doc: str = ""
 
     @property
@@ -118,6 +127,16 @@ def registered() -> list[str]:
     """Every method's name (the method modules are discovered first: :func:`load_methods`)."""
     load_methods()
     return list(_METHODS)
+
+
+def stage_kinds() -> list[str]:
+    """Every entry ``stages:`` may list, in the order a config shows them: the building blocks, each registered
+    method's ``kinds`` (in registration order), then train, evaluate and report."""
+    load_methods()
+    out = list(BUILDING_BLOCKS)
+    for m in _METHODS.values():
+        out += [k for k in m.kinds if k not in out and k not in FINAL_KINDS]
+    return out + list(FINAL_KINDS)
 
 
 _LOADED = False

@@ -1,5 +1,5 @@
 """One module per method; importing this package imports (and so registers) every module in it, whatever its
-name: adding a method is adding a module (README, "Add a method")."""
+name: adding a method is adding a module (docs/architecture.md, "Add a method")."""
 
 import importlib
 import pkgutil

@@ -251,6 +251,6 @@ def _stages(cfg) -> list[Stage]:
     ]
 
 
-register(Method("diffinject", _stages, config=("diffinject", DiffInjectConfig), pretrained=("diffusion",),
+register(Method("diffinject", _stages, kinds=("mine", "inject", "train"), config=("diffinject", DiffInjectConfig), pretrained=("diffusion",),
                 synthetic=(SyntheticSet("inject", "inject/synthetic.parquet", "style", cas=True),),
                 stats=("mine", "inject"), report=report_sections, doc="docs/methods/diffinject.md"))

@@ -226,7 +226,7 @@ def _recipe(name: str) -> Method:
                       reads=(*TRAIN_READS, "ddb.recipe", "ddb.lff_ema"))]
 
     return register(Method(
-        name, stages, shared=("ddpm",), config=("ddb", DiffusingDebiasConfig),
+        name, stages, kinds=("amplifier", "train"), shared=("ddpm",), config=("ddb", DiffusingDebiasConfig),
         synthetic=(SyntheticSet("amplifier", "amplifier/synthetic.parquet", "class", cas=True),),
         report=report_sections, evaluate=bias_detection,
         doc="docs/methods/diffusing_debias.md"))

@@ -114,7 +114,8 @@ def _variant(v: str) -> Method:
         ]
 
     return register(Method(
-        v, stages, shared=("clip", "embed", "cluster", "diffusion"), report=report_sections(v),
+        v, stages, kinds=("finetune", "generate", "filter", "train"), shared=("clip", "embed", "cluster", "diffusion"),
+        report=report_sections(v),
         config=("two_stage", TwoStageConfig), pretrained=("diffusion", "clip"),
         synthetic=(SyntheticSet(f"generate/{v}", f"generate/{v}/synthetic.parquet", "group", cas=False),
                    SyntheticSet(f"filter/{v}", f"filter/{v}/synthetic.parquet", "group", cas=True)),

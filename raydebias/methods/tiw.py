@@ -207,6 +207,20 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     return parts
 
 
-register(Method("tiw", config=("tiw", TIWConfig), stages=lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
-                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False, report=report_sections,
-                result="tiw", doc="docs/methods/tiw.md"))
+def console_lines(metrics: dict) -> list[str]:
+    """What ``raydebias run`` prints for TIW under the results table: per objective, the samples' aligned fraction
+    against the reference's, their total variation over the groups and FID."""
+    tiw = metrics.get("generation", {}).get("tiw")
+    if not tiw:
+        return []
+    lines = [f"TIW samples (reference aligned fraction {tiw['reference']['aligned_fraction']:.3f}):"]
+    for obj, v in tiw["objectives"].items():
+        lines.append(f"  {obj:<12} aligned fraction {v['aligned_fraction']:.3f}  TV to reference "
+                     f"{v['tv_groups']:.3f}  FID {v['fid']:.2f}")
+    return lines
+
+
+register(Method("tiw", config=("tiw", TIWConfig), kinds=("tiw",),
+                stages=lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
+                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False,
+                report=report_sections, console=console_lines, result="tiw", doc="docs/methods/tiw.md"))

@@ -161,7 +161,7 @@ def test_a_method_key_no_method_of_the_run_reads_is_named(tmp_path, capsys):
     assert "# warning: no method of this run reads ddb.guidance_scale=3.0" in capsys.readouterr().err
 
 
-def test_a_method_is_one_module(monkeypatch):
+def test_a_method_is_one_module(monkeypatch, tmp_path, capsys):
     """What "add a method" means: a module that declares a block and registers a method — nothing else edited —
     and the config accepts, validates and dumps its block, and builds its graph."""
     from pydantic import Field
@@ -176,13 +176,54 @@ def test_a_method_is_one_module(monkeypatch):
     class ToyConfig(Block):
         strength: float = Field(0.5, ge=0, le=1)
 
-    register(Method("toy", lambda cfg: [Stage("train/toy", "train", ("data",), run=lambda ctx: None,
-                                               reads=(*TRAIN_READS, "toy"))], config=("toy", ToyConfig)))
+    def stages(cfg):  # a new kind of stage ("distill") feeding the method's classifier
+        return [Stage("distill", "distill", ("data",), run=lambda ctx: None, reads=("toy",)),
+                Stage("train/toy", "train", ("distill", "data"), run=lambda ctx: None, reads=(*TRAIN_READS, "toy"))]
+
+    register(Method("toy", stages, kinds=("distill", "train"), config=("toy", ToyConfig),
+                    console=lambda metrics: [f"toy strength {metrics['toy']}"] if "toy" in metrics else []))
     cfg = load_config(None, ["method=toy", "baselines=[erm]", "toy.strength=0.9"])
     assert cfg.toy.strength == 0.9 and "toy" in dump_config(cfg)
-    assert [s.name for s in build_graph(cfg)] == ["data", "train/toy", "train/erm", "evaluate", "report"]
+    assert "distill" in cfg.stages  # the default runs every declared kind
+    assert [s.name for s in build_graph(cfg)] == ["data", "distill", "train/toy", "train/erm", "evaluate", "report"]
+    only_train = load_config(None, ["method=toy", "baselines=[erm]", "stages=[data, distill, train]"])
+    assert [s.name for s in build_graph(only_train)] == ["data", "distill", "train/toy", "train/erm"]
     with pytest.raises(ConfigError, match=r"toy\.strength"):
         load_config(None, ["method=toy", "toy.strength=3"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(None, ["method=toy", "stages=[data, distil]"])
+    # its console lines come under the results table without an edit of the CLI
+    import json
+
+    from raydebias.cli import _print_table
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"headline": "aga", "headline_description": "d", "rows": [],
+                                                      "toy": 0.9}))
+    _print_table(tmp_path)
+    assert "toy strength 0.9" in capsys.readouterr().out
+
+
+def test_a_stage_of_an_undeclared_kind_is_an_error_not_dropped(monkeypatch):
+    import raydebias.core.registry as registry
+    from raydebias.core import Method, register
+    from raydebias.methods.shared import TRAIN_READS
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    register(Method("toy2", lambda cfg: [Stage("sketch", "sketch", ("data",), run=lambda ctx: None),
+                                         Stage("train/toy2", "train", ("sketch", "data"), run=lambda ctx: None,
+                                               reads=TRAIN_READS)]))
+    with pytest.raises(ValueError, match="sketch"):
+        build_graph(load_config(None, ["method=toy2", "baselines=[]"]))
+
+
+def test_every_stage_kind_is_declared():
+    """Each method's stages use only the building blocks' kinds and the kinds it declares."""
+    from raydebias.core.registry import BUILDING_BLOCKS, FINAL_KINDS
+
+    cfg = load_config(None, [])
+    for name in METHODS:
+        m = get_method(name)
+        assert {s.kind for s in m.stages(cfg)} <= set(m.kinds) | set(BUILDING_BLOCKS) | set(FINAL_KINDS), name
 
 
 def test_validating_a_config_stays_light():

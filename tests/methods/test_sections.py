@@ -52,3 +52,16 @@ def test_harnessing_section_shows_filter_stats_and_clusters(tmp_path):
     assert "<th>generated</th><th>kept</th>" in html and "<td>4</td><td>3</td>" in html
     assert "<td>digit 0</td><td>red</td><td>2</td><td>5, 4</td>" in html
     assert "<td>digit 1</td><td>green</td><td>1</td><td>7</td>" in html
+
+
+def test_tiw_console_lines_per_objective():
+    from raydebias.methods.tiw import console_lines
+
+    assert console_lines({"generation": {}}) == []
+    metrics = {"generation": {"tiw": {"reference": {"aligned_fraction": 0.1},
+                                      "objectives": {"dsm": {"aligned_fraction": 0.5, "tv_groups": 0.4, "fid": 12.0},
+                                                     "tiw_paper": {"aligned_fraction": 0.2, "tv_groups": 0.1,
+                                                                   "fid": 11.0}}}}}
+    lines = console_lines(metrics)
+    assert lines[0] == "TIW samples (reference aligned fraction 0.100):"
+    assert [ln.split()[0] for ln in lines[1:]] == ["dsm", "tiw_paper"] and "FID 11.00" in lines[2]
