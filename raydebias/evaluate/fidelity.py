@@ -9,7 +9,7 @@ a measurement, never used to select anything. With ``evaluate.fidelity_probes`` 
 that many backbones trained from different seeds (softmax averaged): one probe's seed moves the fidelity of a
 synthetic set by several points (BENCHMARKS.md, "probe variance"), an ensemble less. Generators without a target
 group (Diffusing DeBias's class-only prompts, GAMMA-FACE, TIW) get the probes' view of what they drew instead
-(``describe_unconditional``). README, "Generation fidelity".
+(``describe_unconditional``). docs/metrics.md.
 
 Images are uint8 NHWC arrays or :class:`~raydebias.data.stream.PartSet` streams of Parquet parts: the evaluate
 stage runs :func:`measure_task` in a Ray task that streams val, test and every synthetic set a part at a time.

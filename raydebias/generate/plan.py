@@ -60,8 +60,8 @@ def dreambooth_prompt(template: str, identifier: str, class_name: str, bias_name
 
     The paper's prompt is "a photo of a [V] {class}". The bootstrap base model is trained on half group-balanced
     batches, so the class word alone no longer implies the aligned bias value, and 20 LoRA steps do not teach [V]
-    it: with the paper's prompt, the aligned groups' samples had the right bias 16 % of the time (README,
-    "Generation fidelity"); the bias word keeps it.
+    it: with the paper's prompt, the aligned groups' samples had the right bias 16 % of the time (BENCHMARKS.md,
+    "Generation fidelity: findings"); the bias word keeps it.
     """
     return describe(template, f"{identifier} {class_name}", bias_name)
 

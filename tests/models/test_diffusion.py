@@ -148,7 +148,7 @@ def _colored_mnist(n: int):
 
 def test_default_text_encoder_keeps_each_word_at_its_own_position():
     """text_layers = 0 (the default): the class word changes the context at its own position only, by a margin,
-    so a dominant bias word earlier in the caption cannot drown it (README, "Generation fidelity")."""
+    so a dominant bias word earlier in the caption cannot drown it (BENCHMARKS.md, "Generation fidelity: findings")."""
     from raydebias.config import DiffusionModelConfig
 
     b = bootstrap_diffusion(DiffusionModelConfig(block_out_channels=[16, 32], text_width=32))
