@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from raydebias.generate.inject import asymmetric_ddim_step, inject_h, slerp
+from raydebias.methods.diffinject.inject import asymmetric_ddim_step, inject_h, slerp
 from raydebias.models.sampling import initial_noise
 
 torch.set_num_threads(1)
@@ -175,7 +175,7 @@ def test_asymmetric_step_per_sample_alphas_and_generator_noise():
 def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_diffusion):
     """γ = 0 and no stochastic tail → exactly diffusers' DDIM sampling (``models.diffusion.sample``) from the
     same noise: the hook, the asymmetric step and the v→ε conversion add nothing."""
-    from raydebias.generate.inject import inject_generate, record_h
+    from raydebias.methods.diffinject.inject import inject_generate, record_h
     from raydebias.models.sampling import to_uint8, sample
 
     b, seeds, steps = tiny_diffusion, [3, 4, 5], 6
@@ -196,7 +196,7 @@ def test_injection_with_gamma_zero_is_plain_ddim_sampling(tiny_diffusion):
 
 
 def test_stochastic_tail_is_seeded_per_row(tiny_diffusion):
-    from raydebias.generate.inject import inject_generate
+    from raydebias.methods.diffinject.inject import inject_generate
 
     b, steps = tiny_diffusion, 4
     ctx = b.embed_prompts([""])
@@ -211,7 +211,7 @@ def test_stochastic_tail_is_seeded_per_row(tiny_diffusion):
 
 def test_ddim_inversion_round_trips(tiny_diffusion):
     """Inversion (diffusers DDIMInverseScheduler) then DDIM sampling returns close to the start latent."""
-    from raydebias.generate.inject import ddim_invert, inject_generate
+    from raydebias.methods.diffinject.inject import ddim_invert, inject_generate
 
     b, steps = tiny_diffusion, 50
     ctx = b.embed_prompts([""])

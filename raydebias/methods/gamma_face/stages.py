@@ -1,7 +1,7 @@
 """GAMMA-FACE (docs/methods/gamma_face.md): a GMM over intermediate latents of the edited diffusion model
 (``editing_base``),
 equal sampling per component, pseudo-labels from another method's classifier, augmented retraining
-(``generate/gmm.py`` holds the latent, GMM and sampling functions)."""
+(``gmm.py`` beside this module holds the latent, GMM and sampling functions)."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
     written as a part of ``stages/gmm/generated.parquet``. Writes ``stages/gmm/{latent_gmm.npz, bic.json}`` and
     returns the per-row components, labels and confidences."""
     # here, not at the top: the module is imported wherever a config is validated (its block), and
-    # generate.gmm pulls in the diffusion stack (diffusers models, transformers, sklearn): ~5 s per process
-    from raydebias.generate.gmm import collect_latents, continue_reverse, fit_gmm_bic, forward_latents, \
+    # gmm pulls in the diffusion stack (diffusers models, transformers, sklearn): ~5 s per process
+    from raydebias.methods.gamma_face.gmm import collect_latents, continue_reverse, fit_gmm_bic, forward_latents, \
         latent_shape, sample_components
 
     import json
@@ -154,7 +154,7 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
 
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
-        from raydebias.generate.gmm import bic_plot
+        from raydebias.methods.gamma_face.gmm import bic_plot
 
         bic = json.loads((st / "gmm" / "bic.json").read_text())
         path = st / "gmm" / "generated.parquet"

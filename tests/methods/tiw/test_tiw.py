@@ -1,4 +1,4 @@
-"""TIW-DSM (raydebias.diffusion.tiw): unit tests + the 2-D Gaussian-mixture proof that the paper's form recovers
+"""TIW-DSM (raydebias.methods.tiw.objectives): unit tests + the 2-D Gaussian-mixture proof that the paper's form recovers
 the unbiased 50/50 mode proportions from a 90/10 biased set while plain DSM and the public code's form do not."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from raydebias.diffusion.tiw import (TimeDiscriminator, TimeMLP, VPSchedule, density_ratio, discriminator_loss,
+from raydebias.methods.tiw.objectives import (TimeDiscriminator, TimeMLP, VPSchedule, density_ratio, discriminator_loss,
                                      dsm_loss, log_ratio_grad, sample, tiw_dsm_loss)
 
 torch.set_num_threads(1)

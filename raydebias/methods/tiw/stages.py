@@ -1,5 +1,5 @@
 """The ``tiw`` stage (docs/methods/tiw.md): TIW-DSM vs plain DSM on images from a biased training split and a small
-unbiased reference sample, trained through Ray Train (:mod:`raydebias.diffusion.tiw_train`), then measured.
+unbiased reference sample, trained through Ray Train (:mod:`raydebias.methods.tiw.train`), then measured.
 
 Reference set: ``tiw.reference_size`` rows drawn from a group-balanced split (``val``). Measurement (one Ray
 task): a *group probe* — the project's classifier trained on the whole reference split to predict the group
@@ -91,7 +91,7 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
     from raydebias._internal.io import atomic_path
     from raydebias.config import RunConfig
     from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
-    from raydebias.diffusion.tiw_train import generate, load_eps_model, proportions, total_variation
+    from raydebias.methods.tiw.train import generate, load_eps_model, proportions, total_variation
     from raydebias.evaluate.fid import fid_kid
     from raydebias.evaluate.metrics import conflicting_mask
     from raydebias.models.classifier import predict
@@ -130,7 +130,7 @@ def run_tiw(ctx):
     from raydebias._internal.io import atomic_write_json, atomic_write_text
     from raydebias.core import StageResult
     from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
-    from raydebias.diffusion.tiw_train import fit_tiw
+    from raydebias.methods.tiw.train import fit_tiw
     from raydebias.evaluate.metrics import conflicting_mask
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw

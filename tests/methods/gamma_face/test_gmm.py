@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from raydebias.generate.gmm import (
+from raydebias.methods.gamma_face.gmm import (
     bic_plot,
     collect_latents,
     continue_reverse,
@@ -149,7 +149,7 @@ def test_bic_plot():
 def test_forward_latents_are_noised_to_the_resume_level(tiny_diffusion):
     """Forward latents sit at timesteps[split]: for a blank image (z_0 = −1 everywhere) their mean is −√ᾱ_t and
     their std √(1 − ᾱ_t); continuing the reverse process from them returns images."""
-    from raydebias.generate.gmm import forward_latents
+    from raydebias.methods.gamma_face.gmm import forward_latents
 
     sched, ts = reverse_timesteps(tiny_diffusion, 4)
     t = ts[split_index(4, 0.5)]

@@ -27,12 +27,12 @@ from raydebias._internal.io import as_path, atomic_path, load_safetensors, remov
 from raydebias.core.seeds import derived_seed
 from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
-from raydebias.diffusion.tiw import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
+from raydebias.methods.tiw.objectives import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
                                      tiw_dsm_loss)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
 # the defaults of a direct call; the stage passes every value from its config (``TIWConfig`` in
-# raydebias/methods/tiw.py, whose defaults these equal: tests/diffusion/test_tiw_train.py)
+# raydebias/methods/tiw/stages.py, whose defaults these equal: tests/methods/tiw/test_tiw_train.py)
 DEFAULTS: dict[str, Any] = {"seed": 0, "threads": 1, "model": {}, "disc": {}, "disc_steps": 300, "disc_lr": 3e-4,
                             "steps": 1000, "lr": 1e-3, "batch_size": 64, "objectives": ["dsm", "tiw_paper"],
                             "schedule": {}, "log_every": 100, "checkpoint_every": 250}

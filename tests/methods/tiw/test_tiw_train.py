@@ -1,4 +1,4 @@
-"""TIW on images (raydebias.diffusion.tiw_train): model shapes, the discriminator phase learning a brightness
+"""TIW on images (raydebias.methods.tiw.train): model shapes, the discriminator phase learning a brightness
 shift, one 2-worker DDP ``fit_tiw`` run end to end, and the reporting helpers."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from raydebias.diffusion.tiw import TimeDiscriminator, VPSchedule
-from raydebias.diffusion.tiw_train import (ConvTimeBackbone, EpsUNet, fit_tiw, generate, load_eps_model, proportions,
+from raydebias.methods.tiw.objectives import TimeDiscriminator, VPSchedule
+from raydebias.methods.tiw.train import (ConvTimeBackbone, EpsUNet, fit_tiw, generate, load_eps_model, proportions,
                                            total_variation, train_discriminator)
 
 torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def test_fit_tiw_two_workers(ray_module, tmp_path):
 def test_discriminator_resumed_from_a_step_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
     """What a restarted TIW worker does: weights, optimizer and generator from the step-6 checkpoint (written and
     read back through the checkpoint files), then the remaining steps: the same weights as one 10-step run."""
-    from raydebias.diffusion.tiw_train import _load_resume_state, _save_resume_state, _state
+    from raydebias.methods.tiw.train import _load_resume_state, _save_resume_state, _state
 
     rng = np.random.default_rng(0)
     xb = rng.integers(0, 120, (32, 16, 16, 3), dtype=np.uint8)
@@ -164,7 +164,7 @@ def test_tiw_stage_end_to_end(ray_module, tmp_path):
 
 
 def test_direct_call_defaults_equal_the_stage_config():
-    from raydebias.diffusion.tiw_train import DEFAULTS
+    from raydebias.methods.tiw.train import DEFAULTS
     from raydebias.methods.tiw import TIWConfig
 
     t = TIWConfig()

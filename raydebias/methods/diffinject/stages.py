@@ -1,5 +1,5 @@
 """DiffInject (docs/methods/diffinject.md): mine bias-conflicting rows with a GCE-biased classifier,
-inject their h-space content into aligned images (``generate/inject.py`` holds the tensor functions), retrain."""
+inject their h-space content into aligned images (``inject.py`` beside this module holds the tensor functions), retrain."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from raydebias.config import RESOURCE, Block
 from raydebias.core import Method, Stage, SyntheticSet, register
 from raydebias.core.seeds import sample_seeds
 from raydebias.diffusion.base import editing_base
-from raydebias.generate.inject import ddim_invert, inject_generate, record_h
+from raydebias.methods.diffinject.inject import ddim_invert, inject_generate, record_h
 from raydebias.methods.shared import TRAIN_READS
 
 
