@@ -5,6 +5,25 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def _tune_malloc():
+    """The engine's malloc settings (``ray_utils.MALLOC_ENV``) for the test cluster's workers (by environment) and
+    for this process, whose malloc is already set up (``mallopt``, glibc only)."""
+    import ctypes
+
+    from raydebias._internal.ray_utils import apply_malloc_env
+
+    apply_malloc_env()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))  # M_TRIM_THRESHOLD
+
+
+_tune_malloc()
+
+
 def _init_ray():
     import ray
 

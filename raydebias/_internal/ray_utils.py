@@ -11,6 +11,21 @@ if TYPE_CHECKING:  # annotations only: config imports the core, whose context im
     from raydebias.config import RayConfig
 
 
+# glibc malloc for the workers of a local cluster: with its defaults, torch's per-batch buffers (1–32 MB) are mmapped
+# and unmapped, or trimmed, at every step: a classifier epoch of the demo faulted in ~1.3 GB of fresh pages (340 k
+# minor faults) and ran 1.4× as long as with these settings (BENCHMARKS.md, "Worker malloc"). 32 MiB is glibc's own
+# upper bound for its adaptive mmap threshold; up to 64 MiB of freed heap stays with a process. Values already in the
+# environment win; on a cluster this package does not start, set them in the nodes' environment (deploy/Dockerfile).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+
+
+def apply_malloc_env() -> None:
+    """Put :data:`MALLOC_ENV` in this process's environment where unset, so that the processes it starts from now on
+    (a local cluster's raylet and workers) run with it; this process's own malloc is already set up."""
+    for k, v in MALLOC_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
     """``address`` null → ``$RAY_ADDRESS`` (set by ``ray job submit``) or a new local cluster; ``local`` → a new
     local cluster, whatever else runs on the machine; ``auto`` or an address → attach (``ray.init(address=...)``).
@@ -27,6 +42,7 @@ def init_ray(cfg: RayConfig, log: Callable[[str], None] = print) -> None:
         # Ray Train 2.60 patches print() in its workers to tee each line to the worker's stdout *and* its logger,
         # so every line reached run.log twice; the cluster started here (and its workers) inherits this.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        apply_malloc_env()
         ray.init(
             address="local",  # a new cluster even when `ray start` left one (and its address file) on this host
             num_cpus=cfg.num_cpus or os.cpu_count(),

@@ -173,3 +173,33 @@ def test_local_checkpoint_replacement_always_leaves_a_whole_checkpoint(tmp_path,
     ray_utils._keep_local_checkpoint(run, src)  # the next report recovers
     assert (ray_utils._local_checkpoint_dir(run) / "step").read_text() == "3"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+
+
+def test_malloc_env_fills_only_what_is_unset(monkeypatch):
+    from raydebias._internal.ray_utils import MALLOC_ENV, apply_malloc_env
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # the user's value wins
+    apply_malloc_env()
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"
+
+
+def test_local_cluster_workers_run_with_the_malloc_env(ray_cluster):
+    from raydebias._internal.ray_utils import MALLOC_ENV
+
+    @ray_cluster.remote(num_cpus=0.1)
+    def env():
+        return {k: os.environ.get(k) for k in MALLOC_ENV}
+
+    assert ray_cluster.get(env.remote()) == MALLOC_ENV
+
+
+def test_the_image_sets_the_malloc_env():
+    import re
+    from pathlib import Path
+
+    from raydebias._internal.ray_utils import MALLOC_ENV
+
+    text = (Path(__file__).resolve().parents[2] / "deploy" / "Dockerfile").read_text()
+    assert {k: v for k, v in re.findall(r"^ENV (\w+)=(\S+)$", text, re.M) if k.startswith("MALLOC_")} == MALLOC_ENV
