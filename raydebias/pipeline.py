@@ -23,6 +23,7 @@ from raydebias._internal.io import (as_path, atomic_write_json, atomic_write_tex
 from raydebias.config import RunConfig, dump_config
 from raydebias.core import RunContext, Stage, toposort
 from raydebias.core.context import run_path
+from raydebias.core.registry import stage_kinds
 
 
 def library_versions() -> dict[str, str]:
@@ -62,8 +63,6 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
     need, each method's own stages (:mod:`raydebias.methods`), evaluate and report; only the kinds listed in
     ``cfg.stages`` are kept."""
     from raydebias.methods import get_method
-
-    from raydebias.core.registry import stage_kinds
 
     want, known = set(cfg.stages), set(stage_kinds())
     stages = _graph(cfg, [get_method(m) for m in cfg.methods])
