@@ -28,7 +28,8 @@ def _print_table(run_dir: Path) -> None:
         print(f"{r['method']:<22}" + "".join(
             f"{r.get(c):>16.4f}" if isinstance(r.get(c), float) else f"{'–':>16}" for c in cols))
     for name in registered():  # what a method adds below the rows (a generation-only method has no row)
-        lines = get_method(name).console(report) if get_method(name).console else []
+        console = get_method(name).console
+        lines = console(report) if console else []
         if lines:
             print("\n" + "\n".join(lines))
     fid = report.get("generation", {}).get("fidelity")

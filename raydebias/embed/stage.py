@@ -159,8 +159,8 @@ def run_embed(ctx):
             num_cpus=cfg.embed.cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_worker or None,
         )
-        n, want = sum(int(b["rows"].sum()) for b in written.iter_batches(batch_format="numpy", batch_size=None)), \
-            count_rows(parts)
+        n = sum(int(b["rows"].sum()) for b in written.iter_batches(batch_format="numpy", batch_size=None))
+        want = count_rows(parts)
         if n != want:
             raise RuntimeError(f"embed: {n} rows embedded, the train split has {want}")
         replace_path(tmp, out / "train.parquet")

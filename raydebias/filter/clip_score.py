@@ -25,7 +25,8 @@ def label_targets(template: str, class_names: list[str], bias_names: list[str] |
     """CLIP-Label's texts and each image's row among them. The paper scores "a photo of a {class}": one text per
     class, index y. A ``template`` with ``{bias}`` (and a bias target for every image) gives one text per
     (class, bias) group, index y·B + a: the image is scored against the description of the group it was generated
-    for, so the filter also checks the bias value the group asked for (BENCHMARKS.md, "Generation fidelity: findings")."""
+    for, so the filter also checks the bias value the group asked for (BENCHMARKS.md, "Generation fidelity:
+    findings")."""
     from raydebias.generate.plan import describe
 
     y, a = np.asarray(y, np.int64), np.asarray(a, np.int64)

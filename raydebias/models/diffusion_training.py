@@ -77,9 +77,10 @@ def train_bootstrap_diffusion(
     Conditioning guard (``guard_every`` > 0, on held-out ``guard_pixels``/``guard_captions``): every ``guard_every``
     steps :func:`conditioning_gap` measures how much the captions lower the denoising loss. The weights (and
     optimizer) with the largest gap so far are kept in memory; when the gap falls below ``guard_ratio`` × that best
-    (the model stopped following its captions: the conditioning collapse in BENCHMARKS.md, "Generation fidelity: findings") training
-    rolls back to them and continues at half the learning rate, and a collapsed final model is replaced by them.
-    Both act only once the best gap reached ``guard_min_gap`` (early in training the gap is ~0 and noisy).
+    (the model stopped following its captions: the conditioning collapse in BENCHMARKS.md, "Generation fidelity:
+    findings") training rolls back to them and continues at half the learning rate, and a collapsed final model is
+    replaced by them. Both act only once the best gap reached ``guard_min_gap`` (early in training the gap is ~0 and
+    noisy).
 
     ``lr_schedule``: ``constant`` after the warm-up, or ``cosine`` decay to 0 at ``steps``.
     Every ``checkpoint_every`` steps ``on_checkpoint(steps_done, state)`` gets the full training state (weights,

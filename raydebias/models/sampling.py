@@ -49,7 +49,8 @@ def ddim_denoise(bundle: DiffusionBundle, z: torch.Tensor, sched: DDIMScheduler,
 
     With ``partial_guidance_scale`` (context [uncond; partial; cond]) the guidance is compositional:
     ε = ε_u + g·(ε_partial − ε_u) + g_p·(ε_cond − ε_partial) — with partial = the prompt without the class word,
-    g_p scales what the class word adds *given* the bias word (g_p = g is plain CFG). BENCHMARKS.md, "Generation fidelity: findings".
+    g_p scales what the class word adds *given* the bias word (g_p = g is plain CFG). BENCHMARKS.md, "Generation
+    fidelity: findings".
     """
     ways = 1 if guidance_scale == 1.0 and partial_guidance_scale is None else \
         (2 if partial_guidance_scale is None else 3)

@@ -1,5 +1,6 @@
 """DiffInject (docs/methods/diffinject.md): mine bias-conflicting rows with a GCE-biased classifier,
-inject their h-space content into aligned images (``inject.py`` beside this module holds the tensor functions), retrain."""
+inject their h-space content into aligned images (``inject.py`` beside this module holds the tensor functions),
+retrain."""
 
 from __future__ import annotations
 
@@ -251,6 +252,7 @@ def _stages(cfg) -> list[Stage]:
     ]
 
 
-register(Method("diffinject", _stages, kinds=("mine", "inject", "train"), config=("diffinject", DiffInjectConfig), pretrained=("diffusion",),
+register(Method("diffinject", _stages, kinds=("mine", "inject", "train"), config=("diffinject", DiffInjectConfig),
+                pretrained=("diffusion",),
                 synthetic=(SyntheticSet("inject", "inject/synthetic.parquet", "style", cas=True),),
                 stats=("mine", "inject"), report=report_sections, doc="docs/methods/diffinject.md"))

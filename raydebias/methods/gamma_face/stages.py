@@ -188,7 +188,8 @@ def _check(cfg) -> None:
                          f"(e.g. add it to baselines); have {cfg.methods}")
 
 
-register(Method("gamma_face", _stages, kinds=("gmm", "train"), config=("gamma_face", GammaFaceConfig), pretrained=("diffusion",),
+register(Method("gamma_face", _stages, kinds=("gmm", "train"), config=("gamma_face", GammaFaceConfig),
+                pretrained=("diffusion",),
                 check=_check,
                 synthetic=(SyntheticSet("gmm", "gmm/generated.parquet", "pseudo", cas=False),),
                 stats=("gmm",), report=report_sections, doc="docs/methods/gamma_face.md"))

@@ -27,8 +27,8 @@ from raydebias._internal.io import as_path, atomic_path, load_safetensors, remov
 from raydebias.core.seeds import derived_seed
 from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
-from raydebias.methods.tiw.objectives import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss, dsm_loss, sample,
-                                     tiw_dsm_loss)
+from raydebias.methods.tiw.objectives import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss,
+                                              dsm_loss, sample, tiw_dsm_loss)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
 # the defaults of a direct call; the stage passes every value from its config (``TIWConfig`` in

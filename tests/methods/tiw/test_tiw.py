@@ -1,5 +1,6 @@
-"""TIW-DSM (raydebias.methods.tiw.objectives): unit tests + the 2-D Gaussian-mixture proof that the paper's form recovers
-the unbiased 50/50 mode proportions from a 90/10 biased set while plain DSM and the public code's form do not."""
+"""TIW-DSM (raydebias.methods.tiw.objectives): unit tests + the 2-D Gaussian-mixture proof that the paper's form
+recovers the unbiased 50/50 mode proportions from a 90/10 biased set while plain DSM and the public code's form do
+not."""
 
 from __future__ import annotations
 
