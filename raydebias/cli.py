@@ -9,8 +9,17 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from raydebias.config import ConfigError, dump_config, load_config
+from raydebias._internal.console import Console
+from raydebias._internal.io import atomic_write_bytes, atomic_write_text, is_remote, sha256_json, write_table_uri
+from raydebias._internal.ray_utils import init_ray
+from raydebias.config import ColoredMNISTConfig, ConfigError, RayConfig, dump_config, load_config
 from raydebias.core import get_method, registered
+from raydebias.core.context import run_path
+from raydebias.data.builtin.colored_mnist import build_colored_mnist
+from raydebias.data.contract import ContractError
+from raydebias.data.import_folder import import_folder
+from raydebias.evaluate.report import render_report
+from raydebias.pipeline import PipelineError, check_graph, run_pipeline, unused_method_keys
 
 
 def _config_path(name: str) -> Path:
@@ -57,9 +66,6 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose
     with ``verbose``, everything on the console. A failed stage is one line (stage, cause, log path), exit 1."""
     import tempfile
 
-    from raydebias._internal.io import atomic_write_bytes, is_remote, sha256_json
-    from raydebias.core.context import run_path
-
     if run_dir:
         overrides = [*overrides, f"run_dir={run_dir}"]
     cfg = load_config(config, overrides)
@@ -77,9 +83,6 @@ def _run(config: Path | None, overrides: list[str], run_dir: str | None, verbose
 
 def _run_logged(cfg, out, log_path: Path, verbose: bool) -> int:
     import traceback
-
-    from raydebias._internal.console import Console
-    from raydebias.pipeline import PipelineError, run_pipeline
 
     with Console(log_path, verbose=verbose) as console:
         console.print(f"raydebias: {cfg.method} vs {', '.join(cfg.baselines) or 'no baselines'} → {out}"
@@ -106,8 +109,6 @@ def _reject_unused_overrides(cfg, overrides: list[str]) -> list[str]:
     """A ``--set`` of a method's key that no method of the run reads is a mistake (the setting would do
     nothing): an error naming it. The same key coming from the config file is only a warning (a shipped
     multi-method config run with fewer methods): those are returned."""
-    from raydebias.pipeline import unused_method_keys
-
     given = {o.split("=", 1)[0].strip() for o in overrides}
     unused = unused_method_keys(cfg)
     bad = [k for k in unused if k.split("=", 1)[0] in given]
@@ -120,11 +121,7 @@ def _reject_unused_overrides(cfg, overrides: list[str]) -> list[str]:
 def _serve(args) -> int:
     from ray import serve
 
-    from raydebias._internal.ray_utils import init_ray
-    from raydebias.config import RayConfig
-    from raydebias.serve.app import build
-
-    from raydebias.core.context import run_path
+    from raydebias.serve.app import build  # Ray Serve and FastAPI take seconds to import: only `serve` pays that
 
     run_dir = run_path(args.run_dir)
     method = args.method or None
@@ -202,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return _run(args.config, args.overrides, args.run_dir, args.verbose)
         if args.cmd == "validate":
-            from raydebias.pipeline import check_graph
-
             cfg = load_config(args.config, args.overrides)
             check_graph(cfg)  # a config whose stages cannot run fails here, not at run time
             for key in _reject_unused_overrides(cfg, args.overrides):
@@ -214,12 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "serve":
             return _serve(args)
         if args.cmd == "report":
-            from raydebias.evaluate.report import render_report
-            from raydebias._internal.io import atomic_write_text
-
-            from raydebias.core.context import run_path
-            from raydebias.methods import get_method
-
             run_dir = run_path(args.run_dir)
             cfg_path = run_dir / "config.yaml"  # the run's resolved config: its methods add their sections
             methods = [get_method(m) for m in load_config(cfg_path).methods] if cfg_path.exists() else []
@@ -227,16 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(run_dir)
             return 0
         if args.cmd == "datasets":
-            from raydebias._internal.io import write_table_uri
-
             if args.dataset_cmd == "colored-mnist":
-                from raydebias.config import ColoredMNISTConfig
-                from raydebias.data.builtin.colored_mnist import build_colored_mnist
-
                 tbl = build_colored_mnist(ColoredMNISTConfig(aligned=args.aligned, seed=args.seed))
             else:
-                from raydebias.data.import_folder import import_folder
-
                 tbl = import_folder(args.root, bias_csv=args.bias_csv, embed=args.embed)
             write_table_uri(tbl, args.out)
             print(f"wrote {tbl.num_rows} rows → {args.out}")
@@ -245,15 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from raydebias.pipeline import PipelineError
-
         if isinstance(e, PipelineError):  # a config that cannot run or a run dir in use: one line, no traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
     except (ValueError, FileNotFoundError) as e:
-        from raydebias.data.contract import ContractError
-
         if isinstance(e, (ContractError, FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydebias._internal.io import as_path
 from raydebias.core.registry import get_method, load_methods, method_blocks, registered, stage_kinds
 
 __all__ = [
@@ -267,7 +268,7 @@ class DiffusionTrainConfig(Block):
     num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
     num_workers: int = Field(1, json_schema_extra=RESOURCE, ge=0, le=1,
                              description="1 = one Ray Train worker; 0 = Ray Train's local mode in one Ray task "
-                                         "(no worker group, BENCHMARKS.md \"Round 8\"); also used by the ddpm stage")
+                                         "(no worker group, BENCHMARKS.md \"Round 8\"); class_diffusion uses it too")
     checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0, description="steps between resumable checkpoints (a restarted worker or "
                                                          "a rerun after a killed driver continues there); 0 = off")
     guard_every: int = Field(100, ge=0, description="steps between conditioning-guard checks on the val split "
@@ -277,6 +278,20 @@ class DiffusionTrainConfig(Block):
     guard_min_gap: float = Field(0.005, ge=0, description="the guard acts once the gap has reached this (healthy "
                                                           "demo runs: 0.01 by step 500, 0.03 at the end)")
     guard_images: int = Field(256, ge=1, description="val images (at most) the guard scores")
+
+
+class ClassDiffusionConfig(Block):
+    """The class-conditional model of the biased split (stage ``class_diffusion``): captions carry the class only,
+    so it needs no bias labels and its samples are bias-amplified. Diffusing DeBias samples it per class; DiffInject
+    and GAMMA-FACE invert and edit it unconditionally (with bootstrap models). Its architecture is
+    ``models.diffusion``; every ``diffusion.*`` recipe field but ``steps``, ``batch_size``, ``lr`` and ``num_cpus``
+    applies to it too."""
+
+    prompt_template: Template = "a photo of a {class}"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0, description="CPUs of its training worker")
 
 
 class FinetuneConfig(Block):
@@ -359,7 +374,7 @@ class ReportConfig(Block):
 
 class RunConfig(Block):
     """A whole run: data + models + stages, one block per building-block stage, and one block per method that has
-    knobs, declared by the method itself (``Method.config`` in ``raydebias/methods/<name>.py``): those keys are
+    knobs, declared by the method itself (``Method.config`` in ``raydebias/methods/<name>/``): those keys are
     validated here with the method's model, and a key that is neither a field nor a method's block is an error."""
 
     model_config = ConfigDict(extra="allow")  # only the methods' blocks: see _method_blocks
@@ -379,6 +394,7 @@ class RunConfig(Block):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     diffusion: DiffusionTrainConfig = Field(default_factory=DiffusionTrainConfig)
+    class_diffusion: ClassDiffusionConfig = Field(default_factory=ClassDiffusionConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -511,8 +527,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            from raydebias._internal.io import as_path
-
             text = as_path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e

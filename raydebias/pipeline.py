@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raydebias import __version__
-from raydebias._internal.io import (as_path, atomic_write_json, atomic_write_text, is_remote, sha256_file, sha256_json,
-                                    url_to_fs)
+from raydebias._internal.io import (
+    as_path,
+    atomic_write_json,
+    atomic_write_text,
+    is_remote,
+    sha256_file,
+    sha256_json,
+    url_to_fs,
+)
 from raydebias.config import RunConfig, dump_config
 from raydebias.core import RunContext, Stage, toposort
 from raydebias.core.context import run_path
-from raydebias.core.registry import stage_kinds
+from raydebias.core.registry import method_blocks, stage_kinds
+from raydebias.methods import get_method
+from raydebias.methods.shared import DATA, REPORT, SHARED, evaluate
 
 
 def library_versions() -> dict[str, str]:
@@ -44,9 +53,6 @@ def unused_method_keys(cfg: RunConfig) -> list[str]:
     of this run declares and no stage of its graph reads: a setting that would do nothing. The CLI rejects such a
     key given with ``--set`` and warns about one that comes from the config file (a shipped multi-method config
     run with fewer methods)."""
-    from raydebias.core.registry import method_blocks
-    from raydebias.methods import get_method
-
     methods = [get_method(m) for m in cfg.methods]
     stages = _graph(cfg, methods)
     used = {m.config[0] for m in methods if m.config} | {r.lstrip("-").split(".")[0] for s in stages for r in s.reads}
@@ -62,8 +68,6 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
     """The stages this config asks for, in dependency order: data, the shared building blocks the run's methods
     need, each method's own stages (:mod:`raydebias.methods`), evaluate and report; only the kinds listed in
     ``cfg.stages`` are kept."""
-    from raydebias.methods import get_method
-
     want, known = set(cfg.stages), set(stage_kinds())
     stages = _graph(cfg, [get_method(m) for m in cfg.methods])
     undeclared = sorted({f"{s.name} (kind {s.kind!r})" for s in stages if s.kind not in known})
@@ -74,8 +78,6 @@ def build_graph(cfg: RunConfig) -> list[Stage]:
 
 def _graph(cfg: RunConfig, methods: list) -> list[Stage]:
     """Every stage the run's methods need, before the ``stages:`` filter."""
-    from raydebias.methods.shared import DATA, REPORT, SHARED, evaluate
-
     stages: dict[str, Stage] = {DATA.name: DATA}
     for name, stage in SHARED.items():
         if any(name in m.shared for m in methods):
@@ -312,8 +314,6 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print,
     (:class:`RunDirLock`); the graph is checked before any stage starts (:func:`check_graph`). ``progress`` gets
     one event per stage start and end: ``{"event": "start" | "done" | "skip" | "failed", "i", "n", "stage",
     "seconds", "error"}`` (the console of ``raydebias run``)."""
-    from raydebias.methods import get_method
-
     ctx = RunContext(cfg, log=log, methods=[get_method(m) for m in cfg.methods])
     nodes = check_graph(cfg)
     unused = unused_method_keys(cfg)

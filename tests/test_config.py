@@ -34,7 +34,7 @@ def test_graph_orders_gamma_face_after_its_labeler_and_tiw_has_no_classifier():
     cfg = load_config(None, ["method=gamma_face", "baselines=[tiw, diffinject, erm]"])
     names = [n.name for n in build_graph(cfg)]
     assert names.index("train/erm") < names.index("gmm") < names.index("train/gamma_face")
-    assert names.count("ddpm") == 1 and "train/tiw" not in names and "tiw" in names
+    assert names.count("class_diffusion") == 1 and "train/tiw" not in names and "tiw" in names
     assert names.index("mine") < names.index("inject") < names.index("train/diffinject")
     evaluate = next(n for n in build_graph(cfg) if n.name == "evaluate")
     assert "tiw" in evaluate.deps and "train/gamma_face" in evaluate.deps
@@ -112,7 +112,7 @@ def test_validate_cli(tmp_path, capsys):
     ("run_dir=''", "run_dir"),
     ("data.prompt_template='a photo of a {bias} thing'", "data.prompt_template"),
     ("data.prompt_template='a {colour} {class}'", "data.prompt_template"),
-    ("ddb.prompt_template='a photo'", "ddb.prompt_template"),
+    ("class_diffusion.prompt_template='a photo'", "class_diffusion.prompt_template"),
     ("filter.label_prompt='a photo'", "filter.label_prompt"),
 ])
 def test_meaningless_values_are_rejected(override, key):

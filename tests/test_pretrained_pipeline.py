@@ -64,7 +64,7 @@ def test_demo_stages_run_on_pretrained_weights(ray_module, tmp_path, weights, ti
 
 def test_full_methods_edit_the_pretrained_model(ray_module, tmp_path, weights, tiny_generative):
     """DiffInject inverts and injects, GAMMA-FACE fits its latents, on the pretrained base model (the ``diffusion``
-    stage), not on a model trained in-run: no ``ddpm`` stage runs."""
+    stage), not on a model trained in-run: no ``class_diffusion`` stage runs."""
     run_dir = tmp_path / "run"
     sets = [*tiny_generative, *_pretrained(weights), FULL_STAGES, "method=diffinject",
             "baselines=[gamma_face, erm]", "gamma_face.labeler=erm", "diffinject.biased_epochs=1",
@@ -72,7 +72,7 @@ def test_full_methods_edit_the_pretrained_model(ray_module, tmp_path, weights, t
             "gamma_face.num_steps=4", "gamma_face.k_max=2", f"run_dir={run_dir}"]
     run_pipeline(load_config(ROOT / "configs" / "full.yaml", sets), log=lambda m: None)
     m = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    assert "ddpm" not in m
+    assert "class_diffusion" not in m
     assert "diffusion" in m["inject"]["inputs"] and "diffusion" in m["gmm"]["inputs"]
     inject = pq.read_table(run_dir / "stages" / "inject" / "synthetic.parquet")
     assert inject.num_rows == m["inject"]["summary"]["synthetic"] > 0

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-
 AnyPath = Union[Path, Any]  # a local Path or a UPath
 
 # Ray workers write a run directory's objects while the driver reads it: no process may answer from a listing it

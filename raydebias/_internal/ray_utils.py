@@ -7,6 +7,8 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from raydebias._internal.io import as_path, atomic_write_json, is_remote, local_copy, remove_path, upload
+
 if TYPE_CHECKING:  # annotations only: config imports the core, whose context imports this module
     from raydebias.config import RayConfig
 
@@ -90,8 +92,6 @@ def keyed_train_run(storage: Path, base: str, key: str | None) -> str:
     checkpoints under ``storage/<name>``, so keying the name by the stage key means a rerun after a killed driver
     resumes only the same inputs and config; runs of ``base`` under other keys (stale: another lr, epochs,
     width or dataset) are deleted here, so they are neither resumed nor left behind."""
-    from raydebias._internal.io import as_path, remove_path
-
     name = f"{base}-{key[:12]}" if key else base
     storage = as_path(storage)
     if storage.is_dir():
@@ -121,8 +121,6 @@ def fit_torch(loop: Callable[[dict], object], config: dict, *, num_workers: int,
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydebias._internal.io import as_path
-
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if num_workers == 0:
@@ -147,8 +145,6 @@ def _fit_local(loop: Callable[[dict], object], config: dict, storage: str, name:
     global _LOCAL_RUN
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from raydebias._internal.io import as_path
 
     _LOCAL_RUN = as_path(storage) / name
     try:
@@ -195,8 +191,6 @@ def _keep_local_checkpoint(run, src: Path) -> None:
     import shutil
     import uuid
 
-    from raydebias._internal.io import atomic_write_json, is_remote, remove_path, upload
-
     if is_remote(run):
         name = f"checkpoint-{uuid.uuid4().hex[:12]}"
         upload(src, run / name)
@@ -220,8 +214,6 @@ def _local_checkpoint_dir(run) -> Path | None:
     """The folder of ``run``'s last kept checkpoint (see :func:`_keep_local_checkpoint`) on local disk, or None; a
     remote one through :func:`~raydebias._internal.io.local_copy` (downloaded once per checkpoint)."""
     import json
-
-    from raydebias._internal.io import is_remote, local_copy
 
     if is_remote(run):
         pointer = run / "checkpoint.json"

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from raydebias._internal.io import atomic_path, atomic_write_json
 from raydebias.cluster.kmeans import k_rule, kmeans
+from raydebias.core import StageResult
 from raydebias.data.stream import parquet_parts
 from raydebias.evaluate.metrics import group_ids
 
@@ -44,8 +45,6 @@ def run_cluster(ctx):
     import ray
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
-
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info

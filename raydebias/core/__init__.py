@@ -5,14 +5,16 @@ method, so every stage module can import it and the pipeline can import every me
 from raydebias.core.context import RunContext, StageResult
 from raydebias.core.registry import (
     Method,
+    Ref,
     Stage,
     SyntheticSet,
     config_key,
     get_method,
+    ref,
     register,
     registered,
     toposort,
 )
 
-__all__ = ["Method", "RunContext", "Stage", "StageResult", "SyntheticSet", "config_key", "get_method", "register",
-           "registered", "toposort"]
+__all__ = ["Method", "Ref", "RunContext", "Stage", "StageResult", "SyntheticSet", "config_key", "get_method", "ref",
+           "register", "registered", "toposort"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from raydebias._internal.io import as_path, is_remote
+from raydebias._internal.ray_utils import init_ray
 
 if TYPE_CHECKING:
     from raydebias.config import RunConfig
@@ -50,8 +51,6 @@ class RunContext:
 
     def ensure_ray(self) -> None:
         if not self._ray_started:
-            from raydebias._internal.ray_utils import init_ray
-
             init_ray(self.cfg.ray, log=self.log)
             self._ray_started = True
 

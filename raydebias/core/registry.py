@@ -1,9 +1,11 @@
 """Stage and method declarations and the method registry.
 
-A method (``raydebias/methods/<name>.py``) declares the shared building-block stages it needs, its own stages
-and what evaluate should score, then calls :func:`register`. ``raydebias.pipeline.build_graph`` asks the registry
-for the run's methods and sorts their stages topologically; nothing here imports a method (docs/architecture.md,
-"Add a method").
+A method (``raydebias/methods/<name>/__init__.py``) declares the shared building-block stages it needs, its own
+stages and what evaluate should score, then calls :func:`register`. It names its stage functions with :func:`ref`
+(imported at their first call), so registering every method — which validating a config does — imports only the
+declarations and their config blocks, no algorithm code. ``raydebias.pipeline.build_graph`` asks the registry for the
+run's methods and sorts their stages topologically; nothing here imports a method (docs/architecture.md, "Add a
+method").
 """
 
 from __future__ import annotations
@@ -24,8 +26,32 @@ ENTRY_POINT_GROUP = "raydebias.methods"
 
 # the ``stages:`` kinds of the building blocks every method may share (``raydebias.methods.shared``); the methods
 # add their own (``Method.kinds``); every classifier trains in a ``train`` stage, then evaluate and report
-BUILDING_BLOCKS = ("data", "clip", "embed", "cluster", "diffusion", "ddpm")
+BUILDING_BLOCKS = ("data", "clip", "embed", "cluster", "diffusion", "class_diffusion")
 FINAL_KINDS = ("train", "evaluate", "report")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A function named ``"package.module:name"``; calling the ref imports the module (once: Python caches it) and
+    calls the function. Two refs to one function are equal, so evaluate runs a shared ``Method.evaluate`` once."""
+
+    target: str
+
+    def __post_init__(self):
+        if self.target.count(":") != 1:
+            raise ValueError(f"ref {self.target!r}: expected 'package.module:function'")
+
+    def resolve(self) -> Callable[..., Any]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def ref(target: str) -> Ref:
+    """``ref("raydebias.methods.tiw.stages:run_tiw")``: the function, imported when first called."""
+    return Ref(target)
 
 
 @dataclass(frozen=True)
@@ -69,7 +95,7 @@ class SyntheticSet:
 @dataclass(frozen=True)
 class Method:
     """A debiasing method: ``stages(cfg)`` are its own nodes; ``shared`` names the building-block stages it needs
-    (``clip``, ``embed``, ``cluster``, ``diffusion``, ``ddpm``); ``train/<name>`` is the node whose classifier
+    (``clip``, ``embed``, ``cluster``, ``diffusion``, ``class_diffusion``); ``train/<name>`` is the node whose classifier
     evaluate scores; a generation-only method (``classifier=False``) names its ``result`` node instead. ``stats``
     are stages whose ``stats.json`` evaluate copies into ``metrics.json["generation"]``; ``doc`` is its page.
     ``report(run_dir, info, metrics, samples_per_group)`` returns its report sections (HTML), ``evaluate(ctx, info)``

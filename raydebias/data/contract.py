@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydebias._internal.io import as_path, is_in_process, remove_path, replace_path, url_to_fs, write_table_uri
 from raydebias.config import DataConfig
 from raydebias.data.transforms import ImageError, decode_image, encode_png
 
@@ -123,8 +124,6 @@ class DecodeBatch:
         return uri
 
     def _read_path(self, p: str) -> bytes:
-        from raydebias._internal.io import url_to_fs
-
         cap = self.cfg.max_image_bytes
         fs, path = url_to_fs(self.resolve(p))
         size = fs.size(path)
@@ -230,8 +229,6 @@ def _list_sources(cfg: DataConfig, source_uri: str | None) -> tuple[list[_Source
     ``memory://`` tables (visible to this process alone) are read here and handed to Ray by reference."""
     import ray
 
-    from raydebias._internal.io import is_in_process, url_to_fs
-
     pairs = [(s, cfg.splits[s]) for s in cfg.splits] if cfg.splits else [(None, source_uri)]
     sources, columns, roots, offset = [], {}, [], 0
     for split, uri in pairs:
@@ -264,8 +261,6 @@ def _may_have_nulls(sources: list[_Source], column: str) -> bool:
     """Whether ``column`` may hold nulls in any input file, by the Parquet footers' statistics (True when a file
     has none, or lives in memory)."""
     import ray
-
-    from raydebias._internal.io import url_to_fs
 
     for src in sources:
         if src.uri is None:
@@ -304,8 +299,6 @@ def _read_sources(batch: dict[str, np.ndarray], columns: list[str], batch_size: 
     ``memory://`` tables) → their rows in batches, each row tagged with its input position (:data:`ORDER`) and every
     contract column present (a file without one gets nulls: the union of the files' schemas)."""
     import ray
-
-    from raydebias._internal.io import url_to_fs
 
     for uri, source, split, offset in zip(batch["uri"], batch["source"], batch["split"], batch["offset"]):
         fh = None
@@ -355,8 +348,6 @@ def _carve_keys(ids) -> np.ndarray:
 def _write_part(folder: str, first: int, table: pa.Table) -> None:
     """``<folder>/part-<first>.parquet``, named by the input position of the batch's first row: deterministic, and
     a folder's files read in name order are in input order. Written whole or not at all."""
-    from raydebias._internal.io import write_table_uri
-
     write_table_uri(table, f"{folder.rstrip('/')}/part-{first:012d}.parquet")
 
 
@@ -496,8 +487,6 @@ def ingest(
     (2) each input file read in batches → decoded, validated and written to the split folders or the quarantine by
     the actor that decoded it, which returns counts. The driver holds counts and the duplicated ids."""
     import ray
-
-    from raydebias._internal.io import as_path, remove_path, replace_path
 
     sources, columns, roots = _list_sources(cfg, source_uri)
     check_schema(columns, cfg)

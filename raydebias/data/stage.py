@@ -6,6 +6,8 @@ from typing import Any
 
 from raydebias._internal.io import atomic_write_json, fingerprint_uri, write_table_uri
 from raydebias.config import RunConfig
+from raydebias.core import StageResult
+from raydebias.data.builtin.colored_mnist import CLASS_NAMES, COLOR_NAMES, build_colored_mnist
 from raydebias.data.contract import SPLITS, ingest
 
 
@@ -21,7 +23,6 @@ def data_key(cfg: RunConfig) -> Any:
 
 
 def run_data(ctx) -> "StageResult":  # noqa: F821
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg.data
     out = ctx.stage_dir("data")
@@ -30,8 +31,6 @@ def run_data(ctx) -> "StageResult":  # noqa: F821
     source = cfg.uri
     ctx.ensure_ray()
     if source is None and not cfg.splits:
-        from raydebias.data.builtin.colored_mnist import CLASS_NAMES, COLOR_NAMES, build_colored_mnist
-
         b = cfg.builtin
         ctx.log(f"[data] building Colored MNIST (aligned={b.aligned}, seed={b.seed}) under {out}")
         source = str(out / "source.parquet")

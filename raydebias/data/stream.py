@@ -25,14 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raydebias.data.transforms import pixels_from_column
+from raydebias._internal.io import as_path, atomic_write_table
+from raydebias.data.transforms import pixels_from_column, resize_uint8
 
 
 def parquet_parts(path: str | Path) -> list[str]:
     """The Parquet files of a split written by the ``data`` stage (a folder of parts) or of a single file, in
     name order (input order for the ``data`` stage's parts)."""
-    from raydebias._internal.io import as_path
-
     p = as_path(path)
     if p.is_dir():
         return sorted(str(f) for f in p.glob("*.parquet") if not f.name.startswith((".", "_")))
@@ -118,10 +117,6 @@ def count_rows(files: list[str], where: str | None = None, **_) -> int:
 def write_parts(folder: str | Path, arrays: dict[str, np.ndarray], rows_per_part: int = 4096) -> list[str]:
     """Write in-memory labelled arrays (``x`` uint8 NHWC, ``y``, optional ``a``, ``g``) as Parquet parts that a
     :class:`PartSet` reads; returns the files."""
-    from raydebias._internal.io import atomic_write_table
-
-    from raydebias._internal.io import as_path
-
     folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = len(arrays["y"])
@@ -316,8 +311,6 @@ class PartRows:
         return x[rows]
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        from raydebias.data.transforms import resize_uint8
-
         idx = np.asarray(idx, np.int64)
         if self.index is not None:
             idx = self.index[idx]

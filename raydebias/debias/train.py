@@ -20,9 +20,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydebias._internal.io import atomic_path, atomic_write_json, remove_path, save_weights
+from raydebias._internal.ray_utils import fit_torch, get_checkpoint, keyed_train_run, report
 from raydebias.config import ClassifierModelConfig
-from raydebias.data.stream import PartSet, buffer_rows, count_rows, epoch_counts, iter_parts, parquet_parts, stream_epoch, write_parts
+from raydebias.core import StageResult
+from raydebias.data.stream import (
+    PartSet,
+    buffer_rows,
+    count_rows,
+    epoch_counts,
+    iter_parts,
+    parquet_parts,
+    stream_epoch,
+    write_parts,
+)
 from raydebias.data.transforms import to_model_input
+from raydebias.debias import RECIPES
+from raydebias.debias.groupdro import group_balanced_weights
+from raydebias.evaluate.metrics import group_metrics
+from raydebias.evaluate.predict import predict_parts
 from raydebias.models.classifier import create_classifier, predict
 
 
@@ -37,8 +52,6 @@ def score_train_split(ctx, model_dir: str | Path) -> tuple[dict[str, np.ndarray]
     """The run's training split (``id``, ``y``, ``a``), a trained classifier's softmax on it and each row's CE
     (−log p_y), computed by Ray Data tasks: how the bias amplifier, DiffInject's GCE model and the ERM error set
     are read."""
-    from raydebias.evaluate.predict import predict_parts
-
     parts = [(p, "train", False) for p in parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")]
     r = predict_parts(ctx, parts, {"m": model_dir}, with_probs=True, with_ids=True)["train"]
     tr = {"id": r["id"].astype(object), "y": r["label"].astype(np.int64), "a": r["bias"].astype(np.int64)}
@@ -56,8 +69,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
 
 
 def _sample_weights(kind: str, recipe, y: np.ndarray, groups: np.ndarray) -> np.ndarray | None:
-    from raydebias.debias.groupdro import group_balanced_weights
-
     if kind == "recipe":
         return recipe.sample_weights(y, groups)
     if kind == "class_balanced":
@@ -75,10 +86,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.train
     import ray.train.torch
-
-    from raydebias._internal.ray_utils import get_checkpoint, report
-    from raydebias.debias import RECIPES
-    from raydebias.evaluate.metrics import group_metrics
 
     torch.set_num_threads(max(1, int(config["threads"])))
     tctx = ray.train.get_context()
@@ -225,9 +232,6 @@ def fit_classifier(ctx, method: str, phases: list[dict[str, Any]], extra_data: d
     """Train ``phases`` through Ray Train (:func:`~raydebias._internal.ray_utils.fit_torch`); write the
     val-selected model (the last one when no phase has ``select``) to ``stages/<out_name>/`` (default
     ``train/<method>``)."""
-
-    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     ctx.ensure_ray()

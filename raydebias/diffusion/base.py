@@ -11,25 +11,38 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raydebias._internal.io import as_path, atomic_path, atomic_write_json, local_copy, remove_path, save_weights
+from raydebias._internal.io import (
+    as_path,
+    atomic_path,
+    atomic_write_json,
+    local_copy,
+    local_weights_fingerprint,
+    remove_path,
+    save_weights,
+)
+from raydebias._internal.ray_utils import fit_torch, get_checkpoint, keyed_train_run, report
 from raydebias.config import RunConfig
+from raydebias.core import StageResult
+from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
+from raydebias.data.transforms import resize_uint8
+from raydebias.debias.groupdro import group_mixture_probs
+from raydebias.generate.plan import describe
+from raydebias.models.clip import captions_for, clip_tokenizer
+from raydebias.models.diffusion import bootstrap_diffusion, load_diffusion
+from raydebias.models.diffusion_training import train_bootstrap_diffusion
 
 if TYPE_CHECKING:
     from raydebias.data.stream import PartSet
 
 
 def diffusion_weights(cfg: RunConfig) -> Any:
-    """What the ``diffusion`` / ``ddpm`` cache keys read besides config: the pretrained weights' fingerprint."""
-    from raydebias._internal.io import local_weights_fingerprint
-
+    """What the ``diffusion`` / ``class_diffusion`` cache keys read besides config: the pretrained weights' fingerprint."""
     return local_weights_fingerprint(cfg.models.diffusion.pretrained)
 
 
 def load_stage_model(run_dir: Path, stage: str):
-    """The diffusion bundle a stage's ``model.json`` names (``diffusion``: the base model; ``ddpm``: the
+    """The diffusion bundle a stage's ``model.json`` names (``diffusion``: the base model; ``class_diffusion``: the
     class-conditional model of the biased split)."""
-    from raydebias.models.diffusion import load_diffusion
-
     spec = json.loads((as_path(run_dir) / "stages" / stage / "model.json").read_text())
     return load_diffusion(model_path(run_dir, spec), spec.get("dtype", "float32"), spec.get("revision"))
 
@@ -37,13 +50,6 @@ def load_stage_model(run_dir: Path, stage: str):
 def load_base(run_dir: Path):
     """The run's base diffusion bundle (``models.diffusion.pretrained`` or the trained bootstrap model)."""
     return load_stage_model(run_dir, "diffusion")
-
-
-def editing_base(cfg: RunConfig) -> str:
-    """The stage whose model DiffInject and GAMMA-FACE invert and edit: the pretrained base model
-    (``diffusion``) when the run has one, as in the papers (a diffusion model pretrained on the domain); with
-    bootstrap models the class-conditional model trained on the split (``ddpm``), sampled unconditionally."""
-    return "diffusion" if cfg.models.source == "pretrained" else "ddpm"
 
 
 def model_path(run_dir: Path, spec: dict) -> str:
@@ -72,7 +78,6 @@ def word_dropout(template: str, class_names: list[str], bias_names: list[str] | 
     makes the class word carry the class's appearance. ``group_scale`` (group y·B + a → factor, from
     :func:`balanced_dropout_scale`) scales both word probabilities per group, capped at 1."""
     p_bias = p_word if p_bias is None else p_bias
-    from raydebias.generate.plan import describe
 
     B = len(bias_names) if bias_names else 1
 
@@ -92,12 +97,9 @@ def guard_set(run_dir: Path, info: dict, template: str, use_bias: bool, n: int, 
               train: PartSet) -> dict:
     """Up to ``n`` captioned images for the conditioning guard: the val split (held out, as every selection in
     this engine) when the captions name class and bias; the train split when they name the class only (the
-    ``ddpm`` model of a biased split: its class word rightly implies the aligned bias, which a group-balanced val
+    ``class_diffusion`` model of a biased split: its class word rightly implies the aligned bias, which a group-balanced val
     contradicts — measured: the gap on val fell to −0.033 while the samples carried the class 0.69 of the time) or
     when val is empty or lacks bias labels. Only the picked rows' images are read."""
-    from raydebias.data.stream import PartRows, PartSet, parquet_parts
-    from raydebias.models.clip import captions_for
-
     data = as_path(run_dir) / "stages" / "data"
     split, rows = "train", train
     if (data / "val.parquet").exists():
@@ -117,14 +119,6 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
     ``stages/<out_stage>/model``. ``use_bias=False`` (or a train split without bias labels) captions the class
     only: a class-conditional model (Diffusing DeBias)."""
     import torch
-
-    from raydebias.config import RunConfig
-    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
-    from raydebias.data.transforms import resize_uint8
-    from raydebias.debias.groupdro import group_mixture_probs
-    from raydebias.models.clip import captions_for, clip_tokenizer
-    from raydebias.models.diffusion import bootstrap_diffusion
-    from raydebias.models.diffusion_training import train_bootstrap_diffusion
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -147,8 +141,6 @@ def train_task(run_dir: str, cfg_json: str, threads: int, out_stage: str, templa
                         group_scale=scale)
     coind = None
     if cfg.diffusion.coind_weight > 0 and has_bias:
-        from raydebias.generate.plan import describe
-
         # CoInD's marginals: the class word alone, the bias word alone (the captions word dropout also makes)
         coind = [(describe(template, info["class_names"][y], None), describe(template, "", info["bias_names"][a]))
                  for y, a in zip(tr.y, tr.a)]
@@ -211,8 +203,6 @@ def _train_loop(config: dict) -> None:
     steps (a restarted worker continues from the last one), then the stats (``stats.json``) as the final one."""
     import tempfile
 
-    from raydebias._internal.ray_utils import get_checkpoint, report
-
     resume = None
     ckpt = get_checkpoint()
     if ckpt is not None:
@@ -238,8 +228,6 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
     Ray task with ``num_workers=0``; one restart on failure, resumed from the last checkpoint) and return its stats.
     The loop writes the model to the run directory (shared storage on a cluster, as for every stage)."""
 
-    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
-
     ctx.ensure_ray()
     gpus = ctx.cfg.ray.num_gpus_per_worker
     resources = {"CPU": num_cpus, **({"GPU": gpus} if gpus else {})}
@@ -259,8 +247,6 @@ def run_train_task(ctx, stage: str, template: str, steps: int, batch_size: int, 
 
 
 def run_diffusion(ctx):
-    from raydebias.core import StageResult
-
     cfg = ctx.cfg
     out = ctx.stage_dir("diffusion")
     if cfg.models.source == "pretrained":

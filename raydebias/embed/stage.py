@@ -12,13 +12,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydebias._internal.io import as_path, atomic_path, atomic_write_json
-from raydebias.config import RunConfig
+from raydebias._internal.io import (
+    as_path,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_table,
+    local_weights_fingerprint,
+    remove_path,
+    replace_path,
+)
+from raydebias.config import ClipModelConfig, RunConfig
+from raydebias.core import StageResult
+from raydebias.data.stream import PartSet, buffer_rows, count_rows, parquet_parts, stream_epoch
+from raydebias.data.transforms import pixels_from_column
+from raydebias.models.clip import ClipEncoder, captions_for, create_clip, train_bootstrap_clip
 
 
 def clip_key(cfg: RunConfig):
-    from raydebias._internal.io import local_weights_fingerprint
-
     return {"clip": cfg.models.clip.model_dump(), "source": cfg.models.source, "train": cfg.clip.model_dump(),
             "template": cfg.data.prompt_template, "seed": cfg.seed,
             "weights": local_weights_fingerprint(cfg.models.clip.pretrained)}
@@ -26,9 +36,6 @@ def clip_key(cfg: RunConfig):
 
 def load_clip(run_dir: Path):
     """The run's CLIP encoder (bootstrap weights from the run dir, or the configured pretrained model)."""
-    from raydebias.config import ClipModelConfig
-    from raydebias.models.clip import ClipEncoder, create_clip
-
     d = as_path(run_dir) / "stages" / "clip"
     spec = json.loads((d / "clip.json").read_text())
     if spec["source"] == "bootstrap":
@@ -40,8 +47,6 @@ def part_batches(files: list[str], image_size: int, buffer_rows: int, seed: int)
     """A batch source for :func:`train_bootstrap_clip` that streams the Parquet parts ``files``: epoch after epoch,
     each row once per epoch, shuffled through a buffer of ``buffer_rows`` rows (``data/stream.py``); a last
     batch smaller than the batch size is dropped (the in-memory sampler starts a new permutation there too)."""
-    from raydebias.data.stream import PartSet, stream_epoch
-
     data = PartSet.open(files, bias=False)
 
     def batches(batch_size: int) -> Iterator:
@@ -58,9 +63,6 @@ def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
     """Ray task: the bootstrap CLIP trained on the train split's (image, caption) pairs, streamed from its
     Parquet parts; saved under ``out``. Captions are made from the labels, the only columns read whole."""
     import torch
-
-    from raydebias.data.stream import PartSet, buffer_rows, parquet_parts
-    from raydebias.models.clip import captions_for, create_clip, train_bootstrap_clip
 
     torch.set_num_threads(1)  # measured: 1 thread beats 2 for this tiny model on a loaded 2-core machine
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -80,8 +82,6 @@ def train_clip_task(run_dir: str, cfg_json: str, info: dict, out: str) -> dict:
 
 def run_clip(ctx):
     import ray
-
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info
@@ -113,9 +113,6 @@ class EmbedImages:
         self.size, self.batch_size, self.out = image_size, batch_size, as_path(out_dir)
 
     def __call__(self, batch: dict) -> dict:
-        from raydebias._internal.io import atomic_write_table
-        from raydebias.data.transforms import pixels_from_column
-
         rows = []
         for part in batch["part"]:
             t = pq.read_table(str(part), columns=["id", "label", "bias", "pixels"])
@@ -138,10 +135,6 @@ def run_embed(ctx):
     import uuid
 
     import ray
-
-    from raydebias._internal.io import remove_path, replace_path
-    from raydebias.core import StageResult
-    from raydebias.data.stream import count_rows, parquet_parts
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()
@@ -174,8 +167,6 @@ def run_embed(ctx):
 
 def load_embeddings(run_dir: Path) -> dict[str, np.ndarray]:
     """The embed stage's output as arrays, in the train split's row order."""
-    from raydebias.data.stream import parquet_parts
-
     t = pa.concat_tables([pq.read_table(f) for f in
                           parquet_parts(as_path(run_dir) / "stages" / "embed" / "train.parquet")])
     return {"id": np.asarray(t.column("id").to_pylist(), dtype=object),

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from raydebias._internal.io import as_path
-from raydebias.config import ClassifierModelConfig
-from raydebias.data.stream import PartSet, iter_parts, stream_epoch
+from raydebias.config import ClassifierModelConfig, RunConfig
+from raydebias.data.stream import PartSet, iter_parts, parquet_parts, stream_epoch
 from raydebias.data.transforms import to_model_input
+from raydebias.debias.groupdro import group_balanced_weights
 from raydebias.evaluate.metrics import conflicting_mask, group_key, group_metrics
 from raydebias.models.classifier import create_classifier
 
@@ -40,8 +41,6 @@ def fit_backbone(x: Images, y: np.ndarray, num_classes: int, cfg: ClassifierMode
     """Train ``cfg``'s backbone in-process (seconds on a val-sized set) on ``x`` (uint8 NHWC, or a PartSet streamed
     at ``image_size`` through a shuffle buffer of ``buffer_rows`` rows); with ``groups``, every epoch draws each
     group equally often (with replacement)."""
-    from raydebias.debias.groupdro import group_balanced_weights
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = create_classifier(cfg, num_classes)
@@ -235,8 +234,6 @@ def measure_run(run_dir, sets: list[dict[str, Any]], info: dict[str, Any], val: 
 
     import pyarrow.parquet as pq
 
-    from raydebias.data.stream import parquet_parts
-
     st = as_path(run_dir) / "stages"
     sets = [s for s in sets if (st / s["path"]).exists()]
     if not sets or not len(val["y"]):
@@ -284,9 +281,6 @@ def measure_task(run_dir: str, sets: list[dict[str, Any]], info: dict[str, Any],
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from raydebias.config import RunConfig
-    from raydebias.data.stream import parquet_parts
 
     torch.set_num_threads(max(1, threads))
     cfg = RunConfig.model_validate_json(cfg_json)

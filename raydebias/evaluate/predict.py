@@ -18,7 +18,6 @@ from raydebias.data.stream import parquet_parts
 from raydebias.data.transforms import pixels_from_column
 from raydebias.models.classifier import load_classifier, predict
 
-
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}  # per worker process: a reused worker loads a model once
 
 

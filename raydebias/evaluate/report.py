@@ -14,6 +14,8 @@ import numpy as np
 import yaml
 
 from raydebias._internal.io import atomic_write_text
+from raydebias.core import StageResult
+from raydebias.data.stream import first_per_group, read_columns, take_rows
 from raydebias.evaluate.metrics import group_key
 
 _COLUMNS = [("accuracy", "acc"), ("wga", "WGA"), ("aga", "AGA (unbiased)"), ("adjusted_avg", "adjusted avg"),
@@ -172,8 +174,6 @@ def group_samples(path: Path, info: dict, per_group: int, bias: str | None = "bi
     """The first ``per_group`` rows of every (label, ``bias``) group of a Parquet set (every class with
     ``bias=None``): ``(table without pixels, pixels)``. Only the small columns and the parts holding the chosen
     rows are read."""
-    from raydebias.data.stream import first_per_group, read_columns, take_rows
-
     t = read_columns(path, ["label", *([bias] if bias else [])])
     y = t.column("label").to_numpy()
     a = t.column(bias).to_numpy() if bias else np.zeros(len(y), np.int64)
@@ -288,8 +288,6 @@ def render_report(run_dir: Path, samples_per_group: int = 1, methods: list | Non
 
 
 def run_report(ctx):
-    from raydebias.core import StageResult
-
     path = ctx.run_dir / "report.html"
     atomic_write_text(path, render_report(ctx.run_dir, ctx.cfg.report.samples_per_group, ctx.methods))
     ctx.log(f"[report] {path}")

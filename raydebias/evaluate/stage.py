@@ -9,9 +9,11 @@ import numpy as np
 import torch
 
 from raydebias._internal.io import atomic_write_json, remove_path, replace_path
+from raydebias.core import StageResult
+from raydebias.evaluate import metrics as M
+from raydebias.evaluate.fidelity import measure_task, synthetic_sets
 from raydebias.evaluate.predict import predict_splits
 from raydebias.models.classifier import load_classifier
-from raydebias.evaluate import metrics as M
 
 
 def headline_metric(num_groups: int) -> str:
@@ -55,8 +57,6 @@ def metrics_row(y, a, pred, p_true, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_evaluate(ctx):
-    from raydebias.core import StageResult
-
     cfg = ctx.cfg
     info = ctx.data_info
     out = ctx.stage_dir("evaluate")
@@ -115,7 +115,6 @@ def run_evaluate(ctx):
             report.update(m.evaluate(ctx, info))
     # generation fidelity: class / bias probes trained on val score every synthetic set of the run's methods, in a
     # Ray task that streams val, test and the sets from their parts
-    from raydebias.evaluate.fidelity import measure_task, synthetic_sets
 
     fidelity = None
     sets = synthetic_sets(ctx.methods)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raydebias.generate.plan import describe
+
 
 def clip_scores(img_emb: np.ndarray, groups: np.ndarray, label_emb: np.ndarray, labels: np.ndarray,
                 centroids: dict[int, np.ndarray], alpha: float) -> np.ndarray:
@@ -27,8 +29,6 @@ def label_targets(template: str, class_names: list[str], bias_names: list[str] |
     (class, bias) group, index y·B + a: the image is scored against the description of the group it was generated
     for, so the filter also checks the bias value the group asked for (BENCHMARKS.md, "Generation fidelity:
     findings")."""
-    from raydebias.generate.plan import describe
-
     y, a = np.asarray(y, np.int64), np.asarray(a, np.int64)
     if not scores_groups(template, bias_names, a):
         return [describe(template, c, None) for c in class_names], y

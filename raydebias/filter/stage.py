@@ -23,7 +23,10 @@ from raydebias._internal.io import (
     replace_path,
 )
 from raydebias._internal.ray_utils import map_items
+from raydebias.core import StageResult
 from raydebias.data.stream import parquet_parts
+from raydebias.embed.stage import load_clip
+from raydebias.evaluate.fid import fid_kid_features
 from raydebias.filter.clip_score import (
     bias_match,
     clip_scores,
@@ -99,8 +102,6 @@ def _write_kept(batch: dict) -> dict:
 def fid_of_kept(real_path: str, kept: str, num_bias: int) -> dict:
     """Ray task: FID/KID of the kept set against the real training images on the pretrained CLIP's features (the
     embed stage's embeddings and the ones scored here: nothing is encoded twice), overall and per group."""
-    from raydebias.evaluate.fid import fid_kid_features
-
     y, a, real = _real_embeddings(real_path)
     rg = y * num_bias + np.maximum(a, 0)
     t = pq.read_table(str(kept), columns=["label", "bias", "embedding"])
@@ -116,9 +117,6 @@ def fid_of_kept(real_path: str, kept: str, num_bias: int) -> dict:
 
 def run_filter(ctx, variant: str):
     import ray
-
-    from raydebias.core import StageResult
-    from raydebias.embed.stage import load_clip
 
     cfg, info = ctx.cfg, ctx.data_info
     ctx.ensure_ray()

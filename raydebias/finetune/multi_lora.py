@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from raydebias.finetune.dreambooth_lora import _encode_all, add_lora, adapter_names, set_active
+from raydebias.finetune.dreambooth_lora import _encode_all, adapter_names, add_lora, set_active
 from raydebias.models.diffusion import DiffusionBundle, diffusion_loss
+from raydebias.models.sampling import sample
 
 
 class RoutedLoRA:
@@ -188,8 +189,6 @@ def sample_mixed(bundle: DiffusionBundle, adapters: list[str | None], prompts: l
     """Sample one batch whose rows use different (already loaded) adapters — ``None`` = the base model — in one
     pass: the same images as activating each adapter for its own rows (:func:`~raydebias.models.diffusion.sample`
     draws each row's noise from its seed, and every layer acts row by row)."""
-    from raydebias.models.sampling import sample
-
     names = sorted({a for a in adapters if a})
     if not names:
         set_active(bundle, None)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from raydebias._internal.io import as_path, atomic_write_json, replace_path
+from raydebias._internal.io import as_path, atomic_write_json, atomic_write_text, remove_path, replace_path
+from raydebias.core import StageResult
+from raydebias.data.stream import take_ids
+from raydebias.diffusion.base import load_base
+from raydebias.finetune.dreambooth_lora import save_lora, train_lora
+from raydebias.finetune.multi_lora import train_loras_batched
 from raydebias.generate.plan import Unit, describe, plan_units
+from raydebias.models.sampling import sample
 
 
 def units_for(ctx, variant: str) -> list[Unit]:
@@ -32,10 +38,6 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
 
     import torch
 
-    from raydebias.data.stream import take_ids
-    from raydebias.diffusion.base import load_base
-    from raydebias.finetune.dreambooth_lora import save_lora, train_lora
-
     torch.set_num_threads(1)
     t0 = time.time()
     _, pixels = take_ids(as_path(run_dir) / "stages" / "data" / "train.parquet", unit["ids"], image_size)
@@ -44,7 +46,6 @@ def _train_unit(run_dir: str, unit: dict, ft: dict, seed: int, image_size: int, 
     if ft["prior_preservation"]:
         # DreamBooth prior preservation: the base model's own images of the class prompt (no [V]), drawn
         # before the adapter exists, keep the adapter from forgetting the class.
-        from raydebias.models.sampling import sample
 
         n = min(len(pixels), 50)
         prior_prompts = [unit["class_prompt"]] * n
@@ -64,11 +65,6 @@ def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size
     import time
 
     import torch
-
-    from raydebias.data.stream import take_ids
-    from raydebias.diffusion.base import load_base
-    from raydebias.finetune.dreambooth_lora import save_lora
-    from raydebias.finetune.multi_lora import train_loras_batched
 
     torch.set_num_threads(max(1, int(ft["cpus_per_task"])))
     t0 = time.time()
@@ -93,8 +89,6 @@ def _train_pack(run_dir: str, units: list[dict], ft: dict, seed: int, image_size
 def reset_if_stale(out: Path, key: str | None) -> bool:
     """Finished adapters are reused only by a rerun with the same inputs (resume). When the node's key changed
     (new base model, new clusters, new settings) the old adapters are stale: remove them. Returns True if it did."""
-    from raydebias._internal.io import atomic_write_text, remove_path
-
     if key is None:
         return False
     marker = out / "inputs.key"
@@ -109,8 +103,6 @@ def reset_if_stale(out: Path, key: str | None) -> bool:
 
 def run_finetune(ctx, variant: str):
     import ray
-
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     out = ctx.stage_dir(f"finetune/{variant}")

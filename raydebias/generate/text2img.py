@@ -14,7 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydebias._internal.io import as_path, atomic_write_json, atomic_write_table, link_parts
-from raydebias.generate.plan import plan_rows
+from raydebias.core import StageResult
+from raydebias.data.transforms import resize_uint8
+from raydebias.diffusion.base import load_base
+from raydebias.embed.stage import load_clip
+from raydebias.finetune.dreambooth_lora import load_lora, set_active
+from raydebias.finetune.multi_lora import sample_mixed
+from raydebias.generate.plan import Unit, plan_rows
+from raydebias.models.sampling import sample
 
 COLUMNS = ("row_id", "y", "a", "cluster", "adapter", "prompt", "seed", "transferred")
 
@@ -33,9 +40,6 @@ class GenerateBatch:
                  class_guidance_scale: float | None = None, mixed: bool = True):
         import torch
 
-        from raydebias.diffusion.base import load_base
-        from raydebias.embed.stage import load_clip
-
         torch.set_num_threads(1)
         self.run_dir, self.variant, self.out_dir = as_path(run_dir), variant, as_path(out_dir)
         self.bundle = load_base(self.run_dir)
@@ -48,15 +52,11 @@ class GenerateBatch:
 
     def _load(self, adapter: str) -> None:
         """Attach ``adapter`` once per actor (it stays attached; later batches only switch or route to it)."""
-        from raydebias.finetune.dreambooth_lora import load_lora
-
         if adapter not in self.loaded:
             load_lora(self.bundle, self.run_dir / "stages" / "finetune" / self.variant / adapter, adapter)
             self.loaded.add(adapter)
 
     def _activate(self, adapter: str | None) -> None:
-        from raydebias.finetune.dreambooth_lora import set_active
-
         if adapter is not None:
             self._load(adapter)
         set_active(self.bundle, None if adapter is None else [adapter])
@@ -72,14 +72,11 @@ class GenerateBatch:
         return {"chunk": chunks["chunk"]}
 
     def _write(self, batch: dict) -> None:
-        from raydebias.models.sampling import sample
-
         n = len(batch["row_id"])
         adapters = [a if a else None for a in batch["adapter"]]
         prompts, seeds = [str(p) for p in batch["prompt"]], [int(s) for s in batch["seed"]]
         compose = self.class_guidance_scale is not None
         if self.mixed and not compose:  # the whole batch in one pass, each row through its own adapter
-            from raydebias.finetune.multi_lora import sample_mixed
 
             for adapter in dict.fromkeys(a for a in adapters if a):
                 self._load(adapter)
@@ -94,7 +91,6 @@ class GenerateBatch:
                                    guidance_scale=self.guidance_scale, seeds=[seeds[i] for i in idx],
                                    partial_prompts=[str(batch["partial_prompt"][i]) for i in idx] if compose else None,
                                    partial_guidance_scale=self.class_guidance_scale)
-        from raydebias.data.transforms import resize_uint8
 
         imgs = resize_uint8(imgs, self.size)  # the dataset's size, whatever the model's resolution
         emb = self.clip.encode_images(imgs).astype(np.float32)
@@ -117,9 +113,6 @@ def plan_chunks(rows: list[dict], batch_size: int) -> list[list[dict]]:
 
 def run_generate(ctx, variant: str):
     import ray
-
-    from raydebias.generate.plan import Unit
-    from raydebias.core import StageResult
 
     cfg = ctx.cfg
     info = ctx.data_info

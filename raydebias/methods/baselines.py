@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from raydebias.core import Method, Stage, register
-from raydebias.debias.train import run_train
+from raydebias.core import Method, Stage, ref, register
 from raydebias.methods.shared import TRAIN_READS
 
 BASELINES = ("erm", "groupdro")
 
+_run_train = ref("raydebias.debias.train:run_train")
 
-def _baseline(name: str) -> Method:
-    def stages(cfg) -> list[Stage]:
-        return [Stage(f"train/{name}", "train", ("data",), lambda ctx: run_train(ctx, name), reads=TRAIN_READS)]
 
-    return register(Method(name, stages, doc="docs/methods/baselines.md"))
+def stages(cfg, method: str) -> list[Stage]:
+    return [Stage(f"train/{method}", "train", ("data",), lambda ctx: _run_train(ctx, method), reads=TRAIN_READS)]
 
 
 for _name in BASELINES:
-    _baseline(_name)
+    register(Method(_name, lambda cfg, _m=_name: stages(cfg, _m), doc="docs/methods/baselines.md"))

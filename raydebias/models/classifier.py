@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raydebias._internal.io import as_path, load_safetensors
 from raydebias.config import ClassifierModelConfig
 from raydebias.data.transforms import to_model_input
 
@@ -134,8 +135,6 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 512, device
 
 def load_classifier(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a trained classifier (safetensors + meta.json) for evaluation or serving."""
-    from raydebias._internal.io import as_path, load_safetensors
-
     model_dir = as_path(model_dir)
     meta = json.loads((model_dir / "meta.json").read_text())
     model = create_classifier(ClassifierModelConfig(**meta["classifier"]), meta["num_classes"])

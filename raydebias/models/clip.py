@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
 from transformers import CLIPTokenizer
 
-from raydebias._internal.io import atomic_write_json, atomic_write_text, save_weights, sha256_json
+from raydebias._internal.io import (
+    as_path,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    save_weights,
+    sha256_json,
+)
 from raydebias.config import ClipModelConfig
 
 CONTEXT_LENGTH = 77
@@ -272,8 +279,6 @@ class ClipEncoder:
     @classmethod
     def load(cls, in_dir: str | Path, device: str | torch.device = "cpu") -> "ClipEncoder":
         """Rebuild a saved encoder from its safetensors weights and JSON (no pickle, no download)."""
-        from raydebias._internal.io import as_path, load_safetensors
-
         d = as_path(in_dir)
         meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:

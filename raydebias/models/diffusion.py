@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from raydebias._internal.io import atomic_path
 from raydebias.config import DiffusionModelConfig
+from raydebias.models.clip import clip_tokenizer
 
 MAX_TOKENS = 77
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -132,8 +133,6 @@ def _norm_groups(channels: list[int]) -> int:
 def bootstrap_diffusion(cfg: DiffusionModelConfig, tokenizer: CLIPTokenizer | None = None) -> DiffusionBundle:
     """A tiny text-conditioned pixel-space model built from ``cfg`` (random weights, trained in-run)."""
     if tokenizer is None:
-        from raydebias.models.clip import clip_tokenizer
-
         tokenizer = clip_tokenizer()
     tokenizer.model_max_length = cfg.max_tokens
     f = cfg.unshuffle

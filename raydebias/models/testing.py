@@ -10,6 +10,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from raydebias._internal.io import atomic_path, save_weights
+from raydebias.config import ClipModelConfig
+from raydebias.models.clip import clip_tokenizer, tiny_model_config
 from raydebias.models.diffusion import MAX_TOKENS
 
 
@@ -18,8 +20,6 @@ def save_tiny_stable_diffusion(out_dir: str | os.PathLike, seed: int = 0) -> Pat
     VAE ×2 down-sampling, 16 px images, 32-wide UNet/text encoder, PNDM scheduler), for tests and offline smoke
     runs of the pretrained code path."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    from raydebias.models.clip import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -55,9 +55,6 @@ def save_tiny_open_clip(out_dir: str | os.PathLike, image_size: int = 32, seed: 
     import json
 
     import open_clip
-
-    from raydebias.config import ClipModelConfig
-    from raydebias.models.clip import tiny_model_config
 
     model_cfg = tiny_model_config(ClipModelConfig(width=32, layers=1, patch_size=8, embed_dim=32), image_size)
     torch.manual_seed(seed)

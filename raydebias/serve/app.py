@@ -12,13 +12,22 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.concurrency import run_in_threadpool
 
 from raydebias._internal.io import as_path
-from raydebias.serve.predictor import (Limits, RequestError, check_content_type, decode_images, model_card,
-                                       model_version, parse_json_images, predict_images)
+from raydebias.models.classifier import load_classifier
+from raydebias.serve.predictor import (
+    Limits,
+    RequestError,
+    check_content_type,
+    decode_images,
+    model_card,
+    model_version,
+    parse_json_images,
+    predict_images,
+)
 
 
 class ServeArgs(BaseModel):
@@ -53,8 +62,6 @@ def _resolve_method(run_dir: Path, method: str | None) -> str:
 class Classifier:
     def __init__(self, run_dir: str, method: str | None, max_batch_size: int, batch_wait_timeout_s: float):
         import torch
-
-        from raydebias.models.classifier import load_classifier
 
         torch.set_num_threads(1)
         self.run_dir = as_path(run_dir)

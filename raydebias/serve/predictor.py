@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydebias._internal.io import sha256_file
 from raydebias.data.transforms import ImageError, decode_image, to_model_input
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -119,6 +120,4 @@ def model_card(run_dir: Path, method: str, version: str | None = None) -> dict[s
 
 def model_version(run_dir: Path, method: str) -> str:
     """Content hash of the served weights (changes whenever the model does)."""
-    from raydebias._internal.io import sha256_file
-
     return f"{run_dir.name}/{method}@" + sha256_file(run_dir / "stages" / "train" / method / "model.safetensors")[:12]

@@ -25,7 +25,7 @@ def test_every_configurable_method_is_registered_with_its_result_node():
         names = [s.name for s in stages]
         assert len(names) == len(set(names)), name
         assert m.result_node in names, (name, names)
-        assert set(m.shared) <= {"clip", "embed", "cluster", "diffusion", "ddpm"}
+        assert set(m.shared) <= {"clip", "embed", "cluster", "diffusion", "class_diffusion"}
 
 
 def test_unknown_method_is_a_clear_error():
@@ -63,12 +63,17 @@ def test_excluded_paths_are_removed_and_unknown_ones_rejected():
         config_key(cfg, ("train", "-train.nonsense"))
 
 
-def test_ddpm_ignores_the_base_model_schedule_but_amplifier_reads_the_classifier():
+def test_class_diffusion_ignores_the_base_model_schedule_but_amplifier_reads_the_classifier():
     cfg = load_config(None, ["method=diffusing_debias"])
-    ddpm, amp = _stage(cfg, "ddpm"), _stage(cfg, "amplifier")
+    class_diffusion, amp = _stage(cfg, "class_diffusion"), _stage(cfg, "amplifier")
     changed = load_config(None, ["method=diffusing_debias", "diffusion.steps=7", "train.epochs=1"])
-    assert ddpm.config_key(changed) == ddpm.config_key(cfg)  # ddpm trains for ddb.steps
+    assert class_diffusion.config_key(changed) == class_diffusion.config_key(cfg)  # it trains class_diffusion.steps
     assert amp.config_key(changed) == amp.config_key(cfg)  # the amplifier's epochs are its own
+    own = load_config(None, ["method=diffusing_debias", "class_diffusion.steps=7"])
+    assert class_diffusion.config_key(own) != class_diffusion.config_key(cfg)
+    assert amp.config_key(own) == amp.config_key(cfg)  # the amplifier waits for the new model, its key is unchanged
+    captions = load_config(None, ["method=diffusing_debias", "class_diffusion.prompt_template='a {class}'"])
+    assert amp.config_key(captions) != amp.config_key(cfg)  # its prompts are the model's captions
     assert amp.config_key(load_config(None, ["method=diffusing_debias", "train.lr=0.1"])) != amp.config_key(cfg)
 
 
@@ -85,25 +90,25 @@ def test_toposort_keeps_declaration_order_and_rejects_cycles():
 def test_a_stage_two_methods_share_runs_once():
     cfg = load_config(None, ["method=diffusing_debias", "baselines=[diffusing_debias_lff, erm]"])
     names = [s.name for s in build_graph(cfg)]
-    assert names.count("amplifier") == 1 and names.count("ddpm") == 1
+    assert names.count("amplifier") == 1 and names.count("class_diffusion") == 1
     assert names.index("amplifier") < names.index("train/diffusing_debias")
 
 
 def test_the_edited_model_follows_the_model_source(tmp_path):
     """DiffInject and GAMMA-FACE edit the pretrained base model when there is one (the ``diffusion`` stage joins
-    the graph as their dependency, no ``ddpm`` is trained) and the in-run ``ddpm`` model otherwise; Diffusing
+    the graph as their dependency, no ``class_diffusion`` is trained) and the in-run ``class_diffusion`` model otherwise; Diffusing
     DeBias always trains its own."""
     (tmp_path / "sd").mkdir()
     base = ["method=diffinject", "baselines=[gamma_face, erm]", "gamma_face.labeler=erm",
-            "stages=[data,diffusion,ddpm,amplifier,mine,inject,train,gmm,evaluate,report]"]
+            "stages=[data,diffusion,class_diffusion,amplifier,mine,inject,train,gmm,evaluate,report]"]
     deps = lambda cfg: {s.name: s.deps for s in build_graph(cfg)}  # noqa: E731
     boot = deps(load_config(None, base))
-    assert "ddpm" in boot["inject"] and "ddpm" in boot["gmm"] and "diffusion" not in boot
+    assert "class_diffusion" in boot["inject"] and "class_diffusion" in boot["gmm"] and "diffusion" not in boot
     pre = deps(load_config(None, [*base, "models.source=pretrained", f"models.diffusion.pretrained={tmp_path}/sd"]))
-    assert "diffusion" in pre["inject"] and "diffusion" in pre["gmm"] and "ddpm" not in pre
+    assert "diffusion" in pre["inject"] and "diffusion" in pre["gmm"] and "class_diffusion" not in pre
     ddb = deps(load_config(None, ["method=diffusing_debias", "baselines=[diffinject]", "models.source=pretrained",
                                   f"models.diffusion.pretrained={tmp_path}/sd", *base[-1:]]))
-    assert "ddpm" in ddb["amplifier"] and "diffusion" in ddb["inject"]
+    assert "class_diffusion" in ddb["amplifier"] and "diffusion" in ddb["inject"]
 
 
 def test_method_blocks_are_declared_by_their_methods_and_validated_there():
@@ -137,8 +142,10 @@ def test_a_method_key_no_method_of_the_run_reads_is_named(tmp_path, capsys):
 
     assert unused_method_keys(load_config("raydebias/configs/demo.yaml", ["diffinject.gamma=0.5"])) == [
         "diffinject.gamma=0.5"]
-    # read through a shared stage: DiffInject's ddpm model trains for ddb.steps
-    assert unused_method_keys(load_config("raydebias/configs/diffinject.yaml", ["ddb.steps=10"])) == []
+    # the class-conditional model's keys left Diffusing DeBias's block: the error says where they are
+    with pytest.raises(ConfigError, match=r"steps, lr: the class-conditional model's settings are in their own "
+                                          r"block: class_diffusion\.steps, class_diffusion\.lr"):
+        load_config("raydebias/configs/diffinject.yaml", ["ddb.steps=10", "ddb.lr=0.1"])
     # a resolved config spells every block out at its defaults: nothing to report
     import yaml
 
@@ -149,7 +156,7 @@ def test_a_method_key_no_method_of_the_run_reads_is_named(tmp_path, capsys):
     assert "--set diffinject.gamma=0.5: no method of this run (clustered_dreambooth, erm, groupdro)" in \
         capsys.readouterr().err
     # full.yaml (with a non-default amplifier guidance) run with DiffInject alone on a pretrained base model: no
-    # ddpm model is trained, so the file's ddb.guidance_scale does nothing — a warning, the run goes on
+    # class_diffusion model is trained, so the file's ddb.guidance_scale does nothing — a warning, the run goes on
     (tmp_path / "sd").mkdir()
     text = Path("raydebias/configs/full.yaml").read_text()
     assert "guidance_scale: 2.0, amplifier_epochs" in text
@@ -226,16 +233,65 @@ def test_every_stage_kind_is_declared():
         assert {s.kind for s in m.stages(cfg)} <= set(m.kinds) | set(BUILDING_BLOCKS) | set(FINAL_KINDS), name
 
 
-def test_validating_a_config_stays_light():
-    """Every Ray worker that receives the run's config validates it, which discovers the method modules (their
-    blocks): that must not import the diffusion, CLIP, clustering or plotting stacks (seconds per process)."""
+def test_validating_a_config_and_building_its_graph_import_no_algorithm_code():
+    """Every Ray worker that receives the run's config validates it, which registers every method (their blocks),
+    and ``raydebias validate`` builds the graph: neither may import torch, Ray, the diffusion, CLIP, clustering or
+    plotting stacks, or any stage's code (seconds per process) — only the config, the core and the methods'
+    declarations."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom raydebias.config import RunConfig, load_config\n"
+    code = ("import sys\nfrom raydebias.config import RunConfig, load_config\nfrom raydebias.pipeline import check_graph\n"
             "c = load_config('raydebias/configs/full.yaml')\nRunConfig.model_validate_json(c.model_dump_json())\n"
-            "print(sorted(m for m in ('sklearn', 'transformers', 'peft', 'open_clip', 'faiss', 'matplotlib', "
-            "'diffusers') if m in sys.modules))")
+            "check_graph(c)\n"
+            "print(sorted(m for m in ('torch', 'ray', 'sklearn', 'transformers', 'peft', 'open_clip', 'faiss', "
+            "'matplotlib', 'diffusers') if m in sys.modules))\n"
+            "print(','.join(sorted(m for m in sys.modules if m.startswith('raydebias.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__import__("pathlib").Path(__file__).parents[2])
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    heavy, ours = out.stdout.strip().splitlines()
+    assert heavy == "[]", out.stdout + out.stderr
+    light = ("raydebias._internal", "raydebias._internal.io", "raydebias._internal.ray_utils", "raydebias.config", "raydebias.core",
+             "raydebias.core.context", "raydebias.core.registry", "raydebias.methods", "raydebias.methods.shared",
+             "raydebias.methods.baselines", "raydebias.pipeline")
+    loaded = ours.split(",")
+    assert [m for m in loaded if m not in light and not (m.startswith("raydebias.methods.")
+                                                          and m.count(".") == 2 or m.endswith(".config"))] == []
+    assert "raydebias.methods.diffinject.config" in loaded and "raydebias.methods.diffinject.stages" not in loaded
+
+
+def test_a_ref_imports_its_function_when_called():
+    """``ref("module:function")``: equal refs for one function (evaluate runs a shared function once), the module
+    imported at the first call, a malformed target refused at declaration."""
+    import subprocess
+    import sys
+
+    from raydebias.core import ref
+
+    assert ref("json:dumps") == ref("json:dumps") and len({ref("json:dumps"), ref("json:dumps")}) == 1
+    assert ref("json:dumps")([1]) == "[1]"
+    with pytest.raises(ValueError, match="package.module:function"):
+        ref("json.dumps")
+    code = ("import sys\nfrom raydebias.core import ref\nr = ref('raydebias.methods.tiw.stages:console_lines')\n"
+            "print('raydebias.methods.tiw.stages' in sys.modules, r({}) == [], "
+            "'raydebias.methods.tiw.stages' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout + out.stderr
+
+
+def test_the_graph_builds_after_the_stage_modules_are_imported():
+    """A package's ``__init__`` that named its graph function after its ``stages`` submodule would lose it to the
+    submodule once that is imported (Python binds ``package.stages``): build the graph of every method with all
+    stage modules loaded."""
+    import importlib
+
+    from raydebias.core.registry import stage_kinds
+    from raydebias.pipeline import build_graph
+
+    for pkg in ("harnessing", "diffinject", "gamma_face", "tiw", "diffusing_debias"):
+        importlib.import_module(f"raydebias.methods.{pkg}.stages")
+    cfg = load_config("raydebias/configs/full.yaml", ["baselines=[diffusing_debias_lff, diffinject, gamma_face, "
+                                                      "erm, groupdro, tiw, vanilla, clustered_dreambooth]",
+                                                      f"stages=[{', '.join(stage_kinds())}]"])
+    names = [s.name for s in build_graph(cfg)]
+    assert {"amplifier", "mine", "inject", "gmm", "tiw", "generate/clustered_dreambooth"} <= set(names)

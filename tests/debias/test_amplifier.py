@@ -44,9 +44,11 @@ def test_diffusing_debias_end_to_end_without_train_bias_labels(ray_cluster, tmp_
     uri = tmp_path / "no_train_bias.parquet"
     _no_train_bias_dataset(uri)
     cfg = load_config(None, [
-        f"run_dir={tmp_path / 'run'}", f"data.uri={uri}", "stages=[data, ddpm, amplifier, train, evaluate]",
-        "method=diffusing_debias", "baselines=[diffusing_debias_lff, erm]", "train.epochs=1", "train.batch_size=64",
-        "models.classifier.width=8", "models.diffusion.block_out_channels=[16, 32]", "ddb.steps=4",
+        f"run_dir={tmp_path / 'run'}", f"data.uri={uri}", "stages=[data, class_diffusion, amplifier, train, evaluate]",
+        "method=diffusing_debias", "baselines=[diffusing_debias_lff, erm]", "train.num_workers=0",
+        "diffusion.num_workers=0", "train.epochs=1", "train.batch_size=64",
+        "models.classifier.width=8", "models.diffusion.block_out_channels=[16, 32]", "class_diffusion.steps=4",
+        "class_diffusion.num_cpus=1",
         "ddb.images_per_class=3", "ddb.num_steps=2", "ddb.amplifier_epochs=1", "ddb.num_cpus=1",
     ])
     run_pipeline(cfg, log=lambda m: None)
@@ -62,7 +64,7 @@ def test_diffusing_debias_end_to_end_without_train_bias_labels(ray_cluster, tmp_
     stats = json.loads((run / "stages" / "amplifier" / "stats.json").read_text())
     assert "error_set_vs_conflicting" not in stats  # no bias labels on train: nothing to compare with
     assert sum(stats["pseudo_group_sizes"].values()) == train.num_rows
-    meta = json.loads((run / "stages" / "ddpm" / "model" / "unet" / "config.json").read_text())
+    meta = json.loads((run / "stages" / "class_diffusion" / "model" / "unet" / "config.json").read_text())
     assert meta["in_channels"] == 48
     rows = {r["method"]: r for r in json.loads((run / "metrics.json").read_text())["rows"]}
     assert set(rows) == {"diffusing_debias", "diffusing_debias_lff", "erm"}

@@ -31,20 +31,21 @@ def _run(tmp_path, name, config, fail_at=None, monkeypatch=None):
     from safetensors.torch import load_file
 
     from raydebias._internal import ray_utils
+    from raydebias.debias import train
     from raydebias.debias.train import train_loop
 
     if fail_at is not None:
-        real = ray_utils.report
+        real = train.report  # the loop's checkpoint report (imported from ray_utils)
 
         def failing(metrics, checkpoint_dir=None):
             if metrics["step"] == fail_at:
                 raise RuntimeError("injected failure")
             real(metrics, checkpoint_dir)
 
-        monkeypatch.setattr(ray_utils, "report", failing)
+        monkeypatch.setattr(train, "report", failing)
         with pytest.raises(Exception, match="injected failure"):
             ray_utils._fit_local(train_loop, config, str(tmp_path), name)
-        monkeypatch.setattr(ray_utils, "report", real)
+        monkeypatch.setattr(train, "report", real)
     ray_utils._fit_local(train_loop, config, str(tmp_path), name)
     d = ray_utils._local_checkpoint_dir(tmp_path / name)
     return {f.stem: load_file(f) for f in d.glob("*.safetensors")}

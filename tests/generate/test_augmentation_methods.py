@@ -1,6 +1,6 @@
-"""DiffInject and GAMMA-FACE end to end on a tiny Colored MNIST run (one shared ``ddpm``): mined rows, injected
-pairs with content labels, resumable inject parts, the BIC-selected GMM with equal components, pseudo-labels,
-and both methods' rows in ``metrics.json``."""
+"""DiffInject and GAMMA-FACE end to end on a tiny Colored MNIST run (one shared ``class_diffusion`` model): mined
+rows, injected pairs with content labels, resumable inject parts, the BIC-selected GMM with equal components,
+pseudo-labels, and both methods' rows in ``metrics.json``."""
 
 import json
 
@@ -18,9 +18,10 @@ def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     run = tmp_path / "run"
     overrides = [
         f"run_dir={run}", "data.builtin={aligned: 0.95, n_train: 300, n_val: 10, n_test: 10}", "data.image_size=32",
-        "stages=[data, ddpm, mine, inject, train, gmm, evaluate, report]", "method=diffinject",
-        "baselines=[gamma_face, erm]", "train.epochs=1", "train.batch_size=64", "models.classifier.width=8",
-        "models.diffusion.block_out_channels=[16, 32]", "ddb.steps=4", "ddb.num_cpus=1",
+        "stages=[data, class_diffusion, mine, inject, train, gmm, evaluate, report]", "method=diffinject",
+        "baselines=[gamma_face, erm]", "train.num_workers=0", "diffusion.num_workers=0", "train.epochs=1",
+        "train.batch_size=64", "models.classifier.width=8",
+        "models.diffusion.block_out_channels=[16, 32]", "class_diffusion.steps=4", "class_diffusion.num_cpus=1",
         "diffinject.biased_epochs=1", "diffinject.top_k=2", "diffinject.bias_conflict_ratio=0.05",
         "diffinject.num_steps=4", "diffinject.t_edit=500", "diffinject.t_boost=300", "diffinject.pairs_per_task=8",
         "gamma_face.num_latents=12", "gamma_face.num_steps=4", "gamma_face.k_max=3", "gamma_face.mix_ratio=0.05",
@@ -64,7 +65,7 @@ def test_diffinject_and_gamma_face_end_to_end(ray_cluster, tmp_path):
     # resume: lose one finished inject part and the merged output → only that part is regenerated, same rows
     before = syn.column("pixels").to_pylist()
     (st / "inject" / "parts" / "part-00001.parquet").unlink()
-    cfg = load_config(None, overrides[:-1] + ["gamma_face.num_cpus=1", "stages=[data, ddpm, mine, inject]"])
+    cfg = load_config(None, overrides[:-1] + ["gamma_face.num_cpus=1", "stages=[data, class_diffusion, mine, inject]"])
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["stages"]["inject"]["status"] = "failed"  # as if killed during the stage
     (run / "manifest.json").write_text(json.dumps(manifest))

@@ -24,7 +24,7 @@ def test_diffusing_debias_section_from_its_declaration(tmp_path):
     det = {"description": "errors as a detector", "diffusing_debias_amplifier":
            {"errors": 5, "conflicting": 4, "precision": 0.6, "recall": 0.75, "f1": 0.667}}
     m1, m2 = get_method("diffusing_debias"), get_method("diffusing_debias_lff")
-    assert m1.report is m2.report and m1.evaluate is m2.evaluate  # shared: rendered and measured once
+    assert m1.report == m2.report and m1.evaluate == m2.evaluate  # shared (equal refs): rendered and measured once
     html = "".join(m1.report(tmp_path, INFO, {"rows": [], "bias_detection": det}, 1))
     assert "Diffusing DeBias: bias-amplified synthetic samples" in html and "data:image/png;base64," in html
     assert "<td>diffusing_debias_amplifier</td><td>5</td><td>4</td><td>0.600</td><td>0.750</td>" in html
@@ -55,7 +55,7 @@ def test_harnessing_section_shows_filter_stats_and_clusters(tmp_path):
 
 
 def test_tiw_console_lines_per_objective():
-    from raydebias.methods.tiw import console_lines
+    from raydebias.methods.tiw.stages import console_lines
 
     assert console_lines({"generation": {}}) == []
     metrics = {"generation": {"tiw": {"reference": {"aligned_fraction": 0.1},

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydebias.config import ColoredMNISTConfig
-from raydebias.data.transforms import encode_png
+from raydebias.data.transforms import decode_image, encode_png
 
 # Our own colour table (RGB), chosen far apart in hue.
 COLORS = np.array(
@@ -96,8 +96,6 @@ def build_colored_mnist(cfg: ColoredMNISTConfig) -> pa.Table:
 def colored_mnist_arrays(cfg: ColoredMNISTConfig, splits: tuple[str, ...] = ("train",)) -> dict[str, dict]:
     """Decoded splits of :func:`build_colored_mnist` as arrays, ``{split: {"x": uint8 (N, S, S, 3), "y", "a"}}``,
     for benches and tests that skip the ``data`` stage (which decodes the same PNGs, ``data/stage.py``)."""
-    from raydebias.data.transforms import decode_image
-
     t = build_colored_mnist(cfg).to_pydict()
     out = {}
     for name in splits:

@@ -9,47 +9,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from raydebias._internal.io import as_path, load_safetensors, remove_path
-from raydebias.config import RESOURCE, Block
-from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias._internal.io import (
+    as_path,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_table,
+    link_parts,
+    load_safetensors,
+    remove_path,
+    sha256_json,
+)
+from raydebias.core import StageResult
 from raydebias.core.seeds import sample_seeds
-from raydebias.diffusion.base import editing_base
+from raydebias.data.stream import count_rows, parquet_parts, read_columns, take_ids, take_rows
+from raydebias.data.transforms import resize_uint8, to_model_input
+from raydebias.debias.lff import mine_conflicting
+from raydebias.debias.train import fit_augmented, fit_classifier, score_train_split
+from raydebias.diffusion.base import load_stage_model
+from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
+from raydebias.evaluate.report import image_rows, kv_table
 from raydebias.methods.diffinject.inject import ddim_invert, inject_generate, record_h
-from raydebias.methods.shared import TRAIN_READS
-
-
-class DiffInjectConfig(Block):
-    """DiffInject (docs/methods/diffinject.md): GCE-biased classifier → top-K CE rows per class (bias-conflicting) → their
-    h-space content injected into randomly chosen aligned images (DDIM inversion, Slerp for t ≥ t_edit, the
-    asymmetric step, stochastic below t_boost) → retrain on real ∪ synthetic. Uses the ``ddpm`` model
-    unconditionally (``prompt`` "")."""
-
-    gce_q: float = Field(0.7, gt=0, le=1)
-    biased_epochs: int = Field(5, ge=1, description="GCE epochs; the last one is kept (no val selection)")
-    top_k: int = Field(10, ge=1, description="mined rows per class (the code's K = 10)")
-    bias_conflict_ratio: float = Field(0.2, gt=0, description="synthetic images = ratio × |non-mined rows|")
-    num_steps: int = Field(20, ge=2, description="DDIM steps for inversion and generation")
-    t_edit: int = Field(400, ge=0, le=1000, description="inject h for t ≥ t_edit (of 1000)")
-    t_boost: int = Field(200, ge=0, le=1000, description="stochastic (η) steps for t < t_boost")
-    gamma: float = Field(0.3, ge=0, le=1, description="content injection ratio of the Slerp")
-    eta: float = Field(1.0, ge=0, le=1)
-    prompt: str = Field("", description="the conditioning of every UNet call; '' = unconditional")
-    pairs_per_task: int = Field(128, ge=1, description="pairs per Ray task (one output part each)")
-    cpus_per_task: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
+from raydebias.methods.shared import editing_base
+from raydebias.models.sampling import to_uint8
 
 
 def run_mine(ctx):
     """Train the biased classifier f_B with GCE (q = ``diffinject.gce_q``, no val selection: it should stay
     biased), score every training row by its CE under f_B and keep the top-K per class (``mined.parquet``)."""
     import pyarrow as pa
-
-    from raydebias._internal.io import atomic_write_json, atomic_write_table
-    from raydebias.core import StageResult
-    from raydebias.debias.lff import mine_conflicting
-    from raydebias.debias.train import fit_classifier, score_train_split
-    from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
 
     info, di = ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("mine")
@@ -81,12 +69,6 @@ def inject_task(run_dir: str, di: dict, part: int, style_ids: list, content_ids:
 
     import pyarrow as pa
     from safetensors.torch import save_file
-
-    from raydebias._internal.io import atomic_path, atomic_write_table
-    from raydebias.data.stream import take_ids
-    from raydebias.data.transforms import resize_uint8, to_model_input
-    from raydebias.diffusion.base import load_stage_model
-    from raydebias.models.sampling import to_uint8
 
     torch.set_num_threads(threads)
     run, out = as_path(run_dir), as_path(run_dir) / "stages" / "inject"
@@ -156,10 +138,6 @@ def run_inject(ctx):
     import pyarrow.parquet as pq
     import ray
 
-    from raydebias._internal.io import atomic_write_json, link_parts, sha256_json
-    from raydebias.core import StageResult
-    from raydebias.data.stream import read_columns
-
     cfg, info, di = ctx.cfg, ctx.data_info, ctx.cfg.diffinject
     out = ctx.stage_dir("inject")
     train_ids = np.asarray(read_columns(ctx.run_dir / "stages" / "data" / "train.parquet", ["id"]).column("id")
@@ -209,8 +187,6 @@ def run_inject(ctx):
 
 def run_train_diffinject(ctx):
     """Retrain on D_orig ∪ D_syn (synthetic labels = the content image's label); val selects the epoch."""
-    from raydebias.debias.train import fit_augmented
-
     return fit_augmented(ctx, "diffinject", ctx.run_dir / "stages" / "inject" / "synthetic.parquet")
 
 
@@ -220,9 +196,6 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
 
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from raydebias.data.stream import count_rows, parquet_parts, read_columns, take_rows
-    from raydebias.evaluate.report import image_rows, kv_table
 
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if (st / "inject" / "synthetic.parquet").exists() and "inject" in gen:
@@ -239,20 +212,3 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
         parts.append("<h3>DiffInject</h3><p>mining</p>" + kv_table(gen.get("mine", {}))
                      + "<p>synthetic</p>" + kv_table(gen["inject"]) + f"<img src='{grid}'>")
     return parts
-
-
-def _stages(cfg) -> list[Stage]:
-    mine_reads = ("diffinject.gce_q", "diffinject.biased_epochs", "diffinject.top_k")
-    return [
-        Stage("mine", "mine", ("data",), run_mine, reads=(*mine_reads, "train", "-train.epochs", "models.classifier",
-                                                           "seed")),
-        Stage("inject", "inject", ("mine", editing_base(cfg), "data"), run_inject,
-              reads=("diffinject", *(f"-{r}" for r in mine_reads), "seed")),
-        Stage("train/diffinject", "train", ("inject", "data"), run_train_diffinject, reads=TRAIN_READS),
-    ]
-
-
-register(Method("diffinject", _stages, kinds=("mine", "inject", "train"), config=("diffinject", DiffInjectConfig),
-                pretrained=("diffusion",),
-                synthetic=(SyntheticSet("inject", "inject/synthetic.parquet", "style", cas=True),),
-                stats=("mine", "inject"), report=report_sections, doc="docs/methods/diffinject.md"))

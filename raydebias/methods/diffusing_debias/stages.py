@@ -1,6 +1,6 @@
 """Diffusing DeBias (docs/methods/diffusing_debias.md): the bias amplifier and Recipe I.
 
-``amplifier`` stage: sample ``images_per_class`` images per class from the class-conditional model (``ddpm``),
+``amplifier`` stage: sample ``images_per_class`` images per class from the class-conditional model (``class_diffusion``),
 train a classifier on those synthetic images *only* (it never sees a real training image, so it cannot memorise
 the real bias-conflicting ones), and mark every real training sample as amplifier-correct or not. Errors of a
 bias-amplified model are the bias-conflicting samples; ``stats.json`` says how well they match when the train
@@ -16,40 +16,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 
 from raydebias._internal.io import atomic_write_json, atomic_write_table, remove_path, replace_path
-from raydebias.config import RESOURCE, Block, Template
-from raydebias.core import Method, Stage, SyntheticSet, register
+from raydebias.core import StageResult
 from raydebias.core.seeds import sample_seeds
+from raydebias.data.stream import PartSet, parquet_parts
+from raydebias.data.transforms import resize_uint8
+from raydebias.debias.train import fit_classifier, score_train_split
+from raydebias.diffusion.class_conditional import load_class_diffusion
 from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
-from raydebias.methods.shared import TRAIN_READS
-
-# Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF reweighting)
-AMPLIFIED = ("diffusing_debias", "diffusing_debias_lff")
-
-
-class DiffusingDebiasConfig(Block):
-    """Diffusing DeBias (docs/methods/diffusing_debias.md): class-conditional diffusion (captions carry the class only, so no bias
-    labels are needed) → synthetic set → bias amplifier trained on it alone → Recipe I: pseudo-groups
-    (y, amplifier correct) on the real training split → GroupDRO."""
-
-    prompt_template: Template = "a photo of a {class}"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    images_per_class: int = Field(200, ge=1)
-    num_steps: int = Field(10, ge=1, description="DDIM steps")
-    guidance_scale: float = Field(2.0, ge=0, description="diffusers scale; the paper's weight 1 = (1 + w) form → 2")
-    amplifier_epochs: int = Field(8, ge=1)
-    recipe: Literal["groupdro"] = Field("groupdro", description="Recipe I's objective over the pseudo-groups")
-    lff_ema: float = Field(0.7, ge=0, lt=1, description="Recipe II: EMA of the debiased model's per-sample loss")
-    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
+from raydebias.evaluate.report import _fmt, group_samples, sample_grid
+from raydebias.generate.plan import describe
+from raydebias.models.sampling import sample
 
 
 def _sample_task(run_dir: str, labels: list[int], prompts: list[str], seeds: list[int], num_steps: int,
@@ -57,12 +40,8 @@ def _sample_task(run_dir: str, labels: list[int], prompts: list[str], seeds: lis
     """Ray task: the class-conditional model's images for ``prompts``, written with their labels to ``dst``."""
     import torch
 
-    from raydebias.data.transforms import resize_uint8
-    from raydebias.diffusion.ddpm import load_ddpm
-    from raydebias.models.sampling import sample
-
     torch.set_num_threads(threads)
-    x = resize_uint8(sample(load_ddpm(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds),
+    x = resize_uint8(sample(load_class_diffusion(run_dir), prompts, num_steps=num_steps, guidance_scale=guidance, seeds=seeds),
                      image_size)
     atomic_write_table(dst, pa.table({"label": np.asarray(labels, np.int64), "seed": np.asarray(seeds, np.int64),
                                       "prompt": prompts, "pixels": [np.ascontiguousarray(im).tobytes() for im in x]}))
@@ -72,16 +51,12 @@ def _sample_task(run_dir: str, labels: list[int], prompts: list[str], seeds: lis
 def run_amplifier(ctx):
     import ray
 
-    from raydebias.core import StageResult
-    from raydebias.debias.train import fit_classifier, score_train_split
-    from raydebias.generate.plan import describe
-
     cfg, info = ctx.cfg, ctx.data_info
     d = cfg.ddb
     out = ctx.stage_dir("amplifier")
     C = info["num_classes"]
     y_syn = np.repeat(np.arange(C), d.images_per_class)
-    prompts = [describe(d.prompt_template, info["class_names"][c], None) for c in y_syn]
+    prompts = [describe(cfg.class_diffusion.prompt_template, info["class_names"][c], None) for c in y_syn]
     seeds = sample_seeds(cfg.seed, len(y_syn))
     ctx.ensure_ray()
     # Two Ray tasks over halves of the prompts (one per CPU by default); each loads the model once and writes its
@@ -124,8 +99,6 @@ def run_amplifier(ctx):
 
 def _train_with_pseudo(ctx) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """The train split's parts, its labels and each row's amplifier verdict (correct) and loss, in row order."""
-    from raydebias.data.stream import PartSet, parquet_parts
-
     files = parquet_parts(ctx.run_dir / "stages" / "data" / "train.parquet")
     ids = [i for f in files for i in pq.read_table(str(f), columns=["id"]).column("id").to_pylist()]
     pg = pq.read_table(str(ctx.run_dir / "stages" / "amplifier" / "pseudo_groups.parquet"))
@@ -145,8 +118,6 @@ def run_train_ddb(ctx, method: str = "diffusing_debias"):
     Recipe II (``diffusing_debias_lff``): LfF-style CE reweighting w = L_BA / (L_BA + L_D) with the frozen
     amplifier's per-sample loss L_BA (:class:`~raydebias.debias.lff.FrozenBiasLfF`). Both on the real training
     split without its bias labels; val selects the epoch."""
-    from raydebias.debias.train import fit_classifier
-
     cfg, info = ctx.cfg, ctx.data_info
     files, y, correct, loss = _train_with_pseudo(ctx)
     data = {"files": files, "groups": (2 * y + correct).tolist()}  # the workers stream the real split
@@ -169,8 +140,6 @@ def run_train_ddb(ctx, method: str = "diffusing_debias"):
 def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: int) -> list[str]:
     """Bias-amplified samples, and how well the amplifier's errors find the bias-conflicting training rows."""
     import html
-
-    from raydebias.evaluate.report import _fmt, group_samples, sample_grid
 
     parts = []
     apath = run_dir / "stages" / "amplifier" / "synthetic.parquet"
@@ -195,8 +164,6 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any]:
     """Diffusing DeBias's central claim, measured: how well the error set of its bias amplifier (trained on
     synthetic images only) matches the true bias-conflicting training samples, next to the error set of ERM
     trained on the real training split (which memorises the conflicting samples)."""
-    from raydebias.debias.train import score_train_split
-
     stats_path = ctx.run_dir / "stages" / "amplifier" / "stats.json"
     if not stats_path.exists():
         return {}
@@ -211,26 +178,3 @@ def bias_detection(ctx, info: dict[str, Any]) -> dict[str, Any]:
         correct = probs.argmax(1) == tr["y"]
         out["erm_on_real"] = error_set_quality(correct, conflicting_mask(tr["y"], tr["a"], info["group_counts"]["train"]))
     return {"bias_detection": out}
-
-
-
-AMPLIFIER = Stage("amplifier", "amplifier", ("ddpm", "data"), run_amplifier,
-                  reads=("ddb", "-ddb.steps", "-ddb.batch_size", "-ddb.lr", "-ddb.recipe", "-ddb.lff_ema",
-                         "train", "-train.epochs", "models.classifier", "seed"))
-
-
-def _recipe(name: str) -> Method:
-    def stages(cfg) -> list[Stage]:
-        return [AMPLIFIER,
-                Stage(f"train/{name}", "train", ("amplifier", "data"), lambda ctx: run_train_ddb(ctx, name),
-                      reads=(*TRAIN_READS, "ddb.recipe", "ddb.lff_ema"))]
-
-    return register(Method(
-        name, stages, kinds=("amplifier", "train"), shared=("ddpm",), config=("ddb", DiffusingDebiasConfig),
-        synthetic=(SyntheticSet("amplifier", "amplifier/synthetic.parquet", "class", cas=True),),
-        report=report_sections, evaluate=bias_detection,
-        doc="docs/methods/diffusing_debias.md"))
-
-
-for _name in AMPLIFIED:  # Recipe I (pseudo-groups → GroupDRO) and Recipe II (frozen amplifier → LfF weights)
-    _recipe(_name)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from raydebias.data.transforms import resize_uint8, to_model_input
 from raydebias.models.diffusion import DiffusionBundle
-from raydebias.models.sampling import to_uint8, cfg_context, ddim_denoise, initial_noise, latent_shape
+from raydebias.models.sampling import cfg_context, ddim_denoise, initial_noise, latent_shape, to_uint8
 
 if TYPE_CHECKING:  # sklearn is imported where a GMM is fitted: 1.2 s that every importer would pay
     from sklearn.mixture import GaussianMixture
@@ -62,8 +63,6 @@ def forward_latents(bundle: DiffusionBundle, pixels: np.ndarray, num_steps: int,
                     seed: int = 0) -> torch.Tensor:
     """Real uint8 NHWC images → latents noised by the forward process to the level at which
     :func:`continue_reverse` resumes (timestep ``timesteps[split_index]``): √ᾱ_t·z_0 + √(1−ᾱ_t)·ε."""
-    from raydebias.data.transforms import resize_uint8, to_model_input
-
     sched, timesteps = reverse_timesteps(bundle, num_steps)
     t = timesteps[split_index(num_steps, t_frac)]
     with torch.no_grad():  # at the model's resolution, so the latents have the shape the reverse process uses

@@ -7,37 +7,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from raydebias._internal.io import as_path
-from raydebias.config import RESOURCE, Block
-from raydebias.core import Method, Stage, SyntheticSet, get_method, register
+from raydebias._internal.io import (
+    as_path,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_table,
+    remove_path,
+    replace_path,
+)
+from raydebias.config import RunConfig
+from raydebias.core import StageResult
 from raydebias.core.seeds import sample_seeds
-from raydebias.diffusion.base import editing_base
-from raydebias.methods.shared import TRAIN_READS
-
-
-class GammaFaceConfig(Block):
-    """GAMMA-FACE (docs/methods/gamma_face.md): latents at an intermediate step of the (unconditional) ``ddpm`` model's reverse
-    process → diagonal GMM, K by BIC over 1..k_max → equal sampling per component → pseudo-labels from the ``labeler``
-    classifier → retrain on real ∪ generated (``mix_ratio`` generated : original)."""
-
-    latents: Literal["forward", "reverse"] = Field(
-        "forward", description="forward: real training images noised to the split level (paper §4.3); reverse: "
-                               "the model's own unconditional trajectories stopped there")
-    num_latents: int = Field(1000, ge=2, description="latents that fit the GMM")
-    num_steps: int = Field(10, ge=2, description="DDIM steps of the whole reverse process")
-    t_frac: float = Field(0.7, gt=0, lt=1, description="where the latents are taken (fraction of the steps done; "
-                                                      "0.7 of 10 trailing steps = t 299)")
-    k_max: int = Field(11, ge=1)
-    mix_ratio: float = Field(1.0, gt=0, description="generated : original images (paper's best 1:1)")
-    labeler: str = Field("erm", description="the trained classifier (a baseline of this run) giving pseudo-labels")
-    min_confidence: float = Field(0.0, ge=0, lt=1, description="drop generated images labelled below this")
-    num_cpus: float = Field(2.0, json_schema_extra=RESOURCE, gt=0)
+from raydebias.data.stream import PartRows, PartSet, parquet_parts, read_columns, take_rows
+from raydebias.data.transforms import resize_uint8
+from raydebias.debias.train import fit_augmented
+from raydebias.diffusion.base import load_stage_model
+from raydebias.evaluate.report import _png, image_rows, kv_table
+from raydebias.methods.gamma_face.gmm import (
+    bic_plot,
+    collect_latents,
+    continue_reverse,
+    fit_gmm_bic,
+    forward_latents,
+    latent_shape,
+    sample_components,
+)
+from raydebias.methods.shared import editing_base
+from raydebias.models.classifier import load_classifier, predict
 
 
 def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: int = 1024) -> dict:
@@ -48,21 +48,14 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
     returns the per-row components, labels and confidences."""
     # here, not at the top: the module is imported wherever a config is validated (its block), and
     # gmm pulls in the diffusion stack (diffusers models, transformers, sklearn): ~5 s per process
-    from raydebias.methods.gamma_face.gmm import collect_latents, continue_reverse, fit_gmm_bic, forward_latents, \
-        latent_shape, sample_components
 
     import json
-
-    from raydebias._internal.io import atomic_path, atomic_write_json
-    from raydebias.config import RunConfig
-    from raydebias.diffusion.base import load_stage_model
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
     g, out = cfg.gamma_face, as_path(run_dir) / "stages" / "gmm"
     bundle = load_stage_model(as_path(run_dir), editing_base(cfg))
     if g.latents == "forward":  # real training images noised to the split level (paper §4.3)
-        from raydebias.data.stream import PartRows, PartSet, parquet_parts
 
         info = json.loads((as_path(run_dir) / "stages" / "data" / "info.json").read_text())
         train = PartRows(PartSet.open(parquet_parts(as_path(run_dir) / "stages" / "data" / "train.parquet")),
@@ -84,10 +77,6 @@ def gmm_task(run_dir: str, cfg_json: str, n_generate: int, threads: int, chunk: 
                                          "latents": g.latents,
                                          "latent_dim": int(z.shape[1]), "num_latents": int(z.shape[0])})
     import pyarrow as pa
-
-    from raydebias._internal.io import atomic_write_table, remove_path, replace_path
-    from raydebias.data.transforms import resize_uint8
-    from raydebias.models.classifier import load_classifier, predict
 
     size = json.loads((as_path(run_dir) / "stages" / "data" / "info.json").read_text())["image_size"]
     labeler, _ = load_classifier(as_path(run_dir) / "stages" / "train" / g.labeler)
@@ -114,9 +103,6 @@ def run_gmm(ctx):
     """GAMMA-FACE generation (a Ray task) + pseudo-labels from the ``labeler`` classifier → ``generated.parquet``."""
     import ray
 
-    from raydebias._internal.io import atomic_write_json
-    from raydebias.core import StageResult
-
     cfg, info, g = ctx.cfg, ctx.data_info, ctx.cfg.gamma_face
     out = ctx.stage_dir("gmm")
     n_generate = max(1, int(round(g.mix_ratio * info["counts"]["train"])))
@@ -140,8 +126,6 @@ def run_gmm(ctx):
 
 def run_train_gamma_face(ctx):
     """Retrain on real ∪ generated (the kept pseudo-labelled images); val selects the epoch."""
-    from raydebias.debias.train import fit_augmented
-
     return fit_augmented(ctx, "gamma_face", ctx.run_dir / "stages" / "gmm" / "generated.parquet", where="kept")
 
 
@@ -149,13 +133,8 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     """The BIC curve, the chosen K and images per component."""
 
 
-    from raydebias.data.stream import read_columns, take_rows
-    from raydebias.evaluate.report import _png, image_rows, kv_table
-
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if (st / "gmm" / "bic.json").exists() and "gmm" in gen:
-        from raydebias.methods.gamma_face.gmm import bic_plot
-
         bic = json.loads((st / "gmm" / "bic.json").read_text())
         path = st / "gmm" / "generated.parquet"
         comp_all = read_columns(path, ["component"]).column("component").to_numpy()
@@ -169,27 +148,3 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
                          {k: v for k, v in gen["gmm"].items() if k != "label_histogram_per_component"})
                      + f"<img src='{_png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
     return parts
-
-
-def _stages(cfg) -> list[Stage]:
-    # pseudo-labels come from another method's classifier (``gamma_face.labeler``): that one trains first
-    return [
-        Stage("gmm", "gmm", (editing_base(cfg), f"train/{cfg.gamma_face.labeler}", "data"), run_gmm,
-              reads=("gamma_face", "seed")),
-        Stage("train/gamma_face", "train", ("gmm", "data"), run_train_gamma_face, reads=TRAIN_READS),
-    ]
-
-
-def _check(cfg) -> None:
-    """The labeler is another classifier method of the same run (it trains first)."""
-    labelers = [m for m in cfg.methods if m != "gamma_face" and get_method(m).classifier]
-    if cfg.gamma_face.labeler not in labelers:
-        raise ValueError(f"gamma_face.labeler={cfg.gamma_face.labeler!r} must be another method of this run "
-                         f"(e.g. add it to baselines); have {cfg.methods}")
-
-
-register(Method("gamma_face", _stages, kinds=("gmm", "train"), config=("gamma_face", GammaFaceConfig),
-                pretrained=("diffusion",),
-                check=_check,
-                synthetic=(SyntheticSet("gmm", "gmm/generated.parquet", "pseudo", cas=False),),
-                stats=("gmm",), report=report_sections, doc="docs/methods/gamma_face.md"))

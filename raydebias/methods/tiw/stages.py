@@ -15,39 +15,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from raydebias._internal.io import as_path
-from raydebias.config import RESOURCE, Block, Channels
-from raydebias.core import Method, Stage, SyntheticSet, register
-
-
-class TIWConfig(Block):
-    """TIW (docs/methods/tiw.md): a time-dependent discriminator (train vs the small unbiased ``reference_split``
-    sample) and diffusion models trained with TIW-DSM and, for comparison, plain DSM on train ∪ reference,
-    via Ray Train (DDP over ``num_workers``). Reported: subgroup proportions and FID of their samples."""
-
-    reference_split: Literal["val"] = Field("val", description="group-balanced split the reference set is drawn from")
-    reference_size: int = Field(500, ge=2)
-    objectives: list[Literal["dsm", "tiw_paper", "tiw_code"]] = Field(default_factory=lambda: ["dsm", "tiw_paper"])
-    disc_steps: int = Field(300, ge=1)
-    disc_lr: float = Field(3e-4, gt=0)
-    steps: int = Field(1000, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=2)
-    block_out_channels: Channels = Field(default_factory=lambda: [64, 128])
-    unshuffle: int = Field(4, ge=1)
-    num_workers: int = Field(2, ge=0, description="DDP workers; 0 = Ray Train's local mode in one Ray task")
-    cpus_per_worker: float = Field(1.0, json_schema_extra=RESOURCE, gt=0)
-    num_samples: int = Field(1000, ge=2)
-    sample_steps: int = Field(50, ge=2)
-    checkpoint_every: int = Field(250, json_schema_extra=RESOURCE, ge=0,
-                                  description="steps between resumable checkpoints of each phase (0: none)")
+from raydebias._internal.io import as_path, atomic_path, atomic_write_json, atomic_write_text
+from raydebias.config import RunConfig
+from raydebias.core import StageResult
+from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
+from raydebias.data.transforms import to_model_input
+from raydebias.evaluate.fid import fid_kid
+from raydebias.evaluate.metrics import conflicting_mask
+from raydebias.evaluate.report import _fmt, image_rows
+from raydebias.methods.tiw.train import fit_tiw, generate, load_eps_model, proportions, total_variation
+from raydebias.models.classifier import create_classifier, predict
 
 
 class ProbeFeatures(nn.Module):
@@ -58,8 +41,6 @@ class ProbeFeatures(nn.Module):
         self.probe, self.num_features = probe, num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from raydebias.data.transforms import to_model_input
-
         with torch.no_grad():
             return self.probe(to_model_input(x.permute(0, 2, 3, 1)), return_features=True)[1].double()
 
@@ -67,9 +48,6 @@ class ProbeFeatures(nn.Module):
 def train_probe(cfg, x, g: np.ndarray, num_groups: int, epochs: int = 15, seed: int = 0) -> nn.Module:
     """The group probe: the run's classifier architecture trained with CE on (x, g). Measurement only (like an
     Inception net for FID), so it trains inside the measurement task rather than as a Ray Train job."""
-    from raydebias.data.transforms import to_model_input
-    from raydebias.models.classifier import create_classifier
-
     torch.manual_seed(seed)
     model = create_classifier(cfg.models.classifier, num_groups)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -87,14 +65,6 @@ def train_probe(cfg, x, g: np.ndarray, num_groups: int, epochs: int = 15, seed: 
 def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) -> dict:
     """Ray task: train the group probe, sample every objective's model, measure proportions and FID; writes
     ``samples_<objective>.npy`` (64 samples each) and returns the per-objective stats."""
-
-    from raydebias._internal.io import atomic_path
-    from raydebias.config import RunConfig
-    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
-    from raydebias.methods.tiw.train import generate, load_eps_model, proportions, total_variation
-    from raydebias.evaluate.fid import fid_kid
-    from raydebias.evaluate.metrics import conflicting_mask
-    from raydebias.models.classifier import predict
 
     torch.set_num_threads(threads)
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -126,12 +96,6 @@ def measure_task(run_dir: str, cfg_json: str, model_kwargs: dict, threads: int) 
 def run_tiw(ctx):
 
     import ray
-
-    from raydebias._internal.io import atomic_write_json, atomic_write_text
-    from raydebias.core import StageResult
-    from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
-    from raydebias.methods.tiw.train import fit_tiw
-    from raydebias.evaluate.metrics import conflicting_mask
 
     cfg, info, t = ctx.cfg, ctx.data_info, ctx.cfg.tiw
     if info["num_bias"] is None:
@@ -188,8 +152,6 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
 
     import numpy as np
 
-    from raydebias.evaluate.report import _fmt, image_rows
-
     parts, st, gen = [], run_dir / "stages", report.get("generation", {})
     if "tiw" in gen:
         tiw = gen["tiw"]
@@ -218,9 +180,3 @@ def console_lines(metrics: dict) -> list[str]:
         lines.append(f"  {obj:<12} aligned fraction {v['aligned_fraction']:.3f}  TV to reference "
                      f"{v['tv_groups']:.3f}  FID {v['fid']:.2f}")
     return lines
-
-
-register(Method("tiw", config=("tiw", TIWConfig), kinds=("tiw",),
-                stages=lambda cfg: [Stage("tiw", "tiw", ("data",), run_tiw, reads=("tiw", "seed"))],
-                synthetic=(SyntheticSet("tiw", "tiw", "samples", cas=False),), stats=("tiw",), classifier=False,
-                report=report_sections, console=console_lines, result="tiw", doc="docs/methods/tiw.md"))

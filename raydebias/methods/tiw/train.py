@@ -24,11 +24,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raydebias._internal.io import as_path, atomic_path, load_safetensors, remove_path
+from raydebias._internal.ray_utils import fit_torch, get_checkpoint, keyed_train_run, report
 from raydebias.core.seeds import derived_seed
 from raydebias.data.stream import PartRows
 from raydebias.data.transforms import to_model_input
-from raydebias.methods.tiw.objectives import (FourierTime, TimeDiscriminator, VPSchedule, discriminator_loss,
-                                              dsm_loss, sample, tiw_dsm_loss)
+from raydebias.methods.tiw.objectives import (
+    FourierTime,
+    TimeDiscriminator,
+    VPSchedule,
+    discriminator_loss,
+    dsm_loss,
+    sample,
+    tiw_dsm_loss,
+)
 
 OBJECTIVES = ("dsm", "tiw_paper", "tiw_code")
 # the defaults of a direct call; the stage passes every value from its config (``TIWConfig`` in
@@ -212,8 +220,6 @@ def tiw_train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydebias._internal.ray_utils import get_checkpoint, report
-
     cfg = {**DEFAULTS, **config}
     _check_objectives(cfg["objectives"])
     torch.set_num_threads(max(1, int(cfg["threads"])))
@@ -333,8 +339,6 @@ def fit_tiw(x_bias: np.ndarray | PartRows, x_ref: np.ndarray | PartRows, out_dir
     resumed from the last step checkpoint, as is a rerun with the same ``run_key`` after a killed driver); the
     final files land in ``out_dir`` (replaced atomically).  Returns the parsed ``losses.json``."""
     import ray
-
-    from raydebias._internal.ray_utils import fit_torch, keyed_train_run
 
     _check_objectives(loop_kwargs.get("objectives", DEFAULTS["objectives"]))
     put = lambda x: ray.put(np.ascontiguousarray(x, np.uint8)) if isinstance(x, np.ndarray) else x  # noqa: E731
