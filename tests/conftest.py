@@ -76,8 +76,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_generative() -> list[str]:
-    """``--set`` overrides that shrink a "Harnessing diffusion" run (the demo's stages) to seconds."""
-    return ["data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=20", "data.builtin.aligned=0.9",
+    """``--set`` overrides that shrink a "Harnessing diffusion" run (the demo's stages) to seconds. Training runs
+    in Ray Train's local mode, as in the demo's config (a worker group costs ~12 s per fit; the tests of worker
+    groups ask for them)."""
+    return ["train.num_workers=0", "diffusion.num_workers=0",
+            "data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=20", "data.builtin.aligned=0.9",
             "models.classifier.width=8", "models.diffusion.block_out_channels=[16, 32]", "clip.steps=30",
             "diffusion.steps=30", "diffusion.num_cpus=1", "cluster.k_max=2", "finetune.steps=2",
             "finetune.min_images=15", "generate.images_per_group=2", "generate.num_steps=2", "generate.batch_size=50",

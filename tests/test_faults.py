@@ -173,19 +173,19 @@ def test_killed_train_worker_resumes_diffusion_from_its_checkpoint(tmp_path, num
     run_dir = tmp_path / "run"
     args = [str(BIN / "raydebias"), "run", "configs/demo.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in ("data.builtin.n_train=400", "data.builtin.n_val=20", "data.builtin.n_test=20", "stages=[data,diffusion]",
-               "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=800", "diffusion.batch_size=16",
-               "diffusion.checkpoint_every=50", "diffusion.num_cpus=1", "ray.include_dashboard=false",
+               "models.diffusion.block_out_channels=[16, 32]", "diffusion.steps=400", "diffusion.batch_size=16",
+               "diffusion.checkpoint_every=25", "diffusion.num_cpus=1", "ray.include_dashboard=false",
                f"diffusion.num_workers={num_workers}"):
         args += ["--set", kv]
-    p, log, _, killed = run_killing_a_train_worker(args, "diffusion step 200/800", workers=1, index=0,
+    p, log, _, killed = run_killing_a_train_worker(args, "diffusion step 100/400", workers=1, index=0,
                                                    marker="RayTrainWorker" if num_workers else "_fit_local")
     assert killed and p.returncode == 0, log[-3000:]
-    resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/800", log)]
-    # a checkpoint taken before the kill (200, or an earlier one: Ray Train registers reported checkpoints
-    # asynchronously, and at 25 it/s the last one or two may not be registered yet), never step 0
-    assert resumed and 50 <= resumed[0] <= 200, log[-3000:]
+    resumed = [int(m) for m in re.findall(r"diffusion: resumed at step (\d+)/400", log)]
+    # a checkpoint taken before the kill (100, or an earlier one: Ray Train registers reported checkpoints
+    # asynchronously, and at 25 it/s the last few may not be registered yet), never step 0
+    assert resumed and 25 <= resumed[0] <= 100, log[-3000:]
     summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["diffusion"]["summary"]
-    assert summary["steps"] == 800 and summary["resumed_at"] == resumed[0]
+    assert summary["steps"] == 400 and summary["resumed_at"] == resumed[0]
     assert (run_dir / "stages" / "diffusion" / "model" / "unet").is_dir()
 
 
@@ -197,19 +197,19 @@ def test_killed_train_worker_resumes_tiw_from_its_step_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = [str(BIN / "raydebias"), "run", "configs/tiw.yaml", "--run-dir", str(run_dir), "--verbose"]
     for kv in ("data.builtin.n_train=400", "data.builtin.n_val=60", "data.builtin.n_test=20", "stages=[data,tiw]",
-               "tiw.reference_size=40", "tiw.disc_steps=100", "tiw.steps=400", "tiw.batch_size=8",
+               "tiw.reference_size=40", "tiw.disc_steps=100", "tiw.steps=200", "tiw.batch_size=8",
                "tiw.block_out_channels=[16, 32]", "tiw.checkpoint_every=25", "tiw.num_samples=16",
                "tiw.sample_steps=3", "ray.include_dashboard=false"):
         args += ["--set", kv]
-    p, log, tail, killed = run_killing_a_train_worker(args, "[tiw/tiw_paper] step 200", workers=2, index=1)
+    p, log, tail, killed = run_killing_a_train_worker(args, "[tiw/tiw_paper] step 100", workers=2, index=1)
     assert killed and p.returncode == 0, log[-3000:]
     resumed = [int(m) for m in re.findall(r"\[tiw/tiw_paper\] resumed at step (\d+)", tail)]
     # a checkpoint taken before the kill (Ray Train registers them asynchronously), never step 0
-    assert resumed and 25 <= resumed[0] <= 200, log[-3000:]
+    assert resumed and 25 <= resumed[0] <= 100, log[-3000:]
     assert "[tiw/disc] step" not in tail and "[tiw/dsm] step" not in tail, tail[-3000:]  # finished phases kept
     summary = json.loads((run_dir / "stages" / "tiw" / "models" / "losses.json").read_text())
     assert summary["resumed"] == {"tiw_paper": resumed[0]}
-    assert summary["tiw_paper"]["steps"] == summary["dsm"]["steps"] == 400 and summary["disc"]["steps"] == 100
+    assert summary["tiw_paper"]["steps"] == summary["dsm"]["steps"] == 200 and summary["disc"]["steps"] == 100
     assert (run_dir / "stages" / "tiw" / "stats.json").exists()
     assert not (run_dir / "stages" / "tiw" / "_ray").exists() or not any((run_dir / "stages" / "tiw" / "_ray").iterdir())
 
@@ -237,7 +237,7 @@ def _stage_status(run_dir: Path, stage: str) -> str | None:
 # (300 rows of 8) to kill an actor in the middle of each
 GEN = ["method=clustered_dreambooth", "stages=[data,clip,embed,cluster,diffusion,finetune,generate]",
        "generate.images_per_group=3",
-       "generate.num_steps=20", "generate.batch_size=4", "embed.batch_size=8", "ray.include_dashboard=false",
+       "generate.num_steps=8", "generate.batch_size=4", "embed.batch_size=8", "ray.include_dashboard=false",
        "ray.num_cpus=2"]
 
 

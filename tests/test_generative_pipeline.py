@@ -45,8 +45,12 @@ def test_every_variant_has_a_metrics_row(gen_run):
         gen, kept = fid["sets"][f"generate/{v}"], fid["sets"][f"filter/{v}"]
         assert gen["images"] == 10 * 10 * 2 and len(gen["per_group"]) == 100 and "cas" not in gen
         assert kept["images"] <= gen["images"] and 0 <= kept["cas"]["aga"] <= 1
-        for k in ("class_aligned", "class_conflicting", "bias_aligned", "bias_conflicting"):
-            assert 0.0 <= gen[k] <= 1.0
+        for k in ("class", "bias"):  # the summaries are the unweighted means of the per-group fidelities
+            for kind in ("aligned", "conflicting"):
+                groups = [g[k] for g in gen["per_group"].values() if g["kind"] == kind]
+                assert len(groups) == (10 if kind == "aligned" else 90)  # one aligned colour per digit (train)
+                assert gen[f"{k}_{kind}"] == pytest.approx(np.mean(groups))
+            assert all(g[k] in (0.0, 0.5, 1.0) for g in gen["per_group"].values())  # 2 images a group
         row = next(r for r in report["rows"] if r["method"] == v)
         assert row["synthetic_cas"] == kept["cas"]["aga"]
         # the phase the loop reports for the val-selected epoch is the one that epoch belongs to

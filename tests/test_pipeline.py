@@ -15,8 +15,11 @@ from raydebias.pipeline import PipelineError, RunDirLock, run_pipeline
 
 pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` is the fast loop
 
+# classifiers in Ray Train's local mode, as in the demo's config (test_local_mode_trains_the_same_classifiers
+# compares them with a worker group's)
 TINY = ["data.builtin.n_train=300", "data.builtin.n_val=10", "data.builtin.n_test=40", "data.builtin.aligned=0.9",
-        "train.epochs=1", "train.batch_size=64", "models.classifier.width=8", "method=groupdro", "baselines=[erm]"]
+        "train.epochs=1", "train.batch_size=64", "models.classifier.width=8", "method=groupdro", "baselines=[erm]",
+        "train.num_workers=0"]
 
 
 def manifest(run_dir):
@@ -61,16 +64,17 @@ def test_end_to_end_outputs(tiny_run):
 
 
 def test_local_mode_trains_the_same_classifiers(tiny_run, tmp_path):
-    """``train.num_workers=0`` (Ray Train's local mode in one Ray task) trains the same weights, bit for bit, as
-    the one-worker group of ``tiny_run``: the same loop, seeds and thread count, without the worker group."""
-    run_pipeline(load_config(None, [*TINY, f"run_dir={tmp_path}", "train.num_workers=0", "stages=[data,train]"]),
+    """``train.num_workers=0`` (Ray Train's local mode in one Ray task, ``tiny_run``) trains the same weights, bit
+    for bit, as a one-worker group: the same loop, seeds and thread count, without the worker group."""
+    run_pipeline(load_config(None, [*TINY, f"run_dir={tmp_path}", "train.num_workers=1", "stages=[data,train]"]),
                  log=lambda m: None)
     for method in ("erm", "groupdro"):
-        local = tmp_path / "stages" / "train" / method
-        assert (local / "model.safetensors").read_bytes() == \
+        group = tmp_path / "stages" / "train" / method
+        assert (group / "model.safetensors").read_bytes() == \
             (tiny_run / "stages" / "train" / method / "model.safetensors").read_bytes(), method
-        assert json.loads((local / "meta.json").read_text())["best_epoch"] == 1
-    assert not any((tmp_path / "stages" / "train" / "_ray").iterdir())  # the local checkpoints are cleaned up
+        assert json.loads((group / "meta.json").read_text())["best_epoch"] == 1
+    for run in (tmp_path, tiny_run):  # both modes' checkpoints are cleaned up
+        assert not any((run / "stages" / "train" / "_ray").iterdir())
 
 
 def test_rerun_skips_everything(tiny_run):
@@ -183,7 +187,7 @@ def test_run_cli_on_an_unseen_contract_dataset_with_corrupt_rows(ray_cluster, tm
     uri = tmp_path / "users.parquet"
     pq.write_table(pa.table(data), uri)
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text("method: groupdro\nbaselines: [erm]\ntrain: {epochs: 1, batch_size: 32}\n"
+    cfg_path.write_text("method: groupdro\nbaselines: [erm]\ntrain: {epochs: 1, batch_size: 32, num_workers: 0}\n"
                         "models: {classifier: {width: 8}}\n")
     run_dir = tmp_path / "run"
     rc = main(["run", str(cfg_path), "--run-dir", str(run_dir), "--set", f"data.uri={uri}",

@@ -161,6 +161,7 @@ def test_discriminator_learns_time_dependent_ratio(toy):
     assert abs(w1.item() - 1.0) < 0.1
 
 
+@pytest.mark.slow  # three 3,000-step trainings: ~2 min
 def test_tiw_dsm_recovers_unbiased_mode_proportions(toy):
     disc, x, is_ref = toy
     frac = {}
