@@ -23,7 +23,8 @@ _COLUMNS = [("accuracy", "acc"), ("wga", "WGA"), ("aga", "AGA (unbiased)"), ("ad
             ("kl", "KL"), ("bpc_vs_erm", "BPC vs ERM")]
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
+    """A matplotlib figure as a PNG data URI for ``<img src=...>`` (the figure is closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -32,7 +33,8 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """A table cell: floats to 3 decimals, None as a dash, anything else HTML-escaped."""
     return "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else html.escape(str(v)))
 
 
@@ -54,13 +56,13 @@ def accuracy_bars(rows: list[dict], info: dict) -> str:
         ax.bar(range(len(keys)), [0 if v is None else v for v in acc], color=colors, width=0.85)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{r['method']}: WGA {_fmt(r.get('wga'))}, AGA {_fmt(r.get('aga'))} "
+        ax.set_title(f"{r['method']}: WGA {fmt(r.get('wga'))}, AGA {fmt(r.get('aga'))} "
                      "(blue = bias-aligned group, orange = conflicting)", fontsize=9)
         if len(keys) <= 24:
             ax.set_xticks(range(len(keys)), [f"{y},{a}" for y, a in keys], fontsize=7)
         else:
             ax.set_xticks([i * B for i in range(C)], [info["class_names"][y] for y in range(C)], fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_group: int = 1,
@@ -89,7 +91,7 @@ def sample_grid(x: np.ndarray, y: np.ndarray, a: np.ndarray, info: dict, per_gro
                 if aa == 0 and k == 0:
                     ax.set_ylabel(str(info["class_names"][yy])[:12], fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def fidelity_heatmaps(fs: dict, info: dict) -> str:
@@ -116,7 +118,7 @@ def fidelity_heatmaps(fs: dict, info: dict) -> str:
         ax.set_xticks(range(B), [str(b)[:6] for b in info["bias_names"]], fontsize=6, rotation=90)
         ax.set_yticks(range(C), [str(c)[:10] for c in info["class_names"]], fontsize=6)
         ax.set_title(f"{kind} fidelity (probe on val)", fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def fidelity_section(report: dict, info: dict) -> str:
@@ -132,16 +134,16 @@ def fidelity_section(report: dict, info: dict) -> str:
         if "objectives" in fs:
             for obj, v in fs["objectives"].items():
                 body += (f"<tr><td>{html.escape(name)}/{html.escape(obj)}</td><td>none</td>"
-                         + "".join(f"<td>{_fmt(v.get(k))}</td>" for k, _ in cols) + "<td>–</td></tr>")
+                         + "".join(f"<td>{fmt(v.get(k))}</td>" for k, _ in cols) + "<td>–</td></tr>")
             continue
         body += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(fs['target'])}</td>"
-                 + "".join(f"<td>{_fmt(fs.get(k))}</td>" for k, _ in cols)
-                 + f"<td>{_fmt((fs.get('cas') or {}).get('aga'))}</td></tr>")
+                 + "".join(f"<td>{fmt(fs.get(k))}</td>" for k, _ in cols)
+                 + f"<td>{fmt((fs.get('cas') or {}).get('aga'))}</td></tr>")
     acc = fid["probes"]["probe_test_accuracy"]
     return ("<h2>Generation fidelity</h2><p>Does an image generated for group (y, a) show class y and bias a? A class "
             "probe and a bias probe (the run's classifier backbone, trained on the real <b>val</b> split with "
             f"group-balanced batches) score every synthetic image; their own accuracy on real test — class "
-            f"{_fmt(acc.get('class'))}, bias {_fmt(acc.get('bias'))} — is what a perfect generator would score. "
+            f"{fmt(acc.get('class'))}, bias {fmt(acc.get('bias'))} — is what a perfect generator would score. "
             "Means are over groups. CAS: the backbone trained on the synthetic set alone, unbiased accuracy on real "
             "test.</p><table><tr><th>synthetic set</th><th>target</th>"
             + "".join(f"<th>{n}</th>" for _, n in cols) + "<th>CAS (AGA)</th></tr>" + body + "</table>")
@@ -167,7 +169,7 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, per_row: int = 10
                 ax.set_facecolor("#eeeeee")
         axes[r, 0].set_ylabel(label[:18], fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return png(fig)
 
 
 def group_samples(path: Path, info: dict, per_group: int, bias: str | None = "bias"):
@@ -194,11 +196,11 @@ def kv_table(d: dict) -> str:
     """A stage summary as a labelled table: one column per (flattened, ``a.b``) key."""
     flat = _flat(d)
     return ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in flat) + "</tr><tr>"
-            + "".join(f"<td>{html.escape(v) if isinstance(v, str) else _fmt(v)}</td>" for v in flat.values())
+            + "".join(f"<td>{html.escape(v) if isinstance(v, str) else fmt(v)}</td>" for v in flat.values())
             + "</tr></table>")
 
 
-def _cluster_table(cl: dict, info: dict) -> str:
+def cluster_table(cl: dict, info: dict) -> str:
     nb = info["num_bias"] or 1
     names_b = info["bias_names"] or ["–"]
     body = "".join(
@@ -263,7 +265,7 @@ def render_report(run_dir: Path, samples_per_group: int = 1, methods: list | Non
     parts.append("<h2>Test metrics</h2><table><tr><th>method</th>"
                  + "".join(f"<th>{'<u>' + n + '</u>' if k == head else n}</th>" for k, n in cols) + "</tr>"
                  + "".join("<tr><td>" + html.escape(r["method"]) + "</td>"
-                           + "".join(f"<td>{_fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
+                           + "".join(f"<td>{fmt(r.get(k))}</td>" for k, _ in cols) + "</tr>" for r in rows)
                  + "</table>")
     parts.append(fidelity_section(report, info))
     if info["num_bias"] is not None and rows and rows[0].get("per_group"):

@@ -30,7 +30,7 @@ from raydebias.data.transforms import resize_uint8
 from raydebias.debias.train import fit_classifier, score_train_split
 from raydebias.diffusion.class_conditional import load_class_diffusion
 from raydebias.evaluate.metrics import conflicting_mask, error_set_quality
-from raydebias.evaluate.report import _fmt, group_samples, sample_grid
+from raydebias.evaluate.report import fmt, group_samples, sample_grid
 from raydebias.generate.plan import describe
 from raydebias.models.sampling import sample
 
@@ -155,7 +155,7 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
                      + html.escape(det["description"]) + "</p><table><tr><th>detector</th><th>errors</th>"
                      "<th>conflicting</th><th>precision</th><th>recall</th><th>F1</th></tr>"
                      + "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(
-                         f"<td>{_fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
+                         f"<td>{fmt(v.get(c))}</td>" for c in ("errors", "conflicting", "precision", "recall", "f1"))
                                + "</tr>" for k, v in det.items() if isinstance(v, dict)) + "</table>")
     return parts
 

@@ -26,7 +26,7 @@ from raydebias.data.stream import PartRows, PartSet, parquet_parts, read_columns
 from raydebias.data.transforms import resize_uint8
 from raydebias.debias.train import fit_augmented
 from raydebias.diffusion.base import load_stage_model
-from raydebias.evaluate.report import _png, image_rows, kv_table
+from raydebias.evaluate.report import image_rows, kv_table, png
 from raydebias.methods.gamma_face.gmm import (
     bic_plot,
     collect_latents,
@@ -146,5 +146,5 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
         parts.append(f"<h3>GAMMA-FACE</h3><p>K = {bic['chosen']} by BIC over {len(bic['bic'])} fits on "
                      f"{bic['num_latents']} latents of dimension {bic['latent_dim']}.</p>" + kv_table(
                          {k: v for k, v in gen["gmm"].items() if k != "label_histogram_per_component"})
-                     + f"<img src='{_png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
+                     + f"<img src='{png(bic_plot(bic['k'], bic['bic'], bic['chosen']))}'><img src='{grid}'>")
     return parts

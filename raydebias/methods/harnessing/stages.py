@@ -8,7 +8,7 @@ from pathlib import Path
 from raydebias.data.stream import count_rows, parquet_parts
 from raydebias.debias.train import fit_classifier
 from raydebias.debias.two_stage import two_stage_phases
-from raydebias.evaluate.report import _cluster_table, _fmt, fidelity_heatmaps, group_samples, sample_grid
+from raydebias.evaluate.report import cluster_table, fidelity_heatmaps, fmt, group_samples, sample_grid
 
 
 def run_train_generative(ctx, variant: str):
@@ -39,11 +39,11 @@ def report_sections(variant: str, run_dir: Path, info: dict, report: dict, sampl
             shown = {k: v for k, v in stats.items() if not isinstance(v, dict)}
             parts.append(f"<h3>Synthetic data: {html.escape(r['method'])}</h3><table><tr>"
                          + "".join(f"<th>{html.escape(k)}</th>" for k in shown) + "</tr><tr>"
-                         + "".join(f"<td>{_fmt(v)}</td>" for v in shown.values()) + "</tr></table>"
+                         + "".join(f"<td>{fmt(v)}</td>" for v in shown.values()) + "</tr></table>"
                          + f"<img src='{grid}'>{heat}")
     cpath = run_dir / "stages" / "cluster" / "clusters.json"
     if variant == "clustered_dreambooth" and cpath.exists():
         cl = json.loads(cpath.read_text())
         parts.append(f"<h3>Clusters</h3><p>k_D = {cl['k_D']} (at most); clusters per (class, bias) group:</p>"
-                     + _cluster_table(cl, info))
+                     + cluster_table(cl, info))
     return parts

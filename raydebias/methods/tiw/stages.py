@@ -28,7 +28,7 @@ from raydebias.data.stream import PartRows, PartSet, buffer_rows, parquet_parts
 from raydebias.data.transforms import to_model_input
 from raydebias.evaluate.fid import fid_kid
 from raydebias.evaluate.metrics import conflicting_mask
-from raydebias.evaluate.report import _fmt, image_rows
+from raydebias.evaluate.report import fmt, image_rows
 from raydebias.methods.tiw.train import fit_tiw, generate, load_eps_model, proportions, total_variation
 from raydebias.models.classifier import create_classifier, predict
 
@@ -156,13 +156,13 @@ def report_sections(run_dir: Path, info: dict, report: dict, samples_per_group: 
     if "tiw" in gen:
         tiw = gen["tiw"]
         ref = tiw["reference"]
-        rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{_fmt(v['aligned_fraction'])}</td><td>{_fmt(v['tv_groups'])}"
-                       f"</td><td>{_fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
+        rows = "".join(f"<tr><td>{html.escape(o)}</td><td>{fmt(v['aligned_fraction'])}</td><td>{fmt(v['tv_groups'])}"
+                       f"</td><td>{fmt(v['fid'])}</td></tr>" for o, v in tiw["objectives"].items())
         samples = [(o, np.load((st / "tiw" / f"samples_{o}.npy").open("rb"))) for o in tiw["objectives"]
                    if (st / "tiw" / f"samples_{o}.npy").exists()]
         parts.append(f"<h3>TIW: generated samples vs the unbiased reference</h3><p>reference: {ref['size']} "
-                     f"{html.escape(ref['split'])} rows, aligned fraction {_fmt(ref['aligned_fraction'])}; train "
-                     f"aligned fraction {_fmt(tiw['train_aligned_fraction'])}. Probe: {html.escape(tiw['probe'])}."
+                     f"{html.escape(ref['split'])} rows, aligned fraction {fmt(ref['aligned_fraction'])}; train "
+                     f"aligned fraction {fmt(tiw['train_aligned_fraction'])}. Probe: {html.escape(tiw['probe'])}."
                      "</p><table><tr><th>objective</th><th>aligned fraction</th><th>TV to reference groups</th>"
                      f"<th>FID (probe features)</th></tr>{rows}</table>"
                      + (f"<img src='{image_rows(samples, 'TIW: samples per objective')}'>" if samples else ""))
